@@ -1,0 +1,442 @@
+"""A user's project ("CDP as code"): YAML definitions loaded into pydantic models.
+
+Layout of a project folder::
+
+    closedloop.yaml        engine URL, time zone, sources and their write keys, imports
+    identity.yaml          identifier types, priorities, blocked values, never-link pairs
+    traits/*.yaml          computed traits
+    tags/*.yaml            tags
+    segments/*.yaml        audiences
+    campaigns/*.yaml       campaigns
+
+Loading collects *every* problem (file, line, key, what was expected) before failing, so a
+user fixes a project in one pass rather than one error per run.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from closedloop.core.conditions import Condition
+from closedloop.core.errors import DefinitionError, Problem
+from closedloop.core.yamlfile import load_yaml, line_for
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+
+
+class Definition(BaseModel):
+    """Base for every definition: unknown keys are errors (a typo must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- closedloop.yaml -----------------------------------------------------------------------
+class DataClass(StrEnum):
+    FIRST_PARTY = "first_party"
+    SECOND_PARTY = "second_party"
+    THIRD_PARTY = "third_party"
+
+
+class Source(Definition):
+    """A touchpoint that sends data; every event records the source and channel it came by."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    channel: str = Field(min_length=1, description="web, app, miniprogram, pos, ...")
+    data_class: DataClass = DataClass.FIRST_PARTY
+    write_key: str = Field(min_length=8)
+    description: str = ""
+
+
+class ImportFormat(StrEnum):
+    SEGMENT_JSONL = "segment_jsonl"
+    CSV = "csv"
+    PARQUET = "parquet"
+
+
+class ImportMapping(Definition):
+    """How the rows of a table become Segment messages (one message per row)."""
+
+    type: Literal["track", "identify"]
+    event: str | None = None
+    message_id_from: list[str] = Field(min_length=1)
+    user_id: str | None = None
+    anonymous_id: str | None = None
+    timestamp: str
+    properties: dict[str, str] = Field(default_factory=dict)
+    traits: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> ImportMapping:
+        if self.type == "track" and not self.event:
+            raise ValueError("a track mapping needs `event`")
+        if not (self.user_id or self.anonymous_id):
+            raise ValueError("a mapping needs `user_id` or `anonymous_id` (a column name)")
+        return self
+
+    def columns(self) -> set[str]:
+        cols = {self.timestamp, *self.message_id_from, *self.properties.values()}
+        cols |= set(self.traits.values())
+        cols |= {c for c in (self.user_id, self.anonymous_id) if c}
+        return cols
+
+
+class ImportSpec(Definition):
+    """A file (or folder of files) that ``closedloop build`` loads through ``collect``."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    path: str
+    source: str
+    format: ImportFormat
+    mapping: ImportMapping | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ImportSpec:
+        if self.format is ImportFormat.SEGMENT_JSONL:
+            if self.mapping is not None:
+                raise ValueError("segment_jsonl imports are Segment messages: no `mapping`")
+        elif self.mapping is None:
+            raise ValueError(f"a {self.format.value} import needs a `mapping`")
+        return self
+
+
+class ProjectConfig(Definition):
+    name: str = Field(min_length=1)
+    engine: str = "duckdb:///warehouse.duckdb"
+    timezone: str = "Asia/Shanghai"
+    outbox: str = "outbox"
+    reports: str = "reports"
+    sources: list[Source] = Field(min_length=1)
+    imports: list[ImportSpec] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (use an IANA name such as Asia/Shanghai)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ProjectConfig:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {dupes}")
+        keys = [s.write_key for s in self.sources]
+        if len(set(keys)) != len(keys):
+            raise ValueError("each source needs its own write key")
+        for imp in self.imports:
+            if imp.source not in names:
+                raise ValueError(f"import {imp.name!r} names unknown source {imp.source!r}")
+        return self
+
+    def source(self, name: str) -> Source:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+# ---- identity.yaml ---------------------------------------------------------------------------
+class Normaliser(StrEnum):
+    PHONE = "phone"  # E.164 with the project's default region
+    EMAIL = "email"  # trimmed, lower-cased, must look like an address
+    TRIM = "trim"  # surrounding spaces removed
+    LOWER = "lower"  # trimmed and lower-cased
+
+
+class IdentifierType(Definition):
+    """A kind of identifier, where it is found in messages, and how much it is trusted."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    normaliser: Normaliser = Normaliser.TRIM
+    priority: int = Field(ge=0, le=1000, description="higher wins when links conflict")
+    strong: bool = Field(description="identifies a person on its own (phone, member id)")
+    paths: list[str] = Field(min_length=1)
+    scoped: bool = Field(False, description="value is only unique within its collection (openid)")
+    max_strong_neighbours: int | None = Field(
+        None,
+        ge=1,
+        description="a value seen with more strong identifiers of one type than this is "
+        "quarantined (a shared device, a clerk's phone) instead of linking them",
+    )
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not re.fullmatch(
+                r"(user_id|anonymous_id|(traits|context)(\.[A-Za-z0-9_]+)+|external_ids\.[A-Za-z0-9_]+)",
+                p,
+            ):
+                raise ValueError(
+                    f"path {p!r}: expected user_id, anonymous_id, traits.KEY, context.KEY.KEY "
+                    "or external_ids.TYPE"
+                )
+        return v
+
+
+class IdentityConfig(Definition):
+    default_region: str = Field("CN", min_length=2, max_length=2)
+    types: list[IdentifierType] = Field(min_length=1)
+    blocked_values: list[str] = Field(default_factory=list)
+    blocked_patterns: list[str] = Field(default_factory=list)
+    never_link: list[tuple[str, str]] = Field(default_factory=list)
+
+    @field_validator("blocked_patterns")
+    @classmethod
+    def _regex(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"blocked pattern {p!r} is not a valid regex: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> IdentityConfig:
+        names = [t.name for t in self.types]
+        if len(set(names)) != len(names):
+            raise ValueError("identifier type names must be unique")
+        for a, b in self.never_link:
+            for n in (a, b):
+                if n not in names:
+                    raise ValueError(f"never_link names unknown identifier type {n!r}")
+        return self
+
+    def type(self, name: str) -> IdentifierType:
+        for t in self.types:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+# ---- traits, tags, segments, campaigns -------------------------------------------------------
+class Aggregation(StrEnum):
+    COUNT = "count"
+    SUM = "sum"
+    AVG = "avg"
+    MIN = "min"
+    MAX = "max"
+    FIRST = "first"
+    LAST = "last"
+    DISTINCT_COUNT = "distinct_count"
+    MOST_FREQUENT = "most_frequent"
+
+
+class TraitDef(Definition):
+    """A computed trait: an aggregation over a customer's events, within a window."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    event: str | None = Field(None, description="event name; omitted = all track events")
+    aggregation: Aggregation
+    column: str | None = Field(
+        None, description="events column to aggregate (revenue, category, channel, ...)"
+    )
+    window_days: int | None = Field(None, ge=1, description="last N days; omitted = lifetime")
+
+    @model_validator(mode="after")
+    def _check(self) -> TraitDef:
+        if self.aggregation is not Aggregation.COUNT and not self.column:
+            raise ValueError(f"aggregation {self.aggregation.value!r} needs a `column`")
+        return self
+
+
+class TagRule(Definition):
+    value: str
+    when: Condition
+
+
+class TagDef(Definition):
+    """A rule tag: the first rule whose condition holds gives the value."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    owner: str = ""
+    parent: str | None = None
+    rules: list[TagRule] = Field(min_length=1)
+    default: str | None = None
+
+
+class SegmentDef(Definition):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    where: Condition
+
+
+class Channel(StrEnum):
+    EMAIL = "email"
+    SMS = "sms"
+    OUTBOX = "outbox"
+
+
+class Goal(Definition):
+    event: str = "Order Completed"
+    window_days: int = Field(14, ge=1, le=365)
+
+
+class Offer(Definition):
+    code: str
+    description: str
+    conditions: str = Field(description="the offer's terms, stated in every message")
+    expires_days: int = Field(14, ge=1)
+
+
+class CampaignDef(Definition):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    audience: str = Field(description="segment name")
+    channel: Channel = Channel.EMAIL
+    holdout: float = Field(0.2, gt=0.0, le=0.5, description="share held out as control")
+    subject: str = ""
+    template: str = Field(min_length=1, description="Jinja2 (sandboxed) message body")
+    offer: Offer | None = None
+    goal: Goal = Field(default_factory=Goal)
+    priority: int = 0
+
+
+# ---- the project -----------------------------------------------------------------------------
+class Project(BaseModel):
+    """All definitions of one project folder, validated and cross-checked."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    root: Path
+    config: ProjectConfig
+    identity: IdentityConfig
+    traits: dict[str, TraitDef]
+    tags: dict[str, TagDef]
+    segments: dict[str, SegmentDef]
+    campaigns: dict[str, CampaignDef]
+
+    def path(self, relative: str) -> Path:
+        p = Path(relative)
+        return p if p.is_absolute() else self.root / p
+
+    @property
+    def engine_url(self) -> str:
+        url = self.config.engine
+        prefix = "duckdb:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/"):
+            rel = url[len(prefix) :]
+            if rel and rel != ":memory:":
+                return prefix + str((self.root / rel).resolve()).lstrip("/")
+        return url
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _problems(err: ValidationError, file: str, lines: dict[Any, int]) -> list[Problem]:
+    out = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc if not (isinstance(p, str) and "[" in p)) or None
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if e["type"] in ("literal_error", "enum") and "expected" in e.get("ctx", {}):
+            msg = f"expected {e['ctx']['expected']}, got {e['input']!r}"
+        out.append(Problem(file, msg, line=line_for(lines, loc), key=key))
+    return out
+
+
+def _load_one(path: Path, model: type[M], root: Path) -> M:
+    display = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    data, lines = load_yaml(path, display=display)
+    if not isinstance(data, dict):
+        raise DefinitionError([Problem(display, "expected a mapping of keys to values", line=1)])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise DefinitionError(_problems(e, display, lines)) from None
+
+
+def _load_folder(root: Path, folder: str, model: type[M], problems: list[Problem]) -> dict[str, M]:
+    out: dict[str, M] = {}
+    where: dict[str, str] = {}
+    d = root / folder
+    if not d.is_dir():
+        return out
+    for path in sorted([*d.glob("*.yaml"), *d.glob("*.yml")]):
+        try:
+            item = _load_one(path, model, root)
+        except DefinitionError as e:
+            problems.extend(e.problems)
+            continue
+        name = item.name  # type: ignore[attr-defined]
+        rel = str(path.relative_to(root))
+        if name in out:
+            problems.append(Problem(rel, f"{folder[:-1]} {name!r} is also defined in {where[name]}"))
+            continue
+        out[name] = item
+        where[name] = rel
+    return out
+
+
+def load_project(root: Path | str) -> Project:
+    """Load and validate a project folder; raise DefinitionError listing every problem."""
+    root = Path(root).resolve()
+    if not (root / "closedloop.yaml").is_file():
+        raise DefinitionError(
+            [Problem(str(root), "not a closedloop project (no closedloop.yaml); try `closedloop init`")]
+        )
+    problems: list[Problem] = []
+    config: ProjectConfig | None = None
+    identity: IdentityConfig | None = None
+    try:
+        config = _load_one(root / "closedloop.yaml", ProjectConfig, root)
+    except DefinitionError as e:
+        problems.extend(e.problems)
+    try:
+        identity = _load_one(root / "identity.yaml", IdentityConfig, root)
+    except DefinitionError as e:
+        problems.extend(e.problems)
+    traits = _load_folder(root, "traits", TraitDef, problems)
+    tags = _load_folder(root, "tags", TagDef, problems)
+    segments = _load_folder(root, "segments", SegmentDef, problems)
+    campaigns = _load_folder(root, "campaigns", CampaignDef, problems)
+    for name, c in campaigns.items():
+        if c.audience not in segments:
+            problems.append(
+                Problem(
+                    f"campaigns/{name}.yaml",
+                    f"audience {c.audience!r} is not a segment (known: {sorted(segments)})",
+                    key="audience",
+                )
+            )
+    for name, t in tags.items():
+        if t.parent is not None and t.parent not in tags:
+            problems.append(Problem(f"tags/{name}.yaml", f"unknown parent tag {t.parent!r}", key="parent"))
+    if problems or config is None or identity is None:
+        raise DefinitionError(problems)
+    return Project(
+        root=root,
+        config=config,
+        identity=identity,
+        traits=traits,
+        tags=tags,
+        segments=segments,
+        campaigns=campaigns,
+    )
+
+
+def birthday_of(value: Any) -> date | None:
+    """Parse a birthday trait (``YYYY-MM-DD``); anything else is treated as unknown."""
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value.strip())
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,117 @@
+"""The engine: one Ibis connection, made from a URL, that every stage reads and writes through.
+
+``duckdb:///path/to/warehouse.duckdb`` (the default), ``duckdb://`` (in memory, for tests),
+``postgres://user:pass@host/db``, ``pyspark://`` or any other Ibis backend URL. Stages write
+only catalogue-declared tables, and every write is cast to the declared schema so the same
+definition produces the same table on every backend.
+
+Capabilities that differ between backends are *declared* here (not detected with
+``isinstance`` in the stages): e.g. ``local_arrow`` means results can be pulled into this
+process cheaply, so a single-machine algorithm (union-find for connected components) may be
+used instead of the portable iterative Ibis path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import ibis
+import ibis.expr.types as ir
+import pyarrow as pa
+
+from closedloop.core.catalogue import CATALOGUE, Catalogue, TableSpec
+
+# What each backend can do beyond the portable Ibis core.
+CAPABILITIES: dict[str, frozenset[str]] = {
+    "duckdb": frozenset({"local_arrow", "transactions"}),
+    "postgres": frozenset({"transactions"}),
+    "pyspark": frozenset(),
+}
+
+DEFAULT_URL = "duckdb:///closedloop.duckdb"
+
+
+class Engine:
+    """The warehouse seen through one Ibis connection, guarded by the catalogue."""
+
+    def __init__(self, url: str = "duckdb://", *, catalogue: Catalogue = CATALOGUE) -> None:
+        self.url = url
+        self.catalogue = catalogue
+        scheme = urlparse(url).scheme
+        if scheme == "duckdb":
+            path = url[len("duckdb://") :]
+            if path not in ("", "/", "/:memory:"):
+                Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        if scheme == "pyspark":
+            ibis.options.pyspark.treat_nan_as_null = True
+        self.con: Any = ibis.connect(url)
+        self.backend = self.con.name
+        self.capabilities = CAPABILITIES.get(self.backend, frozenset())
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        disconnect = getattr(self.con, "disconnect", None)
+        if disconnect is not None:
+            disconnect()
+
+    def can(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+    # ---- reading -------------------------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        return name in self.con.list_tables()
+
+    def table(self, name: str) -> ir.Table:
+        """The named table; a declared table that was never written reads as empty."""
+        if not self.exists(name):
+            spec = self.catalogue.get(name)
+            self.ensure(spec)
+        return self.con.table(name)
+
+    def to_arrow(self, expr: ir.Expr) -> pa.Table:
+        return expr.to_pyarrow()
+
+    def count(self, name: str) -> int:
+        return int(self.table(name).count().execute())
+
+    # ---- writing -------------------------------------------------------------------------
+    def ensure(self, spec: TableSpec) -> None:
+        """Create the table empty, with its declared schema, if it does not exist."""
+        if not self.exists(spec.name):
+            self.con.create_table(spec.name, schema=spec.schema)
+
+    def conform(self, name: str, data: ir.Table | pa.Table) -> ir.Table:
+        """``data`` as an Ibis table with exactly the declared columns, types and order."""
+        spec = self.catalogue.get(name)
+        t = ibis.memtable(data) if isinstance(data, pa.Table) else data
+        missing = [c for c in spec.columns if c not in t.columns]
+        if missing:
+            raise ValueError(f"writing {name}: missing columns {missing}")
+        return t.select(*[t[c].cast(typ).name(c) for c, typ in spec.columns.items()])
+
+    def replace(self, name: str, data: ir.Table | pa.Table) -> None:
+        """Replace a table's contents in one step (readers see old or new, never half)."""
+        t = self.conform(name, data)
+        if self.backend == "duckdb":
+            # Materialise first so a failing expression leaves the old table untouched.
+            arrow = t.to_pyarrow()
+            self.con.create_table(name, arrow, overwrite=True)
+        else:
+            self.con.create_table(name, t, overwrite=True)
+
+    def append(self, name: str, data: ir.Table | pa.Table) -> None:
+        spec = self.catalogue.get(name)
+        self.ensure(spec)
+        t = self.conform(name, data)
+        self.con.insert(name, t)
+
+    def drop(self, name: str) -> None:
+        if self.exists(name):
+            self.con.drop_table(name)

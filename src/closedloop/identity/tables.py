@@ -1,0 +1,123 @@
+"""Tables written by ``identity``: the identity map, customers, aliases, edges, ledger, issues."""
+
+from __future__ import annotations
+
+from closedloop.core.catalogue import Erasure, TableSpec, declare
+
+TS = "timestamp('UTC')"
+
+IDENTITY_MAP = declare(
+    TableSpec(
+        name="identity_map",
+        stage="identity",
+        description="Every normalised identifier and the customer it resolves to.",
+        columns={
+            "id_type": "string",
+            "id_value": "string",
+            "customer_id": "string",
+            "quarantined": "boolean",
+            "first_seen": TS,
+            "last_seen": TS,
+            "messages": "int64",
+        },
+        key=("id_type", "id_value"),
+        erasure=Erasure.DELETE_BY_CUSTOMER,
+        erasure_column="customer_id",
+    )
+)
+
+CUSTOMERS = declare(
+    TableSpec(
+        name="customers",
+        stage="identity",
+        description="One row per resolved customer, with a stable id.",
+        columns={
+            "customer_id": "string",
+            "created_at": TS,
+            "identifiers": "int64",
+            "updated_at": TS,
+        },
+        key=("customer_id",),
+        erasure=Erasure.DELETE_BY_CUSTOMER,
+        erasure_column="customer_id",
+    )
+)
+
+CUSTOMER_ALIASES = declare(
+    TableSpec(
+        name="customer_aliases",
+        stage="identity",
+        description="Customer ids retired by a merge; each still resolves to its survivor.",
+        columns={"alias_id": "string", "customer_id": "string", "merged_at": TS},
+        key=("alias_id",),
+        erasure=Erasure.DELETE_BY_CUSTOMER,
+        erasure_column="customer_id",
+    )
+)
+
+IDENTITY_EDGES = declare(
+    TableSpec(
+        name="identity_edges",
+        stage="identity",
+        description="Evidence: two identifiers seen together, with one message that showed it.",
+        columns={
+            "a_type": "string",
+            "a_value": "string",
+            "b_type": "string",
+            "b_value": "string",
+            "message_id": "string",
+            "messages": "int64",
+            "used": "boolean",
+        },
+        key=("a_type", "a_value", "b_type", "b_value"),
+        erasure=Erasure.DELETE_BY_MESSAGE,
+        erasure_column="message_id",
+    )
+)
+
+MERGE_LEDGER = declare(
+    TableSpec(
+        name="merge_ledger",
+        stage="identity",
+        description="Every merge of two existing customers, with the evidence that caused it.",
+        columns={
+            "merge_id": "string",
+            "survivor_id": "string",
+            "merged_id": "string",
+            "evidence": "string",
+            "merged_at": TS,
+        },
+        key=("merge_id",),
+        erasure=Erasure.DELETE_BY_CUSTOMER,
+        erasure_column="survivor_id",
+    )
+)
+
+IDENTIFIER_ISSUES = declare(
+    TableSpec(
+        name="identifier_issues",
+        stage="identity",
+        description="Identifiers not used for linking, and why (invalid, blocked, quarantined).",
+        columns={
+            "id_type": "string",
+            "raw_value": "string",
+            "reason": "string",
+            "messages": "int64",
+        },
+        key=("id_type", "raw_value", "reason"),
+        erasure=Erasure.DELETE_BY_IDENTIFIER,
+        erasure_column="raw_value",
+    )
+)
+
+EVENT_CUSTOMERS = declare(
+    TableSpec(
+        name="event_customers",
+        stage="identity",
+        description="The customer each event belongs to.",
+        columns={"message_id": "string", "customer_id": "string"},
+        key=("message_id",),
+        erasure=Erasure.DELETE_BY_CUSTOMER,
+        erasure_column="customer_id",
+    )
+)
