@@ -98,13 +98,9 @@ class Engine:
 
     def replace(self, name: str, data: ir.Table | pa.Table) -> None:
         """Replace a table's contents in one step (readers see old or new, never half)."""
-        t = self.conform(name, data)
-        if self.backend == "duckdb":
-            # Materialise first so a failing expression leaves the old table untouched.
-            arrow = t.to_pyarrow()
-            self.con.create_table(name, arrow, overwrite=True)
-        else:
-            self.con.create_table(name, t, overwrite=True)
+        # Ibis builds the new table under a temporary name and swaps it in, so a failing
+        # expression leaves the old table untouched.
+        self.con.create_table(name, self.conform(name, data), overwrite=True)
 
     def append(self, name: str, data: ir.Table | pa.Table) -> None:
         spec = self.catalogue.get(name)
@@ -115,3 +111,13 @@ class Engine:
     def drop(self, name: str) -> None:
         if self.exists(name):
             self.con.drop_table(name)
+
+    def scratch(self, name: str, expr: ir.Table) -> ir.Table:
+        """Materialise an intermediate result as a temporary table for the rest of the run.
+
+        Scratch tables hold no state between runs (so they need no catalogue entry) and save
+        recomputing an expensive expression that later steps read several times.
+        """
+        tmp = f"_scratch_{name}"
+        self.con.create_table(tmp, expr, temp=True, overwrite=True)
+        return self.con.table(tmp)

@@ -1,0 +1,53 @@
+"""Finding identifiers in the event log, as one Ibis expression per declared path.
+
+``identity.yaml`` says where each identifier type lives (``user_id``, ``traits.phone``,
+``context.device.id``, ``external_ids.wechat_openid``); this module turns those paths into
+a single union of (message_id, id_type, raw_value, timestamp) rows, evaluated in the warehouse.
+"""
+
+from __future__ import annotations
+
+import ibis
+import ibis.expr.types as ir
+
+from closedloop.core.definitions import IdentityConfig, IdentifierType
+from closedloop.core.engine import Engine
+
+
+def _json_path(column: ir.StringValue, keys: list[str]) -> ir.StringValue:
+    node = column.cast("json")
+    for k in keys:
+        node = node[k]
+    return node.unwrap_as("string")
+
+
+def _path_values(engine: Engine, events: ir.Table, t: IdentifierType, path: str) -> ir.Table:
+    head, *rest = path.split(".")
+    if head == "external_ids":
+        ext = engine.table("event_external_ids")
+        ext = ext.filter(ext.type == rest[0])
+        raw = (ext.collection.fill_null("") + ibis.literal(":") + ext.id) if t.scoped else ext.id
+        joined = ext.select(ext.message_id, raw_value=raw).join(
+            events.select("message_id", "timestamp"), "message_id"
+        )
+        return joined.select(
+            "message_id", id_type=ibis.literal(t.name), raw_value=joined.raw_value, ts=joined.timestamp
+        )
+    if head in ("user_id", "anonymous_id"):
+        raw = events[head]
+    else:
+        raw = _json_path(events[head], rest)
+    return events.select(
+        "message_id", id_type=ibis.literal(t.name), raw_value=raw, ts=events.timestamp
+    )
+
+
+def identifier_occurrences(engine: Engine, config: IdentityConfig) -> ir.Table:
+    """Every (message_id, id_type, raw_value, ts) found in the event log, non-empty values only."""
+    events = engine.table("events")
+    parts = [_path_values(engine, events, t, p) for t in config.types for p in t.paths]
+    union = parts[0]
+    for p in parts[1:]:
+        union = union.union(p, distinct=False)
+    raw = union.raw_value.strip()
+    return union.filter(raw.notnull() & (raw != "")).distinct()

@@ -1,0 +1,54 @@
+"""Shared fixtures: a real in-memory DuckDB engine with every stage's tables declared."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+import closedloop.collect.tables
+import closedloop.identity.tables  # noqa: F401
+from closedloop.core.engine import Engine
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    e = Engine("duckdb://")
+    yield e
+    e.close()
+
+
+def event_rows(messages: list[dict[str, Any]], source: str = "web") -> pa.Table:
+    """Rows for the `events` table from short message dicts (test data, not via collect)."""
+    cols = closedloop.collect.tables.EVENTS.columns
+    rows = []
+    for i, m in enumerate(messages):
+        ts = m.get("timestamp", datetime(2026, 1, 1, tzinfo=UTC))
+        row = {c: None for c in cols}
+        row.update(
+            message_id=m.get("message_id", f"m{i}"),
+            type=m.get("type", "track"),
+            event=m.get("event"),
+            user_id=m.get("user_id"),
+            anonymous_id=m.get("anonymous_id"),
+            timestamp=ts,
+            received_at=ts,
+            source=m.get("source", source),
+            channel=m.get("channel", source),
+            traits=json.dumps(m["traits"]) if "traits" in m else None,
+            context=json.dumps(m["context"]) if "context" in m else None,
+            properties=json.dumps(m.get("properties", {})),
+            revenue=m.get("revenue"),
+            order_id=m.get("order_id"),
+            category=m.get("category"),
+        )
+        rows.append(row)
+    return pa.Table.from_pylist(rows)
+
+
+def add_events(engine: Engine, messages: list[dict[str, Any]], source: str = "web") -> None:
+    engine.append("events", event_rows(messages, source))
