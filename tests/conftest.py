@@ -45,6 +45,7 @@ def event_rows(messages: list[dict[str, Any]], source: str = "web") -> pa.Table:
             revenue=m.get("revenue"),
             order_id=m.get("order_id"),
             category=m.get("category"),
+            coupon=m.get("properties", {}).get("coupon"),
         )
         rows.append(row)
     return pa.Table.from_pylist(rows)

@@ -1,0 +1,128 @@
+"""Building the customer portrait, written once in Ibis so every engine computes it the same way.
+
+One pass over the customer's events (joined to ``event_customers``) gives behaviour and
+transactions; the latest identify traits give demographics; the identity map gives contact
+points. Everything is O(events) with a group-by per customer.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import ibis
+import ibis.expr.types as ir
+
+from closedloop.core.clock import Clock
+from closedloop.core.engine import Engine
+from closedloop.portrait import tables  # noqa: F401  (declares `profiles`)
+from closedloop.portrait.lifecycle import ladder_stage, lifecycle_stage, rfm_group, score
+
+ORDER_EVENT = "Order Completed"
+DEMOGRAPHIC_TRAITS = ("name", "gender", "birthday", "city", "tier", "member_id")
+
+
+def customer_events(engine: Engine) -> ir.Table:
+    """Events with the customer each belongs to (events without a customer are left out)."""
+    ev = engine.table("events")
+    ec = engine.table("event_customers")
+    return ev.join(ec, "message_id")
+
+
+def _latest_traits(events: ir.Table) -> ir.Table:
+    """Per customer, the most recent non-empty value of each demographic trait."""
+    ident = events.filter(events.traits.notnull())
+    j = ident.traits.cast("json")
+    cols = {name: j[name].unwrap_as("string").strip().nullif("") for name in DEMOGRAPHIC_TRAITS}
+    t = ident.select("customer_id", "timestamp", **cols)
+    return t.group_by("customer_id").aggregate(
+        **{n: t[n].argmax(t.timestamp, where=t[n].notnull()) for n in DEMOGRAPHIC_TRAITS}
+    )
+
+
+def _contacts(engine: Engine) -> ir.Table:
+    """Per customer, the most recently seen email and phone (quarantined ones excluded)."""
+    m = engine.table("identity_map")
+    m = m.filter(~m.quarantined)
+    return m.group_by("customer_id").aggregate(
+        email=m.id_value.argmax(m.last_seen, where=m.id_type == "email"),
+        phone=m.id_value.argmax(m.last_seen, where=m.id_type == "phone"),
+        member_id_seen=m.id_value.argmax(m.last_seen, where=m.id_type == "member_id"),
+    )
+
+
+def _behaviour(events: ir.Table) -> ir.Table:
+    e = events
+    is_order = e.event == ORDER_EVENT
+    return e.group_by("customer_id").aggregate(
+        first_seen=e.timestamp.min(),
+        last_seen=e.timestamp.max(),
+        events=e.count(),
+        product_views=(e.event == "Product Viewed").sum().cast("int64"),
+        cart_adds=(e.event == "Product Added").sum().cast("int64"),
+        favourites=(e.event == "Product Added to Wishlist").sum().cast("int64"),
+        preferred_channel=e.channel.mode(),
+        top_category=e.category.mode(where=is_order),
+        orders=e.order_id.nunique(where=is_order),
+        revenue=e.revenue.sum(where=is_order).fill_null(0.0),
+        coupon_orders=e.order_id.nunique(where=is_order & e.coupon.notnull() & (e.coupon != "")),
+        first_order_at=e.timestamp.min(where=is_order),
+        last_order_at=e.timestamp.max(where=is_order),
+    )
+
+
+def _age(birthday: ir.DateValue, as_of: datetime) -> ir.IntegerValue:
+    """Completed years (a calendar year-difference would count a birthday not yet reached)."""
+    before_birthday = (as_of.month * 100 + as_of.day) < (birthday.month() * 100 + birthday.day())
+    return (as_of.year - birthday.year() - before_birthday.cast("int32")).cast("int32")
+
+
+def profile_expr(engine: Engine, as_of: datetime) -> ir.Table:
+    """The ``profiles`` table as one Ibis expression, evaluated as of ``as_of``."""
+    ev = customer_events(engine)
+    ev = ev.filter(ev.timestamp <= as_of)
+    customers = engine.table("customers").select("customer_id")
+    b = _behaviour(ev)
+    t = customers.left_join(b, "customer_id").drop("customer_id_right")
+    t = t.left_join(_latest_traits(ev), "customer_id").drop("customer_id_right")
+    t = t.left_join(_contacts(engine), "customer_id").drop("customer_id_right")
+
+    as_of_date = ibis.literal(as_of.date())
+    orders = t.orders.fill_null(0)
+    recency = as_of_date.delta(t.last_order_at.date(), unit="day").cast("int32")
+    since_first = as_of_date.delta(t.first_order_at.date(), unit="day").cast("int32")
+    birthday = t.birthday.cast("date")
+    has_orders = orders > 0
+    t = t.mutate(
+        orders=orders,
+        events=t.events.fill_null(0),
+        product_views=t.product_views.fill_null(0),
+        cart_adds=t.cart_adds.fill_null(0),
+        favourites=t.favourites.fill_null(0),
+        revenue=t.revenue.fill_null(0.0),
+        member_id=t.member_id.fill_null(t.member_id_seen),
+        birthday=birthday,
+        age=_age(birthday, as_of),
+        avg_order_value=ibis.ifelse(has_orders, t.revenue / orders, ibis.null("float64")),
+        coupon_share=ibis.ifelse(has_orders, t.coupon_orders / orders, ibis.null("float64")),
+        recency_days=recency,
+        days_since_first=since_first,
+    )
+    has_orders = t.orders > 0  # rebound: windows must read the mutated relation
+    t = t.mutate(
+        r_score=score(t.recency_days, has_orders, descending=True),
+        f_score=score(t.orders, has_orders),
+        m_score=score(t.revenue, has_orders),
+    )
+    return t.mutate(
+        rfm_group=rfm_group(t.r_score, t.f_score),
+        lifecycle_stage=lifecycle_stage(t.orders, t.recency_days, t.days_since_first),
+        ladder_stage=ladder_stage(t.orders, t.member_id),
+        computed_at=ibis.literal(as_of).cast("timestamp('UTC', 6)"),
+    )
+
+
+def build_profiles(engine: Engine, clock: Clock | None = None) -> int:
+    """Rebuild ``profiles`` as of the clock's now; returns the number of customers."""
+    as_of = (clock or Clock()).now()
+    engine.replace("profiles", profile_expr(engine, as_of))
+    return engine.count("profiles")

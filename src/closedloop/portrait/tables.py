@@ -1,0 +1,56 @@
+"""Tables written by ``portrait``: one profile row per customer."""
+
+from __future__ import annotations
+
+from closedloop.core.catalogue import Erasure, TableSpec, declare
+
+TS = "timestamp('UTC', 6)"
+
+PROFILES = declare(
+    TableSpec(
+        name="profiles",
+        stage="portrait",
+        description="The 360° portrait: demographics, behaviour, transactions, RFM, lifecycle.",
+        columns={
+            "customer_id": "string",
+            # demographics (latest identify traits) and contact points (identity map)
+            "name": "string",
+            "gender": "string",
+            "birthday": "date",
+            "age": "int32",
+            "city": "string",
+            "tier": "string",
+            "member_id": "string",
+            "email": "string",
+            "phone": "string",
+            # behaviour
+            "first_seen": TS,
+            "last_seen": TS,
+            "events": "int64",
+            "product_views": "int64",
+            "cart_adds": "int64",
+            "favourites": "int64",
+            "preferred_channel": "string",
+            "top_category": "string",
+            # transactions
+            "orders": "int64",
+            "revenue": "float64",
+            "avg_order_value": "float64",
+            "coupon_share": "float64",
+            "first_order_at": TS,
+            "last_order_at": TS,
+            "recency_days": "int32",
+            # RFM and lifecycle
+            "r_score": "int32",
+            "f_score": "int32",
+            "m_score": "int32",
+            "rfm_group": "string",
+            "lifecycle_stage": "string",
+            "ladder_stage": "string",
+            "computed_at": TS,
+        },
+        key=("customer_id",),
+        erasure=Erasure.DELETE_BY_CUSTOMER,
+        erasure_column="customer_id",
+    )
+)

@@ -1,0 +1,135 @@
+"""Segments: conditions over the portrait (and tags) compiled to Ibis, membership kept as stays.
+
+A segment is evaluated against ``profiles`` joined with one column per tag. Membership is
+stored as stays (entered_at, exited_at), so later stages can trigger on entry and history is
+never overwritten: re-evaluating closes the stays of those who left and opens stays for those
+who came in; everyone else is untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ibis
+import ibis.expr.datatypes as dt
+import ibis.expr.types as ir
+
+from closedloop.core.clock import Clock
+from closedloop.core.conditions import AllOf, AnyOf, Condition, FieldCondition, NotOf, compile_condition
+from closedloop.core.definitions import SegmentDef
+from closedloop.core.engine import Engine
+from closedloop.core.errors import Problem
+from closedloop.portrait.tables import PROFILES
+from closedloop.segments import tables as _tables  # noqa: F401  (declares segment_membership)
+
+TS = "timestamp('UTC', 6)"
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    name: str
+    size: int
+    entered: int
+    exited: int
+
+
+def audience_table(engine: Engine, tag_names: list[str]) -> ir.Table:
+    """``profiles`` with one string column per tag (null where the customer has no value)."""
+    t = engine.table("profiles")
+    if not tag_names:
+        return t
+    tv = engine.table("tag_values")
+    pivot = tv.group_by("customer_id").aggregate(
+        **{name: tv.value.max(where=tv.tag == name) for name in tag_names}
+    )
+    return t.left_join(pivot, "customer_id").drop("customer_id_right")
+
+
+def _field_types(tag_names: list[str]) -> dict[str, dt.DataType]:
+    types = {c: dt.dtype(typ) for c, typ in PROFILES.columns.items()}
+    types.update({n: dt.string for n in tag_names})
+    return types
+
+
+def check_segment(seg: SegmentDef, tag_names: list[str]) -> list[Problem]:
+    """Unknown fields and values of the wrong type, each pointing at the offending clause."""
+    types = _field_types(tag_names)
+    where = f"segments/{seg.name}.yaml"
+    problems: list[Problem] = []
+
+    def walk(c: Condition, path: str) -> None:
+        if isinstance(c, AllOf):
+            for i, x in enumerate(c.all):
+                walk(x, f"{path}.all.{i}")
+        elif isinstance(c, AnyOf):
+            for i, x in enumerate(c.any):
+                walk(x, f"{path}.any.{i}")
+        elif isinstance(c, NotOf):
+            walk(c.not_, f"{path}.not")
+        else:
+            problems.extend(_check_field(c, types, where, path))
+
+    walk(seg.where, "where")
+    return problems
+
+
+def _check_field(c: FieldCondition, types: dict[str, dt.DataType], where: str, path: str) -> list[Problem]:
+    if c.trait not in types:
+        known = ", ".join(sorted(types))
+        return [Problem(where, f"unknown field {c.trait!r}; known fields: {known}", key=f"{path}.trait")]
+    typ = types[c.trait]
+    values = c.value if isinstance(c.value, list) else [c.value]
+    for v in values:
+        if v is None:
+            continue
+        ok = (
+            (typ.is_numeric() and isinstance(v, int | float) and not isinstance(v, bool))
+            or (typ.is_string() and isinstance(v, str))
+            or (typ.is_boolean() and isinstance(v, bool))
+            or ((typ.is_timestamp() or typ.is_date()) and not isinstance(v, bool | int | float))
+        )
+        if not ok:
+            return [
+                Problem(
+                    where,
+                    f"field {c.trait!r} is {typ}, but the value {v!r} is {type(v).__name__}",
+                    key=f"{path}.value",
+                )
+            ]
+    return []
+
+
+def members_expr(engine: Engine, seg: SegmentDef, tag_names: list[str]) -> ir.Table:
+    t = audience_table(engine, tag_names)
+    return t.filter(compile_condition(seg.where, t)).select("customer_id")
+
+
+def evaluate_segment(
+    engine: Engine, seg: SegmentDef, tag_names: list[str], clock: Clock | None = None
+) -> SegmentResult:
+    """Re-evaluate one segment and record entries and exits in ``segment_membership``."""
+    now = ibis.literal((clock or Clock()).now()).cast(TS)
+    current = engine.scratch("seg_current", members_expr(engine, seg, tag_names))
+    m = engine.table("segment_membership")
+    others = m.filter(m.segment != seg.name)
+    mine = m.filter(m.segment == seg.name)
+    open_ = mine.filter(mine.exited_at.isnull())
+    closed = mine.filter(mine.exited_at.notnull())
+    stay = open_.filter(open_.customer_id.isin(current.customer_id))
+    leaving = open_.filter(~open_.customer_id.isin(current.customer_id)).mutate(exited_at=now)
+    arriving = current.filter(~current.customer_id.isin(open_.customer_id)).select(
+        segment=ibis.literal(seg.name), customer_id="customer_id", entered_at=now, exited_at=ibis.null(TS)
+    )
+    entered = int(arriving.count().execute())
+    exited = int(leaving.count().execute())
+    size = int(current.count().execute())
+    if entered or exited:
+        new = others.union(closed, distinct=False).union(stay, distinct=False)
+        new = new.union(leaving, distinct=False).union(arriving, distinct=False)
+        engine.replace("segment_membership", engine.scratch("seg_new", new))
+    return SegmentResult(seg.name, size, entered, exited)
+
+
+def current_members(engine: Engine, segment: str) -> ir.Table:
+    m = engine.table("segment_membership")
+    return m.filter((m.segment == segment) & m.exited_at.isnull()).select("customer_id", "entered_at")
