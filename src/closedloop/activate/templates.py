@@ -1,0 +1,42 @@
+"""Message content: Jinja2's sandbox with strict undefined, checked before anything is sent.
+
+A template may only read profile fields and the campaign's offer; an unknown name is a
+validation error (not a blank in a customer's message), and the sandbox stops templates from
+reaching Python internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2.sandbox import SandboxedEnvironment
+
+from closedloop.core.definitions import CampaignDef
+from closedloop.core.errors import Problem
+from closedloop.portrait.tables import PROFILES
+
+ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)  # noqa: S701 - plain-text messages
+ALLOWED = set(PROFILES.columns) | {"offer", "campaign"}
+
+
+def check_templates(campaign: CampaignDef) -> list[Problem]:
+    where = f"campaigns/{campaign.name}.yaml"
+    problems: list[Problem] = []
+    for key, text in (("subject", campaign.subject), ("template", campaign.template)):
+        try:
+            ast = ENV.parse(text)
+        except TemplateSyntaxError as e:
+            problems.append(Problem(where, f"template error: {e.message} (template line {e.lineno})", key=key))
+            continue
+        unknown = meta.find_undeclared_variables(ast) - ALLOWED
+        for name in sorted(unknown):
+            problems.append(Problem(where, f"unknown field {name!r} in {key}", key=key))
+        if "offer" in meta.find_undeclared_variables(ast) and campaign.offer is None:
+            problems.append(Problem(where, f"{key} uses `offer` but the campaign has none", key=key))
+    return problems
+
+
+def render(text: str, profile: dict[str, Any], campaign: CampaignDef) -> str:
+    offer = campaign.offer.model_dump() if campaign.offer else None
+    return ENV.from_string(text).render(**profile, offer=offer, campaign=campaign.name)

@@ -1,0 +1,89 @@
+"""Statistics for campaign lift: two proportions, their difference, and checks on the split.
+
+* Absolute lift CI: Newcombe's hybrid score interval (method 10), built from Wilson intervals
+  of each rate; it keeps its coverage with small counts and rates near 0, where the textbook
+  Wald interval does not.
+* p-value: two-sided pooled two-proportion z-test.
+* Relative lift CI: log risk ratio with the Katz standard error.
+* Sample-ratio mismatch: chi-square test of the observed split against the designed one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from scipy import stats
+
+Z95 = 1.959963984540054
+
+
+def wilson(x: int, n: int, z: float = Z95) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = x / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class Lift:
+    treated_n: int
+    treated_x: int
+    control_n: int
+    control_x: int
+    absolute: float
+    absolute_low: float
+    absolute_high: float
+    relative: float | None
+    relative_low: float | None
+    relative_high: float | None
+    p_value: float
+
+    @property
+    def treated_rate(self) -> float:
+        return self.treated_x / self.treated_n if self.treated_n else 0.0
+
+    @property
+    def control_rate(self) -> float:
+        return self.control_x / self.control_n if self.control_n else 0.0
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < 0.05
+
+
+def lift(treated_x: int, treated_n: int, control_x: int, control_n: int) -> Lift:
+    """Lift of the treated rate over the control rate with 95% intervals and a p-value."""
+    if treated_n <= 0 or control_n <= 0:
+        raise ValueError("both groups need at least one person")
+    if not (0 <= treated_x <= treated_n and 0 <= control_x <= control_n):
+        raise ValueError("conversions must be between 0 and the group size")
+    p1, p2 = treated_x / treated_n, control_x / control_n
+    l1, u1 = wilson(treated_x, treated_n)
+    l2, u2 = wilson(control_x, control_n)
+    d = p1 - p2
+    low = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    high = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    pooled = (treated_x + control_x) / (treated_n + control_n)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / treated_n + 1 / control_n))
+    p_value = 1.0 if se == 0 else float(2 * stats.norm.sf(abs(d) / se))
+    rel = rel_low = rel_high = None
+    if treated_x > 0 and control_x > 0:
+        rr = p1 / p2
+        se_log = math.sqrt(1 / treated_x - 1 / treated_n + 1 / control_x - 1 / control_n)
+        rel = rr - 1
+        rel_low = math.exp(math.log(rr) - Z95 * se_log) - 1
+        rel_high = math.exp(math.log(rr) + Z95 * se_log) - 1
+    return Lift(treated_n, treated_x, control_n, control_x, d, low, high, rel, rel_low, rel_high, p_value)
+
+
+def sample_ratio_p(treated_n: int, control_n: int, holdout_share: float) -> float:
+    """p-value that the observed split came from the designed holdout share (low = mismatch)."""
+    total = treated_n + control_n
+    if total == 0:
+        return 1.0
+    expected = [total * (1 - holdout_share), total * holdout_share]
+    return float(stats.chisquare([treated_n, control_n], expected).pvalue)
