@@ -13,7 +13,7 @@ from closedloop.core.clock import Clock
 from closedloop.core.definitions import CampaignDef, SegmentDef
 from closedloop.core.engine import Engine
 from closedloop.measure.campaign import measure_campaign
-from closedloop.segments.audience import evaluate_segment
+from closedloop.segments.audience import Fields, evaluate_segment
 from tests.conftest import add_events
 from tests.segments.test_audience import set_profiles
 
@@ -40,7 +40,7 @@ def audience(engine: Engine) -> Engine:
         for i in range(200)
     ]
     set_profiles(engine, rows)
-    evaluate_segment(engine, EVERYONE, [], Clock(NOW))
+    evaluate_segment(engine, EVERYONE, Fields(), Clock(NOW))
     return engine
 
 

@@ -54,3 +54,21 @@ PROFILES = declare(
         erasure_column="customer_id",
     )
 )
+
+COMPUTED_TRAITS = declare(
+    TableSpec(
+        name="computed_traits",
+        stage="portrait",
+        description="Values of the project's computed traits, one row per (customer, trait).",
+        columns={
+            "customer_id": "string",
+            "trait": "string",
+            "number_value": "float64",
+            "text_value": "string",
+            "computed_at": TS,
+        },
+        key=("customer_id", "trait"),
+        erasure=Erasure.DELETE_BY_CUSTOMER,
+        erasure_column="customer_id",
+    )
+)

@@ -33,27 +33,44 @@ class SegmentResult:
     exited: int
 
 
-def audience_table(engine: Engine, tag_names: list[str]) -> ir.Table:
-    """``profiles`` with one string column per tag (null where the customer has no value)."""
+@dataclass(frozen=True)
+class Fields:
+    """The fields a condition may use beyond the built-in profile: tags and computed traits."""
+
+    tags: tuple[str, ...] = ()
+    traits: tuple[tuple[str, str], ...] = ()  # (name, "float64" | "string")
+
+    def types(self) -> dict[str, dt.DataType]:
+        types = {c: dt.dtype(typ) for c, typ in PROFILES.columns.items()}
+        types.update({n: dt.string for n in self.tags})
+        types.update({n: dt.dtype(typ) for n, typ in self.traits})
+        return types
+
+
+def audience_table(engine: Engine, fields: Fields) -> ir.Table:
+    """``profiles`` with one column per tag and per computed trait (null where absent)."""
     t = engine.table("profiles")
-    if not tag_names:
-        return t
-    tv = engine.table("tag_values")
-    pivot = tv.group_by("customer_id").aggregate(
-        **{name: tv.value.max(where=tv.tag == name) for name in tag_names}
-    )
-    return t.left_join(pivot, "customer_id").drop("customer_id_right")
+    if fields.tags:
+        tv = engine.table("tag_values")
+        tags = tv.group_by("customer_id").aggregate(
+            **{name: tv.value.max(where=tv.tag == name) for name in fields.tags}
+        )
+        t = t.left_join(tags, "customer_id").drop("customer_id_right")
+    if fields.traits:
+        ct = engine.table("computed_traits")
+        traits = ct.group_by("customer_id").aggregate(
+            **{
+                name: (ct.number_value if typ == "float64" else ct.text_value).max(where=ct.trait == name)
+                for name, typ in fields.traits
+            }
+        )
+        t = t.left_join(traits, "customer_id").drop("customer_id_right")
+    return t
 
 
-def _field_types(tag_names: list[str]) -> dict[str, dt.DataType]:
-    types = {c: dt.dtype(typ) for c, typ in PROFILES.columns.items()}
-    types.update({n: dt.string for n in tag_names})
-    return types
-
-
-def check_segment(seg: SegmentDef, tag_names: list[str]) -> list[Problem]:
+def check_segment(seg: SegmentDef, fields: Fields) -> list[Problem]:
     """Unknown fields and values of the wrong type, each pointing at the offending clause."""
-    types = _field_types(tag_names)
+    types = fields.types()
     where = f"segments/{seg.name}.yaml"
     problems: list[Problem] = []
 
@@ -99,17 +116,17 @@ def _check_field(c: FieldCondition, types: dict[str, dt.DataType], where: str, p
     return []
 
 
-def members_expr(engine: Engine, seg: SegmentDef, tag_names: list[str]) -> ir.Table:
-    t = audience_table(engine, tag_names)
+def members_expr(engine: Engine, seg: SegmentDef, fields: Fields) -> ir.Table:
+    t = audience_table(engine, fields)
     return t.filter(compile_condition(seg.where, t)).select("customer_id")
 
 
 def evaluate_segment(
-    engine: Engine, seg: SegmentDef, tag_names: list[str], clock: Clock | None = None
+    engine: Engine, seg: SegmentDef, fields: Fields, clock: Clock | None = None
 ) -> SegmentResult:
     """Re-evaluate one segment and record entries and exits in ``segment_membership``."""
     now = ibis.literal((clock or Clock()).now()).cast(TS)
-    current = engine.scratch("seg_current", members_expr(engine, seg, tag_names))
+    current = engine.scratch("seg_current", members_expr(engine, seg, fields))
     m = engine.table("segment_membership")
     others = m.filter(m.segment != seg.name)
     mine = m.filter(m.segment == seg.name)

@@ -1,0 +1,173 @@
+"""The ``closedloop`` command line: a thin face over the stages (Typer + Rich)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from closedloop.core.definitions import Project, load_project
+from closedloop.core.errors import ClosedloopError, DefinitionError
+
+app = typer.Typer(
+    name="closedloop",
+    help="closedloop — an open-source Customer Data Platform: collect, unify, portray, segment, activate, measure.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+failed_app = typer.Typer(help="Failed events: rejected messages and rows, kept with their reason.")
+app.add_typer(failed_app, name="failed")
+
+console = Console()
+err = Console(stderr=True)
+
+ProjectDir = Annotated[Path, typer.Option("--project", "-p", help="project folder (holds closedloop.yaml)")]
+
+
+def _fail(e: ClosedloopError) -> typer.Exit:
+    if isinstance(e, DefinitionError):
+        err.print(f"[red]{len(e.problems)} problem(s) in the project:[/red]")
+        for p in e.problems:
+            err.print(f"  {p}", markup=False, highlight=False)
+    else:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+    return typer.Exit(code=2)
+
+
+def _project(path: Path) -> Project:
+    try:
+        return load_project(path)
+    except ClosedloopError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def init(directory: Annotated[Path, typer.Argument(help="folder to create the project in")]) -> None:
+    """Scaffold a project: sources with write keys, identity rules, a tag, segments, a campaign."""
+    from closedloop.demo.project import init_project
+
+    try:
+        files = init_project(directory)
+    except ClosedloopError as e:
+        raise _fail(e) from None
+    console.print(f"created {len(files)} files in {directory}; next: `closedloop validate -p {directory}`")
+
+
+@app.command()
+def validate(project: ProjectDir = Path(".")) -> None:
+    """Check every definition (schema, references, fields, templates) without writing anything."""
+    from closedloop.pipeline import check_project
+
+    p = _project(project)
+    problems = check_project(p)
+    if problems:
+        raise _fail(DefinitionError(problems))
+    console.print(
+        f"[green]ok[/green]: {len(p.config.sources)} sources, {len(p.identity.types)} identifier types, "
+        f"{len(p.traits)} traits, {len(p.tags)} tags, {len(p.segments)} segments, {len(p.campaigns)} campaigns"
+    )
+
+
+@app.command()
+def sources(project: ProjectDir = Path("."), as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the project's sources with their channel, data class and write key."""
+    p = _project(project)
+    rows = [s.model_dump(mode="json") for s in p.config.sources]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    t = Table("source", "channel", "data class", "write key")
+    for s in p.config.sources:
+        t.add_row(s.name, s.channel, s.data_class.value, s.write_key)
+    console.print(t)
+
+
+@app.command()
+def generate(
+    persons: Annotated[int, typer.Option(min=1, max=1_000_000, help="number of persons")] = 10_000,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("brand"),
+    seed: Annotated[int, typer.Option(help="random seed (same seed, same data)")] = 7,
+) -> None:
+    """Generate the synthetic brand: events, POS orders, CRM members, and the ground truth apart."""
+    from rich.progress import Progress
+
+    from closedloop.demo.generator import generate as run
+
+    with Progress(console=console) as progress:
+        task = progress.add_task("generating", total=persons)
+        s = run(out, persons, seed=seed, progress=lambda n: progress.advance(task, n))
+    console.print(
+        f"{s.persons:,} persons, {s.messages:,} messages, {s.order_rows:,} POS orders, "
+        f"{s.crm_rows:,} CRM rows → {out}/data (truth in {out}/truth)"
+    )
+
+
+@app.command()
+def build(project: ProjectDir = Path(".")) -> None:
+    """Run the pipeline on a project: load imports, resolve identities, portrait, tags, segments."""
+    from rich.progress import Progress
+
+    from closedloop.core.engine import Engine
+    from closedloop.pipeline import build as run
+
+    p = _project(project)
+    try:
+        with Engine(p.engine_url) as engine, Progress(console=console) as progress:
+            tasks: dict[str, int] = {}
+
+            def tick(step: str, n: int, total: int | None) -> None:
+                if step not in tasks:
+                    tasks[step] = progress.add_task(step, total=total)
+                progress.advance(tasks[step], n)
+
+            report = run(engine, p, progress=tick)
+    except ClosedloopError as e:
+        raise _fail(e) from None
+    for name, r in report.loads.items():
+        console.print(f"{name}: received {r.received:,}, accepted {r.accepted:,}, failed {r.failed:,}, duplicate {r.duplicate:,}")
+    console.print(f"customers: {report.customers:,}")
+    for name, s in report.segments.items():
+        console.print(f"segment {name}: {s.size:,} (+{s.entered:,} / -{s.exited:,})")
+
+
+@app.command()
+def demo(
+    persons: Annotated[int, typer.Option(min=100, max=1_000_000, help="persons to generate")] = 5_000,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("demo-out"),
+    seed: Annotated[int, typer.Option(help="random seed")] = 7,
+) -> None:
+    """Run the whole loop on generated data and write a report (HTML + PNG)."""
+    from closedloop.demo.run import run_demo
+
+    try:
+        run_demo(persons, out, seed=seed, console=console)
+    except ClosedloopError as e:
+        raise _fail(e) from None
+
+
+@failed_app.command("list")
+def failed_list(
+    project: ProjectDir = Path("."),
+    source: Annotated[str | None, typer.Option(help="only this source")] = None,
+    reason: Annotated[str | None, typer.Option(help="only this reason code")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+) -> None:
+    """Show failed events with their reason and where they came from."""
+    from closedloop.collect.loader import list_failed
+    from closedloop.core.engine import Engine
+
+    p = _project(project)
+    with Engine(p.engine_url) as engine:
+        rows = list_failed(engine, source=source, reason=reason, limit=limit)
+    t = Table("source", "reason", "where", "detail")
+    for r in rows:
+        t.add_row(str(r["source"]), str(r["reason_code"]), str(r["location"]), str(r["reason"]))
+    console.print(t)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,200 @@
+"""The closed-loop demo: generate a brand, run every stage, answer the campaign, measure it.
+
+1. generate the synthetic brand (events, POS orders, CRM members; truth kept apart);
+2. scaffold the example project and build it: collect → identity → portrait → tags → segments;
+3. run the win-back campaign with a holdout, messages to the outbox;
+4. the generator's world answers the messages (opens, clicks, orders) for the goal window;
+5. load the responses back through collect, resolve and re-portray (the loop closes);
+6. measure conversions and lift with a 95% CI, and check it against the true effect;
+7. print a summary and write an HTML report with PNG charts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from closedloop.activate.campaign import CampaignRun, run_campaign
+from closedloop.collect.loader import load_jsonl
+from closedloop.core.clock import Clock
+from closedloop.core.definitions import load_project
+from closedloop.core.errors import ClosedloopError
+from closedloop.core.engine import Engine
+from closedloop.demo.accuracy import IdentityAccuracy, identity_accuracy
+from closedloop.demo.generator import GenerationSummary, generate
+from closedloop.demo.project import init_project, relative_data_dir
+from closedloop.demo.world import ResponseSummary, respond
+from closedloop.identity.resolve import resolve
+from closedloop.measure.campaign import CampaignOutcome, measure_campaign
+from closedloop.measure.report import Section, bar_chart, lift_chart, write_report
+from closedloop.pipeline import BuildReport, build
+from closedloop.portrait.build import build_profiles
+
+CAMPAIGN = "winback"
+MARKER = ".closedloop-demo"
+
+
+def prepare_output(out: Path) -> None:
+    """Empty ``out`` for a new run, but only if it is missing, empty or an earlier demo's output."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise ClosedloopError(f"{out} is not empty and not an earlier demo's output; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `closedloop demo`; safe to delete\n", encoding="utf-8")
+
+
+@dataclass
+class DemoResult:
+    generation: GenerationSummary
+    build: BuildReport
+    accuracy: IdentityAccuracy
+    campaign: CampaignRun
+    world: ResponseSummary
+    outcome: CampaignOutcome
+    report: Path
+    seconds: float
+
+
+def run_demo(persons: int, out: Path, *, seed: int = 7, console: Console | None = None) -> DemoResult:
+    console = console or Console()
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    brand = out / "brand"
+    project_dir = out / "project"
+    prepare_output(out)
+
+    with _progress(console) as progress:
+        gen_task = progress.add_task("generate brand", total=persons)
+        generation = generate(brand, persons, seed=seed, progress=lambda n: progress.advance(gen_task, n))
+
+        init_project(project_dir, data_dir=relative_data_dir(project_dir, brand / "data"), key_suffix=f"demo{seed}")
+        project = load_project(project_dir)
+        clock = Clock(generation.reference_time)
+        tasks: dict[str, int] = {}
+
+        def tick(step: str, n: int, total: int | None) -> None:
+            if step not in tasks:
+                tasks[step] = progress.add_task(step, total=total)
+            progress.advance(tasks[step], n)
+
+        with Engine(project.engine_url) as engine:
+            report = build(engine, project, clock=clock, progress=tick)
+            campaign = project.campaigns[CAMPAIGN]
+            occasion = generation.reference_time.date().isoformat()
+            run = run_campaign(
+                engine, campaign, outbox_dir=project.path(project.config.outbox), occasion=occasion, clock=clock
+            )
+            tick("campaign", 1, 1)
+            world = respond(
+                brand,
+                run.outbox if run.outbox else project.path(project.config.outbox) / "empty.jsonl",
+                campaign=CAMPAIGN,
+                start=generation.reference_time,
+                window_days=campaign.goal.window_days,
+                seed=seed,
+            )
+            tick("responses", 1, 1)
+            # The loop closes: responses come back as ordinary events through collect.
+            response_files = sorted((brand / "data" / "responses" / CAMPAIGN).glob("*/*.jsonl"))
+            for f in response_files:
+                load_jsonl(engine, [f], project.config.source(f.parent.name), import_name=f"responses_{f.parent.name}")
+            after = Clock(generation.reference_time + timedelta(days=campaign.goal.window_days))
+            resolve(engine, project.identity, after)
+            build_profiles(engine, after)
+            outcome = measure_campaign(engine, campaign, occasion, after)
+            accuracy = identity_accuracy(engine, brand / "truth")
+            tick("measure", 1, 1)
+            lifecycle = _counts(engine, "lifecycle_stage")
+            ladder = _counts(engine, "ladder_stage")
+
+    result = DemoResult(
+        generation, report, accuracy, run, world, outcome, Path(), time.perf_counter() - started
+    )
+    result.report = _write(out / "report", result, lifecycle, ladder)
+    _print(console, result)
+    return result
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _counts(engine: Engine, column: str) -> dict[str, int]:
+    p = engine.table("profiles")
+    rows = p.group_by(column).aggregate(n=p.count()).order_by(column).to_pyarrow().to_pylist()
+    return {str(r[column]): int(r["n"]) for r in rows}
+
+
+def _facts(r: DemoResult) -> list[tuple[str, str]]:
+    lf = r.outcome.lift
+    return [
+        ("persons generated", f"{r.generation.persons:,}"),
+        ("messages generated", f"{r.generation.messages:,}"),
+        ("events accepted", f"{sum(x.accepted for x in r.build.loads.values()):,}"),
+        ("failed events (kept with reason)", f"{sum(x.failed for x in r.build.loads.values()):,}"),
+        ("customers resolved", f"{r.build.customers:,}"),
+        ("identity precision (pairwise)", f"{r.accuracy.precision:.4f}"),
+        ("identity recall (pairwise)", f"{r.accuracy.recall:.4f}"),
+        ("persons resolved exactly", f"{r.accuracy.exact_persons:.1%}"),
+        *[(f"segment {n}", f"{s.size:,}") for n, s in r.build.segments.items()],
+        ("campaign audience", f"{r.campaign.audience:,}"),
+        ("messages sent", f"{r.campaign.sent:,}"),
+        ("held out", f"{r.campaign.held_out:,}"),
+        ("suppressed (unreachable)", f"{r.campaign.suppressed:,}"),
+        ("conversions (treated / held out)", f"{r.outcome.treated_conversions:,} / {r.outcome.held_out_conversions:,}"),
+        ("conversion rate (treated / held out)", f"{lf.treated_rate:.1%} / {lf.control_rate:.1%}"),
+        (
+            "lift, 95% CI",
+            f"{lf.absolute * 100:+.1f} pp [{lf.absolute_low * 100:+.1f}, {lf.absolute_high * 100:+.1f}], p={lf.p_value:.3g}",
+        ),
+        ("true effect (generator)", f"{r.world.true_effect * 100:+.1f} pp"),
+        ("CI covers true effect", "yes" if lf.absolute_low <= r.world.true_effect <= lf.absolute_high else "no"),
+        ("sample-ratio check p", f"{r.outcome.sample_ratio_p:.3f}"),
+        ("run time", f"{r.seconds:.1f} s"),
+    ]
+
+
+def _write(folder: Path, r: DemoResult, lifecycle: dict[str, int], ladder: dict[str, int]) -> Path:
+    sections = [
+        Section("Summary", rows=_facts(r)),
+        Section(
+            f"Campaign {r.outcome.campaign}",
+            charts=[lift_chart(r.outcome, r.world.true_effect)],
+            note="Bars: conversion rate with 95% Wilson intervals. Right: absolute lift with its 95% "
+            "Newcombe interval; the dashed line is the true average effect known to the generator.",
+        ),
+        Section(
+            "Customers",
+            charts=[
+                bar_chart("ladder", "Ladder: fan → member → customer → super user", ladder),
+                bar_chart("lifecycle", "Lifecycle stages", lifecycle, horizontal=True),
+            ],
+        ),
+    ]
+    return write_report(folder, "closedloop demo — the marketing loop, closed", "Synthetic tea & beauty brand", sections)
+
+
+def _print(console: Console, r: DemoResult) -> None:
+    table = Table(title="closedloop demo", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for k, v in _facts(r):
+        table.add_row(k, v)
+    console.print(table)
+    console.print(f"report: {r.report}")

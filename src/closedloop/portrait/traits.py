@@ -1,0 +1,106 @@
+"""Computed traits from ``traits/*.yaml``: windowed aggregations over a customer's events.
+
+Each trait is one grouped aggregation in Ibis (count, sum, avg, min, max, distinct count,
+first, last, most frequent), over events filtered by name, within the last N days or the
+customer's lifetime. Results are stored long (customer, trait, number or text) so adding a
+trait never changes a table's schema; segments pivot the traits they use.
+"""
+
+from __future__ import annotations
+
+import ibis
+import ibis.expr.types as ir
+
+from closedloop.collect.tables import EVENTS
+from closedloop.core.clock import Clock
+from closedloop.core.definitions import Aggregation, TraitDef
+from closedloop.core.engine import Engine
+from closedloop.core.errors import Problem
+from closedloop.portrait.build import customer_events
+from closedloop.portrait.tables import COMPUTED_TRAITS, PROFILES
+
+NUMERIC = {
+    Aggregation.COUNT,
+    Aggregation.SUM,
+    Aggregation.AVG,
+    Aggregation.MIN,
+    Aggregation.MAX,
+    Aggregation.DISTINCT_COUNT,
+}
+NEEDS_NUMBER_COLUMN = {Aggregation.SUM, Aggregation.AVG, Aggregation.MIN, Aggregation.MAX}
+NUMBER_COLUMNS = {c for c, t in EVENTS.columns.items() if t in ("float64", "int64")}
+
+
+def trait_dtype(t: TraitDef) -> str:
+    return "float64" if t.aggregation in NUMERIC else "string"
+
+
+def check_trait(t: TraitDef) -> list[Problem]:
+    where = f"traits/{t.name}.yaml"
+    if t.name in PROFILES.columns:
+        return [Problem(where, f"trait name {t.name!r} clashes with a built-in profile field", key="name")]
+    if t.column is not None and t.column not in EVENTS.columns:
+        return [Problem(where, f"unknown events column {t.column!r}; known: {', '.join(EVENTS.columns)}", key="column")]
+    if t.aggregation in NEEDS_NUMBER_COLUMN and t.column not in NUMBER_COLUMNS:
+        return [
+            Problem(
+                where,
+                f"{t.aggregation.value} needs a numeric column ({', '.join(sorted(NUMBER_COLUMNS))})",
+                key="column",
+            )
+        ]
+    return []
+
+
+def _aggregate(t: TraitDef, e: ir.Table) -> ir.Value:
+    a = t.aggregation
+    if a is Aggregation.COUNT:
+        return e.count().cast("float64")
+    col = e[t.column]
+    if a is Aggregation.DISTINCT_COUNT:
+        return col.nunique().cast("float64")
+    if a is Aggregation.SUM:
+        return col.sum().cast("float64")
+    if a is Aggregation.AVG:
+        return col.mean().cast("float64")
+    if a is Aggregation.MIN:
+        return col.min().cast("float64")
+    if a is Aggregation.MAX:
+        return col.max().cast("float64")
+    if a is Aggregation.FIRST:
+        return col.argmin(e.timestamp, where=col.notnull()).cast("string")
+    if a is Aggregation.LAST:
+        return col.argmax(e.timestamp, where=col.notnull()).cast("string")
+    return col.mode(where=col.notnull()).cast("string")
+
+
+def trait_values(engine: Engine, t: TraitDef, as_of: ibis.Value) -> ir.Table:
+    e = customer_events(engine)
+    e = e.filter(e.timestamp <= as_of)
+    if t.event:
+        e = e.filter(e.event == t.event)
+    if t.window_days:
+        e = e.filter(e.timestamp > as_of - ibis.interval(days=t.window_days))
+    agg = e.group_by("customer_id").aggregate(v=_aggregate(t, e))
+    numeric = trait_dtype(t) == "float64"
+    return agg.select(
+        "customer_id",
+        trait=ibis.literal(t.name),
+        number_value=agg.v if numeric else ibis.null("float64"),
+        text_value=ibis.null("string") if numeric else agg.v,
+    )
+
+
+def build_traits(engine: Engine, traits: dict[str, TraitDef], clock: Clock | None = None) -> int:
+    """Recompute every computed trait as of the clock; returns the number of rows written."""
+    now = (clock or Clock()).now()
+    as_of = ibis.literal(now).cast("timestamp('UTC', 6)")
+    parts = [trait_values(engine, t, as_of) for t in traits.values()]
+    if not parts:
+        engine.replace(COMPUTED_TRAITS.name, engine.table(COMPUTED_TRAITS.name).limit(0))
+        return 0
+    union = parts[0]
+    for p in parts[1:]:
+        union = union.union(p, distinct=False)
+    engine.replace(COMPUTED_TRAITS.name, union.mutate(computed_at=as_of))
+    return engine.count(COMPUTED_TRAITS.name)
