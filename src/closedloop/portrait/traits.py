@@ -82,6 +82,12 @@ def trait_values(engine: Engine, t: TraitDef, as_of: ibis.Value) -> ir.Table:
     if t.window_days:
         e = e.filter(e.timestamp > as_of - ibis.interval(days=t.window_days))
     agg = e.group_by("customer_id").aggregate(v=_aggregate(t, e))
+    if t.aggregation in (Aggregation.COUNT, Aggregation.DISTINCT_COUNT):
+        # "No orders in 30 days" is a count of 0, not unknown: every customer gets a value.
+        customers = engine.table("customers").select("customer_id")
+        agg = customers.left_join(agg, "customer_id").select(
+            "customer_id", v=agg.v.fill_null(0.0)
+        )
     numeric = trait_dtype(t) == "float64"
     return agg.select(
         "customer_id",
