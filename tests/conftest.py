@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 import closedloop.collect.tables
-import closedloop.identity.tables  # noqa: F401
+import closedloop.identity.tables
 from closedloop.core.engine import Engine
 
 
@@ -28,7 +28,7 @@ def event_rows(messages: list[dict[str, Any]], source: str = "web") -> pa.Table:
     rows = []
     for i, m in enumerate(messages):
         ts = m.get("timestamp", datetime(2026, 1, 1, tzinfo=UTC))
-        row = {c: None for c in cols}
+        row: dict[str, Any] = dict.fromkeys(cols)
         row.update(
             message_id=m.get("message_id", f"m{i}"),
             type=m.get("type", "track"),

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from closedloop.activate.templates import check_templates
 from closedloop.collect.importer import import_table
 from closedloop.collect.loader import LoadResult, load_jsonl
 from closedloop.core.clock import Clock
@@ -23,7 +24,6 @@ from closedloop.portrait.build import build_profiles
 from closedloop.portrait.traits import build_traits, check_trait, trait_dtype
 from closedloop.segments.audience import Fields, SegmentResult, check_segment, evaluate_segment
 from closedloop.tags.rules import PROFILE_COLUMNS, build_tags, check_tag
-from closedloop.activate.templates import check_templates
 
 Progress = Callable[[str, int, int | None], None]
 """progress(step, advance, total): advance a named step by ``advance`` units of ``total``."""
@@ -83,7 +83,9 @@ def load_imports(
                 progress(f"load {name}", n, None)
 
         if spec.format is ImportFormat.SEGMENT_JSONL:
-            results[spec.name] = load_jsonl(engine, files, source, import_name=spec.name, progress=tick)
+            results[spec.name] = load_jsonl(
+                engine, files, source, import_name=spec.name, progress=tick
+            )
         else:
             total: LoadResult | None = None
             for f in files:
@@ -110,7 +112,11 @@ def build(
     report = BuildReport()
     if load:
         report.loads = load_imports(engine, project, progress)
-    step = (lambda name: progress(name, 1, 1)) if progress else (lambda name: None)
+
+    def step(name: str) -> None:
+        if progress:
+            progress(name, 1, 1)
+
     report.identity = resolve(engine, project.identity, clock)
     step("identity")
     report.customers = build_profiles(engine, clock)

@@ -14,7 +14,11 @@ from pydantic import TypeAdapter, ValidationError
 from closedloop.core.conditions import Condition, compile_condition, evaluate_python
 
 ADAPTER: TypeAdapter[Any] = TypeAdapter(Condition)
-FIELDS = {"orders": st.integers(0, 5), "city": st.sampled_from(["sh", "bj", "hz"]), "score": st.floats(0, 10)}
+FIELDS = {
+    "orders": st.integers(0, 5),
+    "city": st.sampled_from(["sh", "bj", "hz"]),
+    "score": st.floats(0, 10),
+}
 
 
 def field_conditions() -> st.SearchStrategy[dict[str, Any]]:
@@ -24,10 +28,14 @@ def field_conditions() -> st.SearchStrategy[dict[str, Any]]:
             lambda op: values.map(lambda v: {"trait": name, "op": op, "value": v})
         )
         many = st.sampled_from(["in", "not_in"]).flatmap(
-            lambda op: st.lists(values, min_size=1, max_size=3).map(lambda v: {"trait": name, "op": op, "value": v})
+            lambda op: st.lists(values, min_size=1, max_size=3).map(
+                lambda v: {"trait": name, "op": op, "value": v}
+            )
         )
         nulls = st.sampled_from(["is_null", "not_null"]).map(lambda op: {"trait": name, "op": op})
-        between = st.tuples(values, values).map(lambda p: {"trait": name, "op": "between", "value": sorted(p)})
+        between = st.tuples(values, values).map(
+            lambda p: {"trait": name, "op": "between", "value": sorted(p)}  # type: ignore[type-var]
+        )
         return st.one_of(single, many, nulls, between)
 
     return st.sampled_from(sorted(FIELDS)).flatmap(for_field)
@@ -44,13 +52,17 @@ conditions = st.recursive(
 )
 
 rows = st.lists(
-    st.fixed_dictionaries({k: st.one_of(st.none(), v) for k, v in FIELDS.items()}), min_size=1, max_size=12
+    st.fixed_dictionaries({k: st.one_of(st.none(), v) for k, v in FIELDS.items()}),
+    min_size=1,
+    max_size=12,
 )
 
 
 @settings(max_examples=60, deadline=None)
 @given(conditions, rows)
-def test_compiled_condition_matches_python_reference(raw: dict[str, Any], data: list[dict[str, Any]]) -> None:
+def test_compiled_condition_matches_python_reference(
+    raw: dict[str, Any], data: list[dict[str, Any]]
+) -> None:
     cond = ADAPTER.validate_python(raw)
     table = pa.table(
         {

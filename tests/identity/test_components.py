@@ -39,12 +39,16 @@ graphs = st.integers(1, 30).flatmap(
 
 @settings(max_examples=25, deadline=None)
 @given(graphs)
-def test_local_and_ibis_components_agree_with_union_find(graph: tuple[int, list[tuple[int, int]]]) -> None:
+def test_local_and_ibis_components_agree_with_union_find(
+    graph: tuple[int, list[tuple[int, int]]],
+) -> None:
     n, edges = graph
     src = np.array([a for a, _ in edges], dtype=np.int64)
     dst = np.array([b for _, b in edges], dtype=np.int64)
     local = components_local(np.arange(n, dtype=np.int64), src, dst)
-    local_rows = dict(zip(local["node_id"].to_pylist(), local["component"].to_pylist(), strict=True))
+    local_rows = dict(
+        zip(local["node_id"].to_pylist(), local["component"].to_pylist(), strict=True)
+    )
     expected = _reference(n, edges)
     assert _partition(local_rows) == expected
     # Labels are the smallest member of each component.
@@ -52,7 +56,9 @@ def test_local_and_ibis_components_agree_with_union_find(graph: tuple[int, list[
 
     engine = Engine("duckdb://")
     nodes = ibis.memtable({"node_id": list(range(n))}, schema={"node_id": "int64"})
-    e = ibis.memtable({"src": src.tolist(), "dst": dst.tolist()}, schema={"src": "int64", "dst": "int64"})
+    e = ibis.memtable(
+        {"src": src.tolist(), "dst": dst.tolist()}, schema={"src": "int64", "dst": "int64"}
+    )
     out = components_ibis(engine, nodes, e).to_pyarrow()
     ibis_rows = dict(zip(out["node_id"].to_pylist(), out["component"].to_pylist(), strict=True))
     assert ibis_rows == local_rows

@@ -18,7 +18,13 @@ CONFIG = IdentityConfig.model_validate(
                 "paths": ["traits.phone"],
                 "max_strong_neighbours": 3,
             },
-            {"name": "email", "normaliser": "email", "priority": 80, "strong": True, "paths": ["traits.email"]},
+            {
+                "name": "email",
+                "normaliser": "email",
+                "priority": 80,
+                "strong": True,
+                "paths": ["traits.email"],
+            },
             {
                 "name": "anonymous_id",
                 "priority": 10,
@@ -44,7 +50,11 @@ def test_phone_formats_and_email_case_link_one_customer(engine: Engine) -> None:
         engine,
         [
             {"anonymous_id": "ck1", "type": "identify", "traits": {"phone": "138-0013-8000"}},
-            {"user_id": "M1", "type": "identify", "traits": {"phone": "+86 138 0013 8000", "email": " Li.Wei@QQ.com "}},
+            {
+                "user_id": "M1",
+                "type": "identify",
+                "traits": {"phone": "+86 138 0013 8000", "email": " Li.Wei@QQ.com "},
+            },
             {"anonymous_id": "ck2", "type": "identify", "traits": {"email": "li.wei@qq.com"}},
             {"user_id": "M2", "type": "identify", "traits": {"email": "li.wei@163.com"}},
         ],
@@ -64,8 +74,18 @@ def test_blocked_values_never_link(engine: Engine) -> None:
     add_events(
         engine,
         [
-            {"user_id": "M1", "anonymous_id": "undefined", "type": "identify", "traits": {"email": "test@test.com"}},
-            {"user_id": "M2", "anonymous_id": "undefined", "type": "identify", "traits": {"email": "TEST@test.com"}},
+            {
+                "user_id": "M1",
+                "anonymous_id": "undefined",
+                "type": "identify",
+                "traits": {"email": "test@test.com"},
+            },
+            {
+                "user_id": "M2",
+                "anonymous_id": "undefined",
+                "type": "identify",
+                "traits": {"email": "TEST@test.com"},
+            },
         ],
     )
     resolve(engine, CONFIG)
@@ -103,7 +123,9 @@ def test_invalid_phone_is_refused_with_reason(engine: Engine) -> None:
 
 
 def test_ids_are_stable_and_merges_leave_aliases(engine: Engine) -> None:
-    add_events(engine, [{"message_id": "a", "user_id": "M1"}, {"message_id": "b", "anonymous_id": "ck9"}])
+    add_events(
+        engine, [{"message_id": "a", "user_id": "M1"}, {"message_id": "b", "anonymous_id": "ck9"}]
+    )
     resolve(engine, CONFIG)
     c1 = customer_of(engine, "member_id", "M1")
     c2 = customer_of(engine, "anonymous_id", "ck9")

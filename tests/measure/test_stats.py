@@ -40,7 +40,7 @@ def test_interval_contains_estimate_and_p_value_is_a_probability(
 ) -> None:
     r = lift(t[0], t[1], c[0], c[1])
     assert r.absolute_low <= r.absolute + 1e-12 <= r.absolute_high + 2e-12
-    assert -1.0 <= r.absolute_low and r.absolute_high <= 1.0
+    assert r.absolute_low >= -1.0 and r.absolute_high <= 1.0
     assert 0.0 <= r.p_value <= 1.0
 
 

@@ -15,7 +15,9 @@ from tests.identity.test_resolve import CONFIG
 NOW = datetime(2026, 11, 20, 12, tzinfo=UTC)
 
 
-def order(user: str, days_ago: float, revenue: float, oid: str, coupon: str | None = None) -> dict[str, object]:
+def order(
+    user: str, days_ago: float, revenue: float, oid: str, coupon: str | None = None
+) -> dict[str, object]:
     return {
         "message_id": f"o-{oid}",
         "user_id": user,
@@ -31,7 +33,13 @@ def order(user: str, days_ago: float, revenue: float, oid: str, coupon: str | No
 def profiles(engine: Engine) -> dict[str, dict[str, object]]:
     rows = engine.table("profiles").to_pyarrow().to_pylist()
     m = engine.table("identity_map").to_pandas()
-    by_member = dict(zip(m[m.id_type == "member_id"].customer_id, m[m.id_type == "member_id"].id_value, strict=True))
+    by_member = dict(
+        zip(
+            m[m.id_type == "member_id"].customer_id,
+            m[m.id_type == "member_id"].id_value,
+            strict=True,
+        )
+    )
     return {str(by_member.get(r["customer_id"], r["customer_id"])): r for r in rows}
 
 
@@ -44,7 +52,12 @@ def built(engine: Engine) -> dict[str, dict[str, object]]:
                 "message_id": "id1",
                 "user_id": "A",
                 "type": "identify",
-                "traits": {"name": "Li Wei", "birthday": "1990-11-25", "city": "Hangzhou", "email": "a@x.cn"},
+                "traits": {
+                    "name": "Li Wei",
+                    "birthday": "1990-11-25",
+                    "city": "Hangzhou",
+                    "email": "a@x.cn",
+                },
                 "timestamp": NOW - timedelta(days=400),
             },
             {

@@ -21,10 +21,16 @@ def trait(**kw: object) -> TraitDef:
 
 
 TRAITS = {
-    "orders_30d": trait(name="orders_30d", event="Order Completed", aggregation="count", window_days=30),
+    "orders_30d": trait(
+        name="orders_30d", event="Order Completed", aggregation="count", window_days=30
+    ),
     "spend": trait(name="spend", event="Order Completed", aggregation="sum", column="revenue"),
-    "max_order": trait(name="max_order", event="Order Completed", aggregation="max", column="revenue"),
-    "first_cat": trait(name="first_cat", event="Order Completed", aggregation="first", column="order_id"),
+    "max_order": trait(
+        name="max_order", event="Order Completed", aggregation="max", column="revenue"
+    ),
+    "first_cat": trait(
+        name="first_cat", event="Order Completed", aggregation="first", column="order_id"
+    ),
     "fav_cat": trait(name="fav_cat", aggregation="most_frequent", column="category"),
 }
 
@@ -42,7 +48,9 @@ def test_windowed_and_lifetime_traits(engine: Engine) -> None:
     resolve(engine, CONFIG)
     build_profiles(engine, Clock(NOW))
     assert build_traits(engine, TRAITS, Clock(NOW)) == len(TRAITS)
-    fields = Fields(traits=tuple((n, "string" if n in ("first_cat", "fav_cat") else "float64") for n in TRAITS))
+    fields = Fields(
+        traits=tuple((n, "string" if n in ("first_cat", "fav_cat") else "float64") for n in TRAITS)
+    )
     row = audience_table(engine, fields).to_pyarrow().to_pylist()[0]
     assert row["orders_30d"] == 1
     assert row["spend"] == pytest.approx(100.0)
@@ -58,5 +66,7 @@ def test_windowed_and_lifetime_traits(engine: Engine) -> None:
 def test_trait_checks() -> None:
     assert check_trait(trait(name="orders", aggregation="count"))[0].key == "name"
     assert check_trait(trait(name="x", aggregation="sum", column="nope"))[0].key == "column"
-    assert "numeric" in check_trait(trait(name="x", aggregation="avg", column="category"))[0].message
+    assert (
+        "numeric" in check_trait(trait(name="x", aggregation="avg", column="category"))[0].message
+    )
     assert check_trait(trait(name="x", aggregation="avg", column="revenue")) == []

@@ -83,7 +83,9 @@ def test_segment_over_a_tag(engine: Engine) -> None:
     )
     assert check_tag(tag, PROFILE_COLUMNS) == []
     assert build_tags(engine, {"value_band": tag}, Clock(T0)) == {"value_band": 2}
-    seg = SegmentDef.model_validate({"name": "vip", "where": {"trait": "value_band", "op": "eq", "value": "high"}})
+    seg = SegmentDef.model_validate(
+        {"name": "vip", "where": {"trait": "value_band", "op": "eq", "value": "high"}}
+    )
     assert check_segment(seg, Fields(tags=("value_band",))) == []
     assert evaluate_segment(engine, seg, Fields(tags=("value_band",)), Clock(T0)).size == 1
 
@@ -92,7 +94,12 @@ def test_check_points_at_the_offending_clause() -> None:
     seg = SegmentDef.model_validate(
         {
             "name": "bad",
-            "where": {"all": [{"trait": "orders", "op": "gt", "value": "many"}, {"trait": "nope", "op": "is_null"}]},
+            "where": {
+                "all": [
+                    {"trait": "orders", "op": "gt", "value": "many"},
+                    {"trait": "nope", "op": "is_null"},
+                ]
+            },
         }
     )
     problems = check_segment(seg, Fields())
@@ -101,5 +108,7 @@ def test_check_points_at_the_offending_clause() -> None:
 
 
 def test_tag_with_unknown_field_is_reported() -> None:
-    tag = TagDef.model_validate({"name": "t", "rules": [{"value": "x", "when": {"trait": "nope", "op": "is_null"}}]})
+    tag = TagDef.model_validate(
+        {"name": "t", "rules": [{"value": "x", "when": {"trait": "nope", "op": "is_null"}}]}
+    )
     assert [p.key for p in check_tag(tag, PROFILE_COLUMNS)] == ["rules.0.when"]

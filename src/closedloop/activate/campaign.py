@@ -88,7 +88,9 @@ def run_campaign(
             "reason": None,
         }
         if not address:
-            decisions.append({**base, "group": None, "status": "suppressed", "reason": f"no {address_field}"})
+            decisions.append(
+                {**base, "group": None, "status": "suppressed", "reason": f"no {address_field}"}
+            )
             continue
         group = assign_group(campaign.name, cid, campaign.holdout)
         if group == "holdout":
@@ -115,11 +117,15 @@ def run_campaign(
             )
         )
 
-    outbox = _write_outbox(outbox_dir / campaign.name, occasion, outbox_lines) if outbox_lines else None
+    outbox = (
+        _write_outbox(outbox_dir / campaign.name, occasion, outbox_lines) if outbox_lines else None
+    )
     if decisions:
         table = pa.Table.from_pylist(decisions)
         engine.append("deliveries", ibis.memtable(table))
-    count = {s: sum(1 for x in decisions if x["status"] == s) for s in ("sent", "held_out", "suppressed")}
+    count = {
+        s: sum(1 for x in decisions if x["status"] == s) for s in ("sent", "held_out", "suppressed")
+    }
     return CampaignRun(
         campaign=campaign.name,
         occasion=occasion,

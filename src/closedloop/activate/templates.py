@@ -16,7 +16,7 @@ from closedloop.core.definitions import CampaignDef
 from closedloop.core.errors import Problem
 from closedloop.portrait.tables import PROFILES
 
-ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)  # noqa: S701 - plain-text messages
+ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 ALLOWED = set(PROFILES.columns) | {"offer", "campaign"}
 
 
@@ -27,13 +27,17 @@ def check_templates(campaign: CampaignDef) -> list[Problem]:
         try:
             ast = ENV.parse(text)
         except TemplateSyntaxError as e:
-            problems.append(Problem(where, f"template error: {e.message} (template line {e.lineno})", key=key))
+            problems.append(
+                Problem(where, f"template error: {e.message} (template line {e.lineno})", key=key)
+            )
             continue
         unknown = meta.find_undeclared_variables(ast) - ALLOWED
         for name in sorted(unknown):
             problems.append(Problem(where, f"unknown field {name!r} in {key}", key=key))
         if "offer" in meta.find_undeclared_variables(ast) and campaign.offer is None:
-            problems.append(Problem(where, f"{key} uses `offer` but the campaign has none", key=key))
+            problems.append(
+                Problem(where, f"{key} uses `offer` but the campaign has none", key=key)
+            )
     return problems
 
 

@@ -25,7 +25,9 @@ app.add_typer(failed_app, name="failed")
 console = Console()
 err = Console(stderr=True)
 
-ProjectDir = Annotated[Path, typer.Option("--project", "-p", help="project folder (holds closedloop.yaml)")]
+ProjectDir = Annotated[
+    Path, typer.Option("--project", "-p", help="project folder (holds closedloop.yaml)")
+]
 
 
 def _fail(e: ClosedloopError) -> typer.Exit:
@@ -46,7 +48,9 @@ def _project(path: Path) -> Project:
 
 
 @app.command()
-def init(directory: Annotated[Path, typer.Argument(help="folder to create the project in")]) -> None:
+def init(
+    directory: Annotated[Path, typer.Argument(help="folder to create the project in")],
+) -> None:
     """Scaffold a project: sources with write keys, identity rules, a tag, segments, a campaign."""
     from closedloop.demo.project import init_project
 
@@ -54,7 +58,9 @@ def init(directory: Annotated[Path, typer.Argument(help="folder to create the pr
         files = init_project(directory)
     except ClosedloopError as e:
         raise _fail(e) from None
-    console.print(f"created {len(files)} files in {directory}; next: `closedloop validate -p {directory}`")
+    console.print(
+        f"created {len(files)} files in {directory}; next: `closedloop validate -p {directory}`"
+    )
 
 
 @app.command()
@@ -73,7 +79,9 @@ def validate(project: ProjectDir = Path(".")) -> None:
 
 
 @app.command()
-def sources(project: ProjectDir = Path("."), as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def sources(
+    project: ProjectDir = Path("."), as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
     """List the project's sources with their channel, data class and write key."""
     p = _project(project)
     rows = [s.model_dump(mode="json") for s in p.config.sources]
@@ -109,7 +117,7 @@ def generate(
 @app.command()
 def build(project: ProjectDir = Path(".")) -> None:
     """Run the pipeline on a project: load imports, resolve identities, portrait, tags, segments."""
-    from rich.progress import Progress
+    from rich.progress import Progress, TaskID
 
     from closedloop.core.engine import Engine
     from closedloop.pipeline import build as run
@@ -117,7 +125,7 @@ def build(project: ProjectDir = Path(".")) -> None:
     p = _project(project)
     try:
         with Engine(p.engine_url) as engine, Progress(console=console) as progress:
-            tasks: dict[str, int] = {}
+            tasks: dict[str, TaskID] = {}
 
             def tick(step: str, n: int, total: int | None) -> None:
                 if step not in tasks:
@@ -128,7 +136,9 @@ def build(project: ProjectDir = Path(".")) -> None:
     except ClosedloopError as e:
         raise _fail(e) from None
     for name, r in report.loads.items():
-        console.print(f"{name}: received {r.received:,}, accepted {r.accepted:,}, failed {r.failed:,}, duplicate {r.duplicate:,}")
+        console.print(
+            f"{name}: received {r.received:,}, accepted {r.accepted:,}, failed {r.failed:,}, duplicate {r.duplicate:,}"
+        )
     console.print(f"customers: {report.customers:,}")
     for name, s in report.segments.items():
         console.print(f"segment {name}: {s.size:,} (+{s.entered:,} / -{s.exited:,})")
@@ -136,7 +146,9 @@ def build(project: ProjectDir = Path(".")) -> None:
 
 @app.command()
 def demo(
-    persons: Annotated[int, typer.Option(min=100, max=1_000_000, help="persons to generate")] = 5_000,
+    persons: Annotated[
+        int, typer.Option(min=100, max=1_000_000, help="persons to generate")
+    ] = 5_000,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("demo-out"),
     seed: Annotated[int, typer.Option(help="random seed")] = 7,
 ) -> None:

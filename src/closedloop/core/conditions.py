@@ -228,9 +228,11 @@ def evaluate_python(cond: Condition, row: Mapping[str, Any]) -> bool:
     if op is Op.LTE:
         return bool(x <= v)
     if op is Op.IN:
-        return x in (v or [])
+        assert isinstance(v, list)  # noqa: S101
+        return x in v
     if op is Op.NOT_IN:
-        return x not in (v or [])
+        assert isinstance(v, list)  # noqa: S101
+        return x not in v
     if op is Op.BETWEEN:
         assert isinstance(v, list)  # noqa: S101
         return bool(v[0] <= x <= v[1])

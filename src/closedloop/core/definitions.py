@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from closedloop.core.conditions import Condition
 from closedloop.core.errors import DefinitionError, Problem
-from closedloop.core.yamlfile import load_yaml, line_for
+from closedloop.core.yamlfile import line_for, load_yaml
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 
@@ -121,7 +121,9 @@ class ProjectConfig(Definition):
         try:
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r} (use an IANA name such as Asia/Shanghai)")
+            raise ValueError(
+                f"unknown time zone {v!r} (use an IANA name such as Asia/Shanghai)"
+            ) from None
         return v
 
     @model_validator(mode="after")
@@ -300,7 +302,7 @@ class CampaignDef(Definition):
     subject: str = ""
     template: str = Field(min_length=1, description="Jinja2 (sandboxed) message body")
     offer: Offer | None = None
-    goal: Goal = Field(default_factory=Goal)
+    goal: Goal = Field(default_factory=lambda: Goal())
     priority: int = 0
 
 
@@ -376,7 +378,9 @@ def _load_folder(root: Path, folder: str, model: type[M], problems: list[Problem
         name = item.name  # type: ignore[attr-defined]
         rel = str(path.relative_to(root))
         if name in out:
-            problems.append(Problem(rel, f"{folder[:-1]} {name!r} is also defined in {where[name]}"))
+            problems.append(
+                Problem(rel, f"{folder[:-1]} {name!r} is also defined in {where[name]}")
+            )
             continue
         out[name] = item
         where[name] = rel
@@ -388,7 +392,12 @@ def load_project(root: Path | str) -> Project:
     root = Path(root).resolve()
     if not (root / "closedloop.yaml").is_file():
         raise DefinitionError(
-            [Problem(str(root), "not a closedloop project (no closedloop.yaml); try `closedloop init`")]
+            [
+                Problem(
+                    str(root),
+                    "not a closedloop project (no closedloop.yaml); try `closedloop init`",
+                )
+            ]
         )
     problems: list[Problem] = []
     config: ProjectConfig | None = None
@@ -416,7 +425,9 @@ def load_project(root: Path | str) -> Project:
             )
     for name, t in tags.items():
         if t.parent is not None and t.parent not in tags:
-            problems.append(Problem(f"tags/{name}.yaml", f"unknown parent tag {t.parent!r}", key="parent"))
+            problems.append(
+                Problem(f"tags/{name}.yaml", f"unknown parent tag {t.parent!r}", key="parent")
+            )
     if problems or config is None or identity is None:
         raise DefinitionError(problems)
     return Project(

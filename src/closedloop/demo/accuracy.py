@@ -41,7 +41,9 @@ def _pairs(counts: pd.Series) -> float:
 
 
 def identity_accuracy(engine: Engine, truth_dir: Path) -> IdentityAccuracy:
-    truth = pd.read_parquet(truth_dir / "identifiers.parquet", columns=["person_id", "id_type", "value", "junk"])
+    truth = pd.read_parquet(
+        truth_dir / "identifiers.parquet", columns=["person_id", "id_type", "value", "junk"]
+    )
     truth = truth[~truth["junk"]]
     owners = truth.groupby(["id_type", "value"])["person_id"].nunique()
     single = owners[owners == 1].index

@@ -18,11 +18,15 @@ TEMPLATE_PACKAGE = "closedloop.demo"
 TEMPLATE_FOLDER = "project_template"
 
 
-def init_project(target: Path, *, data_dir: str = "data", key_suffix: str | None = None) -> list[Path]:
+def init_project(
+    target: Path, *, data_dir: str = "data", key_suffix: str | None = None
+) -> list[Path]:
     """Write the example project into ``target``; refuse to overwrite an existing project."""
     target = Path(target)
     if (target / "closedloop.yaml").exists():
-        raise ClosedloopError(f"{target} already holds a closedloop project (closedloop.yaml exists)")
+        raise ClosedloopError(
+            f"{target} already holds a closedloop project (closedloop.yaml exists)"
+        )
     suffix = key_suffix or secrets.token_hex(8)
     root = resources.files(TEMPLATE_PACKAGE).joinpath(TEMPLATE_FOLDER)
     written: list[Path] = []

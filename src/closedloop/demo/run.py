@@ -18,15 +18,22 @@ from datetime import timedelta
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from closedloop.activate.campaign import CampaignRun, run_campaign
 from closedloop.collect.loader import load_jsonl
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import load_project
-from closedloop.core.errors import ClosedloopError
 from closedloop.core.engine import Engine
+from closedloop.core.errors import ClosedloopError
 from closedloop.demo.accuracy import IdentityAccuracy, identity_accuracy
 from closedloop.demo.generator import GenerationSummary, generate
 from closedloop.demo.project import init_project, relative_data_dir
@@ -46,7 +53,9 @@ def prepare_output(out: Path) -> None:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
-            raise ClosedloopError(f"{out} is not empty and not an earlier demo's output; choose another --out")
+            raise ClosedloopError(
+                f"{out} is not empty and not an earlier demo's output; choose another --out"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by `closedloop demo`; safe to delete\n", encoding="utf-8")
@@ -64,7 +73,9 @@ class DemoResult:
     seconds: float
 
 
-def run_demo(persons: int, out: Path, *, seed: int = 7, console: Console | None = None) -> DemoResult:
+def run_demo(
+    persons: int, out: Path, *, seed: int = 7, console: Console | None = None
+) -> DemoResult:
     console = console or Console()
     started = time.perf_counter()
     out = Path(out).resolve()
@@ -74,12 +85,18 @@ def run_demo(persons: int, out: Path, *, seed: int = 7, console: Console | None 
 
     with _progress(console) as progress:
         gen_task = progress.add_task("generate brand", total=persons)
-        generation = generate(brand, persons, seed=seed, progress=lambda n: progress.advance(gen_task, n))
+        generation = generate(
+            brand, persons, seed=seed, progress=lambda n: progress.advance(gen_task, n)
+        )
 
-        init_project(project_dir, data_dir=relative_data_dir(project_dir, brand / "data"), key_suffix=f"demo{seed}")
+        init_project(
+            project_dir,
+            data_dir=relative_data_dir(project_dir, brand / "data"),
+            key_suffix=f"demo{seed}",
+        )
         project = load_project(project_dir)
         clock = Clock(generation.reference_time)
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def tick(step: str, n: int, total: int | None) -> None:
             if step not in tasks:
@@ -91,7 +108,11 @@ def run_demo(persons: int, out: Path, *, seed: int = 7, console: Console | None 
             campaign = project.campaigns[CAMPAIGN]
             occasion = generation.reference_time.date().isoformat()
             run = run_campaign(
-                engine, campaign, outbox_dir=project.path(project.config.outbox), occasion=occasion, clock=clock
+                engine,
+                campaign,
+                outbox_dir=project.path(project.config.outbox),
+                occasion=occasion,
+                clock=clock,
             )
             tick("campaign", 1, 1)
             world = respond(
@@ -106,7 +127,12 @@ def run_demo(persons: int, out: Path, *, seed: int = 7, console: Console | None 
             # The loop closes: responses come back as ordinary events through collect.
             response_files = sorted((brand / "data" / "responses" / CAMPAIGN).glob("*/*.jsonl"))
             for f in response_files:
-                load_jsonl(engine, [f], project.config.source(f.parent.name), import_name=f"responses_{f.parent.name}")
+                load_jsonl(
+                    engine,
+                    [f],
+                    project.config.source(f.parent.name),
+                    import_name=f"responses_{f.parent.name}",
+                )
             after = Clock(generation.reference_time + timedelta(days=campaign.goal.window_days))
             resolve(engine, project.identity, after)
             build_profiles(engine, after)
@@ -157,14 +183,20 @@ def _facts(r: DemoResult) -> list[tuple[str, str]]:
         ("messages sent", f"{r.campaign.sent:,}"),
         ("held out", f"{r.campaign.held_out:,}"),
         ("suppressed (unreachable)", f"{r.campaign.suppressed:,}"),
-        ("conversions (treated / held out)", f"{r.outcome.treated_conversions:,} / {r.outcome.held_out_conversions:,}"),
+        (
+            "conversions (treated / held out)",
+            f"{r.outcome.treated_conversions:,} / {r.outcome.held_out_conversions:,}",
+        ),
         ("conversion rate (treated / held out)", f"{lf.treated_rate:.1%} / {lf.control_rate:.1%}"),
         (
             "lift, 95% CI",
             f"{lf.absolute * 100:+.1f} pp [{lf.absolute_low * 100:+.1f}, {lf.absolute_high * 100:+.1f}], p={lf.p_value:.3g}",
         ),
         ("true effect (generator)", f"{r.world.true_effect * 100:+.1f} pp"),
-        ("CI covers true effect", "yes" if lf.absolute_low <= r.world.true_effect <= lf.absolute_high else "no"),
+        (
+            "CI covers true effect",
+            "yes" if lf.absolute_low <= r.world.true_effect <= lf.absolute_high else "no",
+        ),
         ("sample-ratio check p", f"{r.outcome.sample_ratio_p:.3f}"),
         ("run time", f"{r.seconds:.1f} s"),
     ]
@@ -187,7 +219,12 @@ def _write(folder: Path, r: DemoResult, lifecycle: dict[str, int], ladder: dict[
             ],
         ),
     ]
-    return write_report(folder, "closedloop demo — the marketing loop, closed", "Synthetic tea & beauty brand", sections)
+    return write_report(
+        folder,
+        "closedloop demo — the marketing loop, closed",
+        "Synthetic tea & beauty brand",
+        sections,
+    )
 
 
 def _print(console: Console, r: DemoResult) -> None:

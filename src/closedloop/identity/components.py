@@ -25,26 +25,29 @@ from closedloop.core.engine import Engine
 def components_local(node_ids: np.ndarray, src: np.ndarray, dst: np.ndarray) -> pa.Table:
     """(node_id, component) with component = smallest node id in the node's component."""
     if len(node_ids) == 0:
-        return pa.table({"node_id": pa.array([], pa.int64()), "component": pa.array([], pa.int64())})
+        return pa.table(
+            {"node_id": pa.array([], pa.int64()), "component": pa.array([], pa.int64())}
+        )
     n = int(node_ids.max()) + 1
     graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
-    # Relabel each component by its smallest member among the given nodes.
+    # Relabel each component by its smallest member among the given nodes (vectorised).
     present = np.asarray(node_ids, dtype=np.int64)
     lab = labels[present]
-    order = np.lexsort((present, lab))
-    first_of_label = {}
-    for i in order:
-        first_of_label.setdefault(int(lab[i]), int(present[i]))
-    comp = np.fromiter((first_of_label[int(x)] for x in lab), dtype=np.int64, count=len(lab))
-    return pa.table({"node_id": present, "component": comp})
+    smallest = np.full(int(lab.max()) + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(smallest, lab, present)
+    return pa.table({"node_id": present, "component": smallest[lab]})
 
 
-def components_ibis(engine: Engine, nodes: ir.Table, edges: ir.Table, max_rounds: int = 100) -> ir.Table:
+def components_ibis(
+    engine: Engine, nodes: ir.Table, edges: ir.Table, max_rounds: int = 100
+) -> ir.Table:
     """Label propagation over ``edges(src, dst)``; returns (node_id, component)."""
     both = edges.select(a=edges.src, b=edges.dst).union(edges.select(a=edges.dst, b=edges.src))
     both = engine.scratch("cc_edges", both)
-    labels = engine.scratch("cc_labels", nodes.select(node_id=nodes.node_id, component=nodes.node_id))
+    labels = engine.scratch(
+        "cc_labels", nodes.select(node_id=nodes.node_id, component=nodes.node_id)
+    )
     for _ in range(max_rounds):
         j = both.join(labels, both.b == labels.node_id)
         neighbour_min = j.group_by(node_id=j.a).aggregate(m=j.component.min())
@@ -55,7 +58,10 @@ def components_ibis(engine: Engine, nodes: ir.Table, edges: ir.Table, max_rounds
         )
         new = engine.scratch("cc_next", new)
         changed = int(
-            new.join(labels, "node_id").filter(lambda t: t.component != t.component_right).count().execute()
+            new.join(labels, "node_id")
+            .filter(lambda t: t.component != t.component_right)
+            .count()
+            .execute()
         )
         labels = engine.scratch("cc_labels", new)
         if changed == 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ibis
 import ibis.expr.types as ir
 
-from closedloop.core.definitions import IdentityConfig, IdentifierType
+from closedloop.core.definitions import IdentifierType, IdentityConfig
 from closedloop.core.engine import Engine
 
 
@@ -31,12 +31,13 @@ def _path_values(engine: Engine, events: ir.Table, t: IdentifierType, path: str)
             events.select("message_id", "timestamp"), "message_id"
         )
         return joined.select(
-            "message_id", id_type=ibis.literal(t.name), raw_value=joined.raw_value, ts=joined.timestamp
+            "message_id",
+            id_type=ibis.literal(t.name),
+            raw_value=joined.raw_value,
+            ts=joined.timestamp,
         )
-    if head in ("user_id", "anonymous_id"):
-        raw = events[head]
-    else:
-        raw = _json_path(events[head], rest)
+    columns = ("user_id", "anonymous_id")
+    raw = events[head] if head in columns else _json_path(events[head], rest)
     return events.select(
         "message_id", id_type=ibis.literal(t.name), raw_value=raw, ts=events.timestamp
     )

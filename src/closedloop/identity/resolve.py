@@ -84,7 +84,9 @@ def _quarantined(pairs: ir.Table, config: IdentityConfig) -> ir.Table:
     if not limits or not strong:
         return pairs.select(node=pairs.a).limit(0)
     # Count distinct neighbours per (node, neighbour type) from the symmetric pair list.
-    sym = pairs.select(node=pairs.a, node_type=pairs.a_type, other=pairs.b, other_type=pairs.b_type).union(
+    sym = pairs.select(
+        node=pairs.a, node_type=pairs.a_type, other=pairs.b, other_type=pairs.b_type
+    ).union(
         pairs.select(node=pairs.b, node_type=pairs.b_type, other=pairs.a, other_type=pairs.a_type),
         distinct=False,
     )
@@ -131,7 +133,9 @@ def resolve(engine: Engine, config: IdentityConfig, clock: Clock | None = None) 
 
     # Integer node ids, ordered, so both component algorithms label identically.
     nodes = node_occ.group_by("node", "id_type", "value").aggregate(
-        first_seen=node_occ.ts.min(), last_seen=node_occ.ts.max(), messages=node_occ.message_id.nunique()
+        first_seen=node_occ.ts.min(),
+        last_seen=node_occ.ts.max(),
+        messages=node_occ.message_id.nunique(),
     )
     nodes = nodes.mutate(node_id=ibis.row_number().over(order_by="node"))
     nodes = engine.scratch("id_nodes", nodes)
@@ -161,7 +165,15 @@ def resolve(engine: Engine, config: IdentityConfig, clock: Clock | None = None) 
     frame["customer_id"] = frame["component"].map(assignment)
     identity_map = pa.Table.from_pandas(
         frame.rename(columns={"id_type": "id_type", "value": "id_value"})[
-            ["id_type", "id_value", "customer_id", "quarantined", "first_seen", "last_seen", "messages"]
+            [
+                "id_type",
+                "id_value",
+                "customer_id",
+                "quarantined",
+                "first_seen",
+                "last_seen",
+                "messages",
+            ]
         ],
         preserve_index=False,
     )
@@ -186,14 +198,11 @@ def resolve(engine: Engine, config: IdentityConfig, clock: Clock | None = None) 
         used=~pairs.a.isin(q_nodes) & ~pairs.b.isin(q_nodes),
     )
     engine.replace("identity_edges", pairs_out)
-    quarantined_issues = (
-        nodes.filter(nodes.node.isin(q_nodes))
-        .select(
-            id_type="id_type",
-            raw_value="value",
-            reason=ibis.literal("quarantined: seen with too many strong identifiers"),
-            messages="messages",
-        )
+    quarantined_issues = nodes.filter(nodes.node.isin(q_nodes)).select(
+        id_type="id_type",
+        raw_value="value",
+        reason=ibis.literal("quarantined: seen with too many strong identifiers"),
+        messages="messages",
     )
     engine.replace("identifier_issues", refused_counts.union(quarantined_issues, distinct=False))
     engine.replace("event_customers", _event_customers(engine, node_occ, config))
@@ -273,19 +282,23 @@ def _stable_ids(
         # Each old id goes to the component holding most of its identifiers.
         counts = counts.sort_values(["old", "n", "component"], ascending=[True, False, True])
         home = counts.drop_duplicates("old")
-        for comp, olds in home.groupby("component")["old"]:
+        for comp, group in home.groupby("component")["old"]:
             ranked = sorted(
-                olds,
+                (str(c) for c in group),
                 key=lambda c: (-int(old_size.get(c, 0)), str(created.get(c, "")), c),
             )
-            old_of[int(comp)] = ranked
+            old_of[int(str(comp))] = ranked
 
     anchors = (
-        frame.sort_values(["component", "node"]).drop_duplicates("component").set_index("component")["node"]
+        frame.sort_values(["component", "node"])
+        .drop_duplicates("component")
+        .set_index("component")["node"]
     )
     merged_pairs: list[tuple[str, str]] = []
-    for comp, anchor in anchors.items():
-        comp = int(comp)
+    previous_ids = set(previous["customer_id"]) if len(previous) else set()
+    for comp_key, anchor_value in anchors.items():
+        comp = int(str(comp_key))
+        anchor = str(anchor_value)
         olds = old_of.get(comp, [])
         if olds:
             survivor = olds[0]
@@ -295,7 +308,7 @@ def _stable_ids(
         else:
             survivor = customer_id_for(anchor)
             n = 1
-            while survivor in taken or (len(previous) and survivor in set(previous["customer_id"])):
+            while survivor in taken or survivor in previous_ids:
                 survivor = customer_id_for(f"{anchor}#{n}")
                 n += 1
         assignment[comp] = survivor
@@ -335,9 +348,7 @@ def _merge_evidence(
         key = frozenset((ca, cb))
         if key in wanted:
             s, o = next((x, y) for x, y in merged if {x, y} == {ca, cb})
-            out.setdefault(
-                (s, o), f"{a.replace(SEP, ':')} ~ {b.replace(SEP, ':')} (message {mid})"
-            )
+            out.setdefault((s, o), f"{a.replace(SEP, ':')} ~ {b.replace(SEP, ':')} (message {mid})")
     for s, o in merged:
         if (s, o) not in out:
             bridge = frame[frame["node"].map(owner).isna()]

@@ -37,7 +37,11 @@ def measure_campaign(
 ) -> CampaignOutcome:
     now = (clock or Clock()).now()
     d = engine.table("deliveries")
-    d = d.filter((d.campaign == campaign.name) & (d.occasion == occasion) & d.status.isin(["sent", "held_out"]))
+    d = d.filter(
+        (d.campaign == campaign.name)
+        & (d.occasion == occasion)
+        & d.status.isin(["sent", "held_out"])
+    )
     a = engine.table("customer_aliases")
     a = a.select(alias_id="alias_id", survivor="customer_id")
     ev = engine.table("events")
@@ -81,7 +85,9 @@ def measure_campaign(
     ]
     old = engine.table("campaign_results")
     keep = old.filter(~((old.campaign == campaign.name) & (old.occasion == occasion)))
-    engine.replace("campaign_results", keep.union(ibis.memtable(results).cast(old.schema()), distinct=False))
+    engine.replace(
+        "campaign_results", keep.union(ibis.memtable(results).cast(old.schema()), distinct=False)
+    )
     return CampaignOutcome(
         campaign=campaign.name,
         occasion=occasion,
@@ -91,6 +97,8 @@ def measure_campaign(
         held_out_conversions=int(c["conversions"]),
         treated_revenue=float(t["revenue"] or 0.0),
         held_out_revenue=float(c["revenue"] or 0.0),
-        lift=lift(int(t["conversions"]), int(t["customers"]), int(c["conversions"]), int(c["customers"])),
+        lift=lift(
+            int(t["conversions"]), int(t["customers"]), int(c["conversions"]), int(c["customers"])
+        ),
         sample_ratio_p=sample_ratio_p(int(t["customers"]), int(c["customers"]), campaign.holdout),
     )

@@ -15,11 +15,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
-from jinja2 import Environment, select_autoescape  # noqa: E402
+import matplotlib.pyplot as plt
+from jinja2 import Environment, select_autoescape
+from matplotlib.figure import Figure
 
-from closedloop.measure.campaign import CampaignOutcome  # noqa: E402
-from closedloop.measure.stats import wilson  # noqa: E402
+from closedloop.measure.campaign import CampaignOutcome
+from closedloop.measure.stats import wilson
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -61,7 +62,7 @@ class Section:
     note: str = ""
 
 
-def _png(fig: plt.Figure) -> bytes:
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -70,8 +71,13 @@ def _png(fig: plt.Figure) -> bytes:
 
 def lift_chart(outcome: CampaignOutcome, true_effect: float | None = None) -> Chart:
     """Conversion rate per group with 95% Wilson intervals, and the lift with its interval."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [2, 1.3]})
-    groups = [("treatment", outcome.treated_conversions, outcome.treated), ("holdout", outcome.held_out_conversions, outcome.held_out)]
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [2, 1.3]}
+    )
+    groups = [
+        ("treatment", outcome.treated_conversions, outcome.treated),
+        ("holdout", outcome.held_out_conversions, outcome.held_out),
+    ]
     rates, lows, highs = [], [], []
     for _, x, n in groups:
         r = x / n if n else 0.0
@@ -79,7 +85,13 @@ def lift_chart(outcome: CampaignOutcome, true_effect: float | None = None) -> Ch
         rates.append(r * 100)
         lows.append((r - lo) * 100)
         highs.append((hi - r) * 100)
-    left.bar([g for g, _, _ in groups], rates, yerr=[lows, highs], capsize=6, color=["#2b7bba", "#aaaaaa"])
+    left.bar(
+        [g for g, _, _ in groups],
+        rates,
+        yerr=[lows, highs],
+        capsize=6,
+        color=["#2b7bba", "#aaaaaa"],
+    )
     left.set_ylabel("conversion rate (%)")
     left.set_title("Conversions in the goal window")
     lf = outcome.lift
@@ -93,7 +105,9 @@ def lift_chart(outcome: CampaignOutcome, true_effect: float | None = None) -> Ch
         label="measured lift, 95% CI",
     )
     if true_effect is not None:
-        right.axvline(true_effect * 100, color="#d9534f", linestyle="--", label="true effect (generator)")
+        right.axvline(
+            true_effect * 100, color="#d9534f", linestyle="--", label="true effect (generator)"
+        )
     right.axvline(0, color="#999", linewidth=0.8)
     right.set_yticks([])
     right.set_xlabel("absolute lift (percentage points)")

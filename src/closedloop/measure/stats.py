@@ -77,7 +77,9 @@ def lift(treated_x: int, treated_n: int, control_x: int, control_n: int) -> Lift
         rel = rr - 1
         rel_low = math.exp(math.log(rr) - Z95 * se_log) - 1
         rel_high = math.exp(math.log(rr) + Z95 * se_log) - 1
-    return Lift(treated_n, treated_x, control_n, control_x, d, low, high, rel, rel_low, rel_high, p_value)
+    return Lift(
+        treated_n, treated_x, control_n, control_x, d, low, high, rel, rel_low, rel_high, p_value
+    )
 
 
 def sample_ratio_p(treated_n: int, control_n: int, holdout_share: float) -> float:

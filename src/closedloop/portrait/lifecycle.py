@@ -63,7 +63,9 @@ def ladder_stage(orders: ir.IntegerValue, member_id: ir.StringValue) -> ir.Strin
     )
 
 
-def score(value: ir.NumericValue, has_orders: ir.BooleanValue, *, descending: bool = False) -> ir.IntegerValue:
+def score(
+    value: ir.NumericValue, has_orders: ir.BooleanValue, *, descending: bool = False
+) -> ir.IntegerValue:
     """1–5 from the percent rank of ``value`` among customers with orders; null without orders."""
     key = -value if descending else value
     rank = ibis.percent_rank().over(group_by=has_orders, order_by=key)

@@ -38,9 +38,19 @@ def trait_dtype(t: TraitDef) -> str:
 def check_trait(t: TraitDef) -> list[Problem]:
     where = f"traits/{t.name}.yaml"
     if t.name in PROFILES.columns:
-        return [Problem(where, f"trait name {t.name!r} clashes with a built-in profile field", key="name")]
+        return [
+            Problem(
+                where, f"trait name {t.name!r} clashes with a built-in profile field", key="name"
+            )
+        ]
     if t.column is not None and t.column not in EVENTS.columns:
-        return [Problem(where, f"unknown events column {t.column!r}; known: {', '.join(EVENTS.columns)}", key="column")]
+        return [
+            Problem(
+                where,
+                f"unknown events column {t.column!r}; known: {', '.join(EVENTS.columns)}",
+                key="column",
+            )
+        ]
     if t.aggregation in NEEDS_NUMBER_COLUMN and t.column not in NUMBER_COLUMNS:
         return [
             Problem(
@@ -85,9 +95,7 @@ def trait_values(engine: Engine, t: TraitDef, as_of: ibis.Value) -> ir.Table:
     if t.aggregation in (Aggregation.COUNT, Aggregation.DISTINCT_COUNT):
         # "No orders in 30 days" is a count of 0, not unknown: every customer gets a value.
         customers = engine.table("customers").select("customer_id")
-        agg = customers.left_join(agg, "customer_id").select(
-            "customer_id", v=agg.v.fill_null(0.0)
-        )
+        agg = customers.left_join(agg, "customer_id").select("customer_id", v=agg.v.fill_null(0.0))
     numeric = trait_dtype(t) == "float64"
     return agg.select(
         "customer_id",

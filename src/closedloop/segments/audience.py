@@ -15,7 +15,14 @@ import ibis.expr.datatypes as dt
 import ibis.expr.types as ir
 
 from closedloop.core.clock import Clock
-from closedloop.core.conditions import AllOf, AnyOf, Condition, FieldCondition, NotOf, compile_condition
+from closedloop.core.conditions import (
+    AllOf,
+    AnyOf,
+    Condition,
+    FieldCondition,
+    NotOf,
+    compile_condition,
+)
 from closedloop.core.definitions import SegmentDef
 from closedloop.core.engine import Engine
 from closedloop.core.errors import Problem
@@ -60,7 +67,9 @@ def audience_table(engine: Engine, fields: Fields) -> ir.Table:
         ct = engine.table("computed_traits")
         traits = ct.group_by("customer_id").aggregate(
             **{
-                name: (ct.number_value if typ == "float64" else ct.text_value).max(where=ct.trait == name)
+                name: (ct.number_value if typ == "float64" else ct.text_value).max(
+                    where=ct.trait == name
+                )
                 for name, typ in fields.traits
             }
         )
@@ -90,10 +99,14 @@ def check_segment(seg: SegmentDef, fields: Fields) -> list[Problem]:
     return problems
 
 
-def _check_field(c: FieldCondition, types: dict[str, dt.DataType], where: str, path: str) -> list[Problem]:
+def _check_field(
+    c: FieldCondition, types: dict[str, dt.DataType], where: str, path: str
+) -> list[Problem]:
     if c.trait not in types:
         known = ", ".join(sorted(types))
-        return [Problem(where, f"unknown field {c.trait!r}; known fields: {known}", key=f"{path}.trait")]
+        return [
+            Problem(where, f"unknown field {c.trait!r}; known fields: {known}", key=f"{path}.trait")
+        ]
     typ = types[c.trait]
     values = c.value if isinstance(c.value, list) else [c.value]
     for v in values:
@@ -135,7 +148,10 @@ def evaluate_segment(
     stay = open_.filter(open_.customer_id.isin(current.customer_id))
     leaving = open_.filter(~open_.customer_id.isin(current.customer_id)).mutate(exited_at=now)
     arriving = current.filter(~current.customer_id.isin(open_.customer_id)).select(
-        segment=ibis.literal(seg.name), customer_id="customer_id", entered_at=now, exited_at=ibis.null(TS)
+        segment=ibis.literal(seg.name),
+        customer_id="customer_id",
+        entered_at=now,
+        exited_at=ibis.null(TS),
     )
     entered = int(arriving.count().execute())
     exited = int(leaving.count().execute())
@@ -149,4 +165,6 @@ def evaluate_segment(
 
 def current_members(engine: Engine, segment: str) -> ir.Table:
     m = engine.table("segment_membership")
-    return m.filter((m.segment == segment) & m.exited_at.isnull()).select("customer_id", "entered_at")
+    return m.filter((m.segment == segment) & m.exited_at.isnull()).select(
+        "customer_id", "entered_at"
+    )

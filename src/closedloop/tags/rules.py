@@ -25,12 +25,12 @@ def check_tag(tag: TagDef, profile_columns: set[str]) -> list[Problem]:
     problems: list[Problem] = []
     where = f"tags/{tag.name}.yaml"
     if tag.name in profile_columns:
-        problems.append(Problem(where, f"tag name {tag.name!r} clashes with a profile field", key="name"))
+        problems.append(
+            Problem(where, f"tag name {tag.name!r} clashes with a profile field", key="name")
+        )
     for i, rule in enumerate(tag.rules):
         for f in sorted(fields_used(rule.when) - profile_columns):
-            problems.append(
-                Problem(where, f"unknown profile field {f!r}", key=f"rules.{i}.when")
-            )
+            problems.append(Problem(where, f"unknown profile field {f!r}", key=f"rules.{i}.when"))
     return problems
 
 
@@ -39,7 +39,9 @@ def tag_value_expr(tag: TagDef, profiles: ir.Table) -> ir.StringValue:
     return ibis.cases(*cases, else_=tag.default)
 
 
-def build_tags(engine: Engine, tags: dict[str, TagDef], clock: Clock | None = None) -> dict[str, int]:
+def build_tags(
+    engine: Engine, tags: dict[str, TagDef], clock: Clock | None = None
+) -> dict[str, int]:
     """Recompute every rule tag; returns the number of customers holding a value, per tag."""
     now = (clock or Clock()).now()
     profiles = engine.table("profiles")
@@ -65,4 +67,3 @@ def build_tags(engine: Engine, tags: dict[str, TagDef], clock: Clock | None = No
     counts = tv.group_by("tag").aggregate(n=tv.count()).to_pyarrow().to_pylist()
     got = {str(r["tag"]): int(r["n"]) for r in counts}
     return {name: got.get(name, 0) for name in tags}
-
