@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from closedloop.core.definitions import Project, load_project
@@ -34,9 +35,9 @@ def _fail(e: ClosedloopError) -> typer.Exit:
     if isinstance(e, DefinitionError):
         err.print(f"[red]{len(e.problems)} problem(s) in the project:[/red]")
         for p in e.problems:
-            err.print(f"  {p}", markup=False, highlight=False)
+            err.print(f"  {p}", markup=False, highlight=False, soft_wrap=True)
     else:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 

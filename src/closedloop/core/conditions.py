@@ -98,28 +98,26 @@ class NotOf(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+# Union tags are deliberately not key names, so an error location such as
+# ('where', 'all', 'all_of', 1, 'field', 'op') can be mapped back to keys in the file.
+_TAGS = {"all": "all_of", "any": "any_of", "not": "not_of", "trait": "field"}
+_TAG_OF_TYPE = {AllOf: "all_of", AnyOf: "any_of", NotOf: "not_of", FieldCondition: "field"}
+
+
 def _kind(data: Any) -> str | None:
     if isinstance(data, dict):
-        for key in ("all", "any", "not", "trait"):
+        for key, tag in _TAGS.items():
             if key in data:
-                return key
+                return tag
         return None
-    if isinstance(data, AllOf):
-        return "all"
-    if isinstance(data, AnyOf):
-        return "any"
-    if isinstance(data, NotOf):
-        return "not"
-    if isinstance(data, FieldCondition):
-        return "trait"
-    return None
+    return _TAG_OF_TYPE.get(type(data))
 
 
 Condition = Annotated[
-    Annotated[AllOf, Tag("all")]
-    | Annotated[AnyOf, Tag("any")]
-    | Annotated[NotOf, Tag("not")]
-    | Annotated[FieldCondition, Tag("trait")],
+    Annotated[AllOf, Tag("all_of")]
+    | Annotated[AnyOf, Tag("any_of")]
+    | Annotated[NotOf, Tag("not_of")]
+    | Annotated[FieldCondition, Tag("field")],
     Discriminator(
         _kind,
         custom_error_type="condition",

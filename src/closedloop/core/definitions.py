@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from closedloop.core.conditions import Condition
 from closedloop.core.errors import DefinitionError, Problem
-from closedloop.core.yamlfile import line_for, load_yaml
+from closedloop.core.yamlfile import load_yaml, locate
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 
@@ -341,14 +341,14 @@ M = TypeVar("M", bound=BaseModel)
 def _problems(err: ValidationError, file: str, lines: dict[Any, int]) -> list[Problem]:
     out = []
     for e in err.errors():
-        loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc if not (isinstance(p, str) and "[" in p)) or None
+        line, path = locate(lines, tuple(e["loc"]))
+        key = ".".join(str(p) for p in path) or None
         msg = e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         if e["type"] in ("literal_error", "enum") and "expected" in e.get("ctx", {}):
             msg = f"expected {e['ctx']['expected']}, got {e['input']!r}"
-        out.append(Problem(file, msg, line=line_for(lines, loc), key=key))
+        out.append(Problem(file, msg, line=line, key=key))
     return out
 
 

@@ -54,17 +54,20 @@ def load_yaml(path: Path, *, display: str | None = None) -> tuple[Any, dict[Path
     return _walk(node, (), lines), lines
 
 
-def line_for(lines: dict[PathKey, int], loc: tuple[Any, ...]) -> int | None:
-    """The line of the deepest prefix of ``loc`` that exists in the file.
+def locate(lines: dict[PathKey, int], loc: tuple[Any, ...]) -> tuple[int | None, PathKey]:
+    """The line and key path in the file of a validation error at ``loc``.
 
-    Pydantic inserts union tags into locations (e.g. ``('where', 'all', 0, 'trait', 'op')``
-    where ``trait`` is a tag, not a key); path elements absent from the file are skipped.
+    Pydantic inserts union tags into locations (``('where', 'all', 'all_of', 0, ...)``);
+    elements that are not keys of the file are skipped, except a last one, which names a key
+    that is missing (``required`` errors) and is kept in the path.
     """
     best: int | None = lines.get(())
     path: PathKey = ()
-    for part in loc:
+    for i, part in enumerate(loc):
         candidate = (*path, part)
         if candidate in lines:
             path = candidate
             best = lines[candidate]
-    return best
+        elif i == len(loc) - 1:
+            path = candidate
+    return best, path
