@@ -74,9 +74,10 @@ def load_imports(
 ) -> dict[str, LoadResult]:
     """Load every import of the project through ``collect`` (idempotent: re-runs add nothing)."""
     results: dict[str, LoadResult] = {}
-    for spec in project.config.imports:
+    # Find every import's files first: a missing input stops the build before any load.
+    planned = [(spec, import_files(spec, project)) for spec in project.config.imports]
+    for spec, files in planned:
         source = project.config.source(spec.source)
-        files = import_files(spec, project)
 
         def tick(n: int, name: str = spec.name) -> None:
             if progress:

@@ -47,3 +47,16 @@ def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path: Path) -> None:
     r = runner.invoke(app, ["demo", "--persons", "100", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "not an earlier demo" in r.output
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_build_with_missing_inputs_fails_before_loading(tmp_path: Path) -> None:
+    target = tmp_path / "brand"
+    runner.invoke(app, ["init", str(target)])
+    r = runner.invoke(app, ["build", "-p", str(target)])
+    assert r.exit_code == 2
+    assert "import 'web_events': no file matches" in r.output
+    from closedloop.core.definitions import load_project
+    from closedloop.core.engine import Engine
+
+    with Engine(load_project(target).engine_url) as engine:
+        assert not engine.exists("events")
