@@ -20,7 +20,9 @@ from closedloop.pipeline import build
 def test_build_needs_no_ground_truth_and_is_idempotent(tmp_path: Path) -> None:
     summary = generate(tmp_path / "brand", 600, seed=3)
     shutil.rmtree(tmp_path / "brand" / "truth")  # the pipeline must never need it
-    init_project(tmp_path / "p", data_dir=relative_data_dir(tmp_path / "p", tmp_path / "brand" / "data"))
+    init_project(
+        tmp_path / "p", data_dir=relative_data_dir(tmp_path / "p", tmp_path / "brand" / "data")
+    )
     project = load_project(tmp_path / "p")
     clock = Clock(summary.reference_time)
     with Engine(project.engine_url) as engine:
@@ -34,8 +36,12 @@ def test_build_needs_no_ground_truth_and_is_idempotent(tmp_path: Path) -> None:
         second = build(engine, project, clock=clock)
         assert engine.count("events") == events
         assert all(r.accepted == 0 for r in second.loads.values())
-        assert sorted(engine.table("customers").customer_id.to_pyarrow().to_pylist()) == sorted(customers)
-        assert {n: s.size for n, s in second.segments.items()} == {n: s.size for n, s in first.segments.items()}
+        assert sorted(engine.table("customers").customer_id.to_pyarrow().to_pylist()) == sorted(
+            customers
+        )
+        assert {n: s.size for n, s in second.segments.items()} == {
+            n: s.size for n, s in first.segments.items()
+        }
         assert all(s.entered == 0 and s.exited == 0 for s in second.segments.values())
 
 
@@ -46,11 +52,17 @@ def test_demo_closes_the_loop(tmp_path: Path) -> None:
     assert result.accuracy.precision >= 0.98
     assert result.accuracy.recall >= 0.75
     assert result.build.segments["lapsed_buyers"].size == result.campaign.audience > 0
-    assert result.campaign.sent + result.campaign.held_out + result.campaign.suppressed == result.campaign.audience
+    assert (
+        result.campaign.sent + result.campaign.held_out + result.campaign.suppressed
+        == result.campaign.audience
+    )
     lf = result.outcome.lift
     assert lf.absolute_low <= lf.absolute <= lf.absolute_high
     assert result.outcome.treated == result.campaign.sent
     assert result.outcome.held_out == result.campaign.held_out
     assert result.world.true_effect > 0
     html = result.report.read_text()
-    assert "lift, 95% CI" in html and (result.report.parent / "lift_winback.png").stat().st_size > 10_000
+    assert (
+        "lift, 95% CI" in html
+        and (result.report.parent / "lift_winback.png").stat().st_size > 10_000
+    )

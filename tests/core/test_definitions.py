@@ -55,7 +55,9 @@ def test_unknown_key_is_an_error(project: Path) -> None:
 
 
 def test_every_problem_is_reported_at_once(project: Path) -> None:
-    (project / "segments" / "champions.yaml").write_text("name: champions\nwhere: {trait: x, op: in, value: 3}\n")
+    (project / "segments" / "champions.yaml").write_text(
+        "name: champions\nwhere: {trait: x, op: in, value: 3}\n"
+    )
     (project / "tags" / "value_band.yaml").write_text("name: Value Band\nrules: []\n")
     found = problems_of(project)
     assert len(found) == 3
@@ -72,7 +74,11 @@ def test_yaml_syntax_error_has_a_line(project: Path) -> None:
 
 
 def test_campaign_needs_an_existing_segment(project: Path) -> None:
-    text = (project / "campaigns" / "winback.yaml").read_text().replace("audience: lapsed_buyers", "audience: nobody")
+    text = (
+        (project / "campaigns" / "winback.yaml")
+        .read_text()
+        .replace("audience: lapsed_buyers", "audience: nobody")
+    )
     (project / "campaigns" / "winback.yaml").write_text(text)
     (found,) = problems_of(project)
     assert "audience 'nobody' is not a segment" in found
@@ -80,7 +86,9 @@ def test_campaign_needs_an_existing_segment(project: Path) -> None:
 
 def test_identity_paths_and_regexes_are_checked(project: Path) -> None:
     text = (project / "identity.yaml").read_text()
-    text = text.replace("paths: [traits.email]", "paths: [traits..email]").replace('"^test@"', '"^(test@"')
+    text = text.replace("paths: [traits.email]", "paths: [traits..email]").replace(
+        '"^test@"', '"^(test@"'
+    )
     (project / "identity.yaml").write_text(text)
     found = problems_of(project)
     assert any("traits..email" in f and "expected user_id" in f for f in found)
@@ -88,7 +96,9 @@ def test_identity_paths_and_regexes_are_checked(project: Path) -> None:
 
 
 def test_duplicate_names_across_files(project: Path) -> None:
-    (project / "segments" / "copy.yaml").write_text((project / "segments" / "champions.yaml").read_text())
+    (project / "segments" / "copy.yaml").write_text(
+        (project / "segments" / "champions.yaml").read_text()
+    )
     (found,) = problems_of(project)
     assert "segment 'champions' is also defined in segments/champions.yaml" in found
 

@@ -17,7 +17,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import ibis
 import pyarrow as pa
 
 from closedloop.activate import tables as _tables  # noqa: F401  (declares `deliveries`)
@@ -122,7 +121,7 @@ def run_campaign(
     )
     if decisions:
         table = pa.Table.from_pylist(decisions)
-        engine.append("deliveries", ibis.memtable(table))
+        engine.append("deliveries", table)
     count = {
         s: sum(1 for x in decisions if x["status"] == s) for s in ("sent", "held_out", "suppressed")
     }

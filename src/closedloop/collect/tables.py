@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from closedloop.core.catalogue import Erasure, TableSpec, declare
 
-TS = "timestamp('UTC')"
+TS = "timestamp('UTC', 6)"
 
 EVENTS = declare(
     TableSpec(

@@ -101,7 +101,12 @@ class NotOf(_Strict):
 # Union tags are deliberately not key names, so an error location such as
 # ('where', 'all', 'all_of', 1, 'field', 'op') can be mapped back to keys in the file.
 _TAGS = {"all": "all_of", "any": "any_of", "not": "not_of", "trait": "field"}
-_TAG_OF_TYPE = {AllOf: "all_of", AnyOf: "any_of", NotOf: "not_of", FieldCondition: "field"}
+_TAG_OF_TYPE: dict[type, str] = {
+    AllOf: "all_of",
+    AnyOf: "any_of",
+    NotOf: "not_of",
+    FieldCondition: "field",
+}
 
 
 def _kind(data: Any) -> str | None:

@@ -13,6 +13,8 @@ used instead of the portable iterative Ibis path.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -87,10 +89,29 @@ class Engine:
         if not self.exists(spec.name):
             self.con.create_table(spec.name, schema=spec.schema)
 
-    def conform(self, name: str, data: ir.Table | pa.Table) -> ir.Table:
-        """``data`` as an Ibis table with exactly the declared columns, types and order."""
+    @contextmanager
+    def temporary(self, data: pa.Table) -> Iterator[ir.Table]:
+        """``data`` as an Ibis table for the length of a ``with`` block, then released.
+
+        Ibis 12 keeps every memtable registered with the backend until the process exits
+        (on DuckDB the registration holds the Arrow data), so code writing many chunks would
+        grow without bound. Every Arrow hand-off to the warehouse goes through here.
+        """
+        table = ibis.memtable(data)
+        try:
+            yield table
+        finally:
+            name = table.op().name
+            for drop in (self.con.drop_view, self.con.drop_table):
+                try:
+                    drop(name, force=True)
+                except Exception:  # noqa: S112 - not this kind of object here: try the next
+                    continue
+                break
+
+    def conform(self, name: str, t: ir.Table) -> ir.Table:
+        """``t`` with exactly the declared columns, types and order of table ``name``."""
         spec = self.catalogue.get(name)
-        t = ibis.memtable(data) if isinstance(data, pa.Table) else data
         missing = [c for c in spec.columns if c not in t.columns]
         if missing:
             raise ValueError(f"writing {name}: missing columns {missing}")
@@ -100,13 +121,20 @@ class Engine:
         """Replace a table's contents in one step (readers see old or new, never half)."""
         # Ibis builds the new table under a temporary name and swaps it in, so a failing
         # expression leaves the old table untouched.
-        self.con.create_table(name, self.conform(name, data), overwrite=True)
+        if isinstance(data, pa.Table):
+            with self.temporary(data) as t:
+                self.con.create_table(name, self.conform(name, t), overwrite=True)
+        else:
+            self.con.create_table(name, self.conform(name, data), overwrite=True)
 
     def append(self, name: str, data: ir.Table | pa.Table) -> None:
         spec = self.catalogue.get(name)
         self.ensure(spec)
-        t = self.conform(name, data)
-        self.con.insert(name, t)
+        if isinstance(data, pa.Table):
+            with self.temporary(data) as t:
+                self.con.insert(name, self.conform(name, t))
+        else:
+            self.con.insert(name, self.conform(name, data))
 
     def drop(self, name: str) -> None:
         if self.exists(name):

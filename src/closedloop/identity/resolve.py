@@ -74,7 +74,8 @@ def _normalised_values(engine: Engine, occ: ir.Table, config: IdentityConfig) ->
             "reason": pa.array(reasons, pa.string()),
         }
     )
-    return engine.scratch("id_values", ibis.memtable(mapping))
+    with engine.temporary(mapping) as t:
+        return engine.scratch("id_values", t)
 
 
 def _quarantined(pairs: ir.Table, config: IdentityConfig) -> ir.Table:
@@ -152,7 +153,8 @@ def resolve(engine: Engine, config: IdentityConfig, clock: Clock | None = None) 
             ea["src"].to_numpy(),
             ea["dst"].to_numpy(),
         )
-        comp_t = engine.scratch("id_components", ibis.memtable(comp))
+        with engine.temporary(comp) as t:
+            comp_t = engine.scratch("id_components", t)
     else:
         comp_t = components_ibis(engine, nodes.select("node_id"), edges)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import ibis
+import pyarrow as pa
 
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import CampaignDef
@@ -85,9 +86,8 @@ def measure_campaign(
     ]
     old = engine.table("campaign_results")
     keep = old.filter(~((old.campaign == campaign.name) & (old.occasion == occasion)))
-    engine.replace(
-        "campaign_results", keep.union(ibis.memtable(results).cast(old.schema()), distinct=False)
-    )
+    with engine.temporary(pa.Table.from_pylist(results)) as new:
+        engine.replace("campaign_results", keep.union(new.cast(old.schema()), distinct=False))
     return CampaignOutcome(
         campaign=campaign.name,
         occasion=occasion,
