@@ -228,7 +228,7 @@ def _event_customers(engine: Engine, node_occ: ir.Table, config: IdentityConfig)
     # Quarantined identifiers rank below every linked one.
     rank = ibis.row_number().over(
         group_by=j.message_id,
-        order_by=[j.quarantined.cast("int8"), ibis.desc(j.priority), j.customer_id],
+        order_by=[ibis.ifelse(j.quarantined, 1, 0), ibis.desc(j.priority), j.customer_id],
     )
     best = j.mutate(rank=rank).filter(lambda t: t.rank == 0)
     return best.select("message_id", "customer_id")
