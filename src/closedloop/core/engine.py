@@ -27,8 +27,8 @@ from closedloop.core.catalogue import CATALOGUE, Catalogue, TableSpec
 
 # What each backend can do beyond the portable Ibis core.
 CAPABILITIES: dict[str, frozenset[str]] = {
-    "duckdb": frozenset({"local_arrow", "transactions"}),
-    "postgres": frozenset({"transactions"}),
+    "duckdb": frozenset({"local_arrow", "transactions", "temp_tables"}),
+    "postgres": frozenset({"transactions", "temp_tables"}),
     "pyspark": frozenset(),
 }
 
@@ -46,9 +46,10 @@ class Engine:
             path = url[len("duckdb://") :]
             if path not in ("", "/", "/:memory:"):
                 Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        if scheme == "pyspark":
-            ibis.options.pyspark.treat_nan_as_null = True
         self.con: Any = ibis.connect(url)
+        if scheme == "pyspark":
+            # Spark turns a null float in a memtable into NaN unless told otherwise.
+            ibis.options.pyspark.treat_nan_as_null = True
         self.backend = self.con.name
         self.capabilities = CAPABILITIES.get(self.backend, frozenset())
 
@@ -146,6 +147,9 @@ class Engine:
         Scratch tables hold no state between runs (so they need no catalogue entry) and save
         recomputing an expensive expression that later steps read several times.
         """
+        if not self.can("temp_tables"):
+            # Spark: a cached DataFrame plays the part of a session-scoped temporary table.
+            return expr.cache()
         tmp = f"_scratch_{name}"
         self.con.create_table(tmp, expr, temp=True, overwrite=True)
         return self.con.table(tmp)

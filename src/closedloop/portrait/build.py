@@ -60,8 +60,6 @@ def _behaviour(events: ir.Table) -> ir.Table:
         product_views=(e.event == "Product Viewed").sum().cast("int64"),
         cart_adds=(e.event == "Product Added").sum().cast("int64"),
         favourites=(e.event == "Product Added to Wishlist").sum().cast("int64"),
-        preferred_channel=e.channel.mode(),
-        top_category=e.category.mode(where=is_order),
         orders=e.order_id.nunique(where=is_order),
         revenue=e.revenue.sum(where=is_order).fill_null(0.0),
         coupon_orders=e.order_id.nunique(where=is_order & e.coupon.notnull() & (e.coupon != "")),
@@ -70,10 +68,28 @@ def _behaviour(events: ir.Table) -> ir.Table:
     )
 
 
+def most_frequent(
+    events: ir.Table, column: str, name: str, where: ir.BooleanValue | None = None
+) -> ir.Table:
+    """Per customer, the most frequent non-null value of ``column``; ties go to the smallest.
+
+    SQL's ``mode()`` breaks ties as each engine likes, so the same data would give another
+    "preferred channel" on PostgreSQL than on DuckDB; counting and ranking explicitly does not.
+    """
+    e = events if where is None else events.filter(where)
+    e = e.filter(e[column].notnull())
+    counts = e.group_by("customer_id", column).aggregate(n=e.count())
+    rank = ibis.row_number().over(
+        group_by=counts.customer_id, order_by=[ibis.desc(counts.n), counts[column]]
+    )
+    top = counts.mutate(rank=rank).filter(lambda t: t.rank == 0)
+    return top.select("customer_id", **{name: top[column]})
+
+
 def _age(birthday: ir.DateValue, as_of: datetime) -> ir.IntegerValue:
     """Completed years (a calendar year-difference would count a birthday not yet reached)."""
     before_birthday = (as_of.month * 100 + as_of.day) < (birthday.month() * 100 + birthday.day())
-    return (as_of.year - birthday.year() - before_birthday.cast("int32")).cast("int32")
+    return (as_of.year - birthday.year() - ibis.ifelse(before_birthday, 1, 0)).cast("int32")
 
 
 def profile_expr(engine: Engine, as_of: datetime) -> ir.Table:
@@ -83,6 +99,10 @@ def profile_expr(engine: Engine, as_of: datetime) -> ir.Table:
     customers = engine.table("customers").select("customer_id")
     b = _behaviour(ev)
     t = customers.left_join(b, "customer_id").drop("customer_id_right")
+    t = t.left_join(most_frequent(ev, "channel", "preferred_channel"), "customer_id")
+    t = t.drop("customer_id_right")
+    top_category = most_frequent(ev, "category", "top_category", ev.event == ORDER_EVENT)
+    t = t.left_join(top_category, "customer_id").drop("customer_id_right")
     t = t.left_join(_latest_traits(ev), "customer_id").drop("customer_id_right")
     t = t.left_join(_contacts(engine), "customer_id").drop("customer_id_right")
 

@@ -16,7 +16,7 @@ from closedloop.core.clock import Clock
 from closedloop.core.definitions import Aggregation, TraitDef
 from closedloop.core.engine import Engine
 from closedloop.core.errors import Problem
-from closedloop.portrait.build import customer_events
+from closedloop.portrait.build import customer_events, most_frequent
 from closedloop.portrait.tables import COMPUTED_TRAITS, PROFILES
 
 NUMERIC = {
@@ -79,9 +79,7 @@ def _aggregate(t: TraitDef, e: ir.Table) -> ir.Value:
         return col.max().cast("float64")
     if a is Aggregation.FIRST:
         return col.argmin(e.timestamp, where=col.notnull()).cast("string")
-    if a is Aggregation.LAST:
-        return col.argmax(e.timestamp, where=col.notnull()).cast("string")
-    return col.mode(where=col.notnull()).cast("string")
+    return col.argmax(e.timestamp, where=col.notnull()).cast("string")  # LAST
 
 
 def trait_values(engine: Engine, t: TraitDef, as_of: ibis.Value) -> ir.Table:
@@ -91,7 +89,12 @@ def trait_values(engine: Engine, t: TraitDef, as_of: ibis.Value) -> ir.Table:
         e = e.filter(e.event == t.event)
     if t.window_days:
         e = e.filter(e.timestamp > as_of - ibis.interval(days=t.window_days))
-    agg = e.group_by("customer_id").aggregate(v=_aggregate(t, e))
+    if t.aggregation is Aggregation.MOST_FREQUENT:
+        assert t.column is not None  # noqa: S101 - required by the model validator
+        top = most_frequent(e, t.column, "v")
+        agg = top.select("customer_id", v=top.v.cast("string"))
+    else:
+        agg = e.group_by("customer_id").aggregate(v=_aggregate(t, e))
     if t.aggregation in (Aggregation.COUNT, Aggregation.DISTINCT_COUNT):
         # "No orders in 30 days" is a count of 0, not unknown: every customer gets a value.
         customers = engine.table("customers").select("customer_id")
