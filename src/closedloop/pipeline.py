@@ -16,13 +16,19 @@ from closedloop.activate.templates import check_templates
 from closedloop.collect.importer import import_table
 from closedloop.collect.loader import LoadResult, load_jsonl
 from closedloop.core.clock import Clock
-from closedloop.core.definitions import ImportFormat, ImportSpec, Project
+from closedloop.core.definitions import ImportFormat, ImportSpec, Project, SegmentDef
 from closedloop.core.engine import Engine
 from closedloop.core.errors import DefinitionError, InputError, Problem
 from closedloop.identity.resolve import ResolveResult, resolve
 from closedloop.portrait.build import build_profiles
 from closedloop.portrait.traits import build_traits, check_trait, trait_dtype
-from closedloop.segments.audience import Fields, SegmentResult, check_segment, evaluate_segment
+from closedloop.segments.audience import (
+    Fields,
+    SegmentResult,
+    check_segment,
+    evaluate_segment,
+    segment_dependencies,
+)
 from closedloop.tags.rules import PROFILE_COLUMNS, build_tags, check_tag
 
 Progress = Callable[[str, int, int | None], None]
@@ -44,7 +50,25 @@ def project_fields(project: Project) -> Fields:
     return Fields(
         tags=tuple(project.tags),
         traits=tuple((t.name, trait_dtype(t)) for t in project.traits.values()),
+        segments=tuple(project.segments),
     )
+
+
+def segment_order(project: Project) -> tuple[list[SegmentDef], list[Problem]]:
+    """Segments ordered so each comes after those it names with ``in_segment``; cycles are errors."""
+    deps = {n: segment_dependencies(s) & set(project.segments) for n, s in project.segments.items()}
+    ordered: list[SegmentDef] = []
+    done: set[str] = set()
+    while len(done) < len(deps):
+        ready = sorted(n for n, d in deps.items() if n not in done and d <= done)
+        if not ready:
+            cycle = sorted(n for n in deps if n not in done)
+            problem = Problem("segments/", f"segments refer to each other in a cycle: {cycle}")
+            return ordered, [problem]
+        for n in ready:
+            ordered.append(project.segments[n])
+            done.add(n)
+    return ordered, []
 
 
 def check_project(project: Project) -> list[Problem]:
@@ -56,6 +80,7 @@ def check_project(project: Project) -> list[Problem]:
         problems += check_tag(tag, PROFILE_COLUMNS)
     for seg in project.segments.values():
         problems += check_segment(seg, project_fields(project))
+    problems += segment_order(project)[1]
     for c in project.campaigns.values():
         problems += check_templates(c)
     return problems
@@ -127,7 +152,7 @@ def build(
     report.tags = build_tags(engine, project.tags, clock)
     step("tags")
     fields = project_fields(project)
-    for seg in project.segments.values():
+    for seg in segment_order(project)[0]:
         report.segments[seg.name] = evaluate_segment(engine, seg, fields, clock)
     step("segments")
     return report

@@ -27,7 +27,7 @@ def problems_of(root: Path) -> list[str]:
 def test_example_project_is_valid(project: Path) -> None:
     p = load_project(project)
     assert p.config.source("pos").write_key == "wk_pos_test1234"
-    assert set(p.segments) == {"lapsed_buyers", "champions"}
+    assert set(p.segments) == {"lapsed_buyers", "champions", "tea_regulars"}
     assert p.campaigns["winback"].audience == "lapsed_buyers"
     assert check_project(p) == []
     assert p.engine_url == "duckdb:///" + str((project / "warehouse.duckdb").resolve()).lstrip("/")

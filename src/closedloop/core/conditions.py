@@ -1,14 +1,28 @@
-"""The condition language: nested all / any / not over profile fields, as typed models.
+"""The condition language: nested all / any / not over profile fields, events and segments.
 
 Shared by tags (rule tags) and segments (audiences), so it lives in core. A condition is a
 tree of pydantic models; ``compile_condition`` turns it into an Ibis boolean expression with
 the user's values bound as literals — never pasted into SQL text. ``evaluate_python`` gives
 the same answer on a plain dict, which the property tests use as the reference.
+
+Leaves:
+
+* ``{trait: F, op: OP, value: V}`` — a profile field, tag or computed trait;
+* ``{event: NAME, where: [...], count: {op: gte, value: 2}, within_days: 30}`` — "did NAME
+  (with these properties) at least / at most / exactly N times in the last D days or between
+  two dates";
+* ``{in_segment: NAME}`` — membership of another segment.
+
+Event and segment leaves are *derived columns*: core only names them
+(``derived_column``); the segments stage computes them (a count per customer, a membership
+flag) and joins them onto the table before compiling, so core never reads events itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
 from datetime import date, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -84,6 +98,76 @@ class FieldCondition(_Strict):
         return self
 
 
+class CountOp(StrEnum):
+    GTE = "gte"
+    LTE = "lte"
+    EQ = "eq"
+
+
+class CountBound(_Strict):
+    """How many matching events: at least (gte), at most (lte) or exactly (eq) ``value``."""
+
+    op: CountOp = CountOp.GTE
+    value: int = Field(1, ge=0)
+
+
+class PropertyFilter(_Strict):
+    """``{property: P, op: OP, value: V}`` on an event (promoted column or ``properties.P``)."""
+
+    property: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    op: Op
+    value: Scalar | list[Scalar] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alias_op(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("op"), str):
+            data = {**data, "op": OP_ALIASES.get(data["op"], data["op"])}
+        return data
+
+    @model_validator(mode="after")
+    def _check_value(self) -> PropertyFilter:
+        FieldCondition(trait=self.property, op=self.op, value=self.value)
+        return self
+
+    def as_field(self, column: str) -> FieldCondition:
+        return FieldCondition(trait=column, op=self.op, value=self.value)
+
+
+class EventCondition(_Strict):
+    """Did the customer do EVENT (matching ``where``) N times within a window?"""
+
+    event: str = Field(min_length=1)
+    where: list[PropertyFilter] = Field(default_factory=list)
+    count: CountBound = Field(default_factory=lambda: CountBound())
+    within_days: int | None = Field(None, ge=1)
+    between: tuple[date, date] | None = None
+
+    @model_validator(mode="after")
+    def _check_window(self) -> EventCondition:
+        if self.within_days is not None and self.between is not None:
+            raise ValueError("use either `within_days` or `between`, not both")
+        if self.between is not None and self.between[0] > self.between[1]:
+            raise ValueError("`between` needs [first day, last day] in order")
+        return self
+
+    @property
+    def derived_column(self) -> str:
+        """The column (a count per customer) the segments stage provides for this leaf."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return "__event_" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+class SegmentRef(_Strict):
+    """``{in_segment: NAME}`` — currently a member of segment NAME."""
+
+    in_segment: str = Field(min_length=1)
+
+    @property
+    def derived_column(self) -> str:
+        return "__segment_" + self.in_segment
+
+
 class AllOf(_Strict):
     all: list[Condition] = Field(min_length=1)
 
@@ -100,12 +184,21 @@ class NotOf(_Strict):
 
 # Union tags are deliberately not key names, so an error location such as
 # ('where', 'all', 'all_of', 1, 'field', 'op') can be mapped back to keys in the file.
-_TAGS = {"all": "all_of", "any": "any_of", "not": "not_of", "trait": "field"}
+_TAGS = {
+    "all": "all_of",
+    "any": "any_of",
+    "not": "not_of",
+    "trait": "field",
+    "event": "did_event",
+    "in_segment": "segment_ref",
+}
 _TAG_OF_TYPE: dict[type, str] = {
     AllOf: "all_of",
     AnyOf: "any_of",
     NotOf: "not_of",
     FieldCondition: "field",
+    EventCondition: "did_event",
+    SegmentRef: "segment_ref",
 }
 
 
@@ -122,11 +215,13 @@ Condition = Annotated[
     Annotated[AllOf, Tag("all_of")]
     | Annotated[AnyOf, Tag("any_of")]
     | Annotated[NotOf, Tag("not_of")]
-    | Annotated[FieldCondition, Tag("field")],
+    | Annotated[FieldCondition, Tag("field")]
+    | Annotated[EventCondition, Tag("did_event")]
+    | Annotated[SegmentRef, Tag("segment_ref")],
     Discriminator(
         _kind,
         custom_error_type="condition",
-        custom_error_message="a condition needs one of the keys all, any, not or trait",
+        custom_error_message="a condition needs one of the keys all, any, not, trait, event or in_segment",
     ),
 ]
 
@@ -135,15 +230,31 @@ AnyOf.model_rebuild()
 NotOf.model_rebuild()
 
 
+def leaves(cond: Condition) -> Iterator[FieldCondition | EventCondition | SegmentRef]:
+    """Every leaf of a condition tree, depth first."""
+    if isinstance(cond, AllOf):
+        for c in cond.all:
+            yield from leaves(c)
+    elif isinstance(cond, AnyOf):
+        for c in cond.any:
+            yield from leaves(c)
+    elif isinstance(cond, NotOf):
+        yield from leaves(cond.not_)
+    else:
+        yield cond
+
+
 def fields_used(cond: Condition) -> set[str]:
     """Every profile field a condition reads (for validation against the profile schema)."""
-    if isinstance(cond, FieldCondition):
-        return {cond.trait}
-    if isinstance(cond, AllOf):
-        return set().union(*(fields_used(c) for c in cond.all))
-    if isinstance(cond, AnyOf):
-        return set().union(*(fields_used(c) for c in cond.any))
-    return fields_used(cond.not_)
+    return {c.trait for c in leaves(cond) if isinstance(c, FieldCondition)}
+
+
+def count_matches(bound: CountBound, n: int) -> bool:
+    if bound.op is CountOp.GTE:
+        return n >= bound.value
+    if bound.op is CountOp.LTE:
+        return n <= bound.value
+    return n == bound.value
 
 
 def compile_condition(cond: Condition, table: ir.Table) -> ir.BooleanValue:
@@ -162,6 +273,16 @@ def compile_condition(cond: Condition, table: ir.Table) -> ir.BooleanValue:
         return out
     if isinstance(cond, NotOf):
         return ~compile_condition(cond.not_, table)
+    if isinstance(cond, EventCondition):
+        n = table[cond.derived_column].fill_null(0)
+        bound = cond.count
+        if bound.op is CountOp.GTE:
+            return n >= bound.value
+        if bound.op is CountOp.LTE:
+            return n <= bound.value
+        return n == bound.value
+    if isinstance(cond, SegmentRef):
+        return table[cond.derived_column].fill_null(False)
     return _compile_field(cond, table)
 
 
@@ -209,6 +330,10 @@ def evaluate_python(cond: Condition, row: Mapping[str, Any]) -> bool:
         return any(evaluate_python(c, row) for c in cond.any)
     if isinstance(cond, NotOf):
         return not evaluate_python(cond.not_, row)
+    if isinstance(cond, EventCondition):
+        return count_matches(cond.count, int(row.get(cond.derived_column) or 0))
+    if isinstance(cond, SegmentRef):
+        return bool(row.get(cond.derived_column))
     x = row.get(cond.trait)
     v = cond.value
     op = cond.op

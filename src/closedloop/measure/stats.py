@@ -65,8 +65,9 @@ def lift(treated_x: int, treated_n: int, control_x: int, control_n: int) -> Lift
     l1, u1 = wilson(treated_x, treated_n)
     l2, u2 = wilson(control_x, control_n)
     d = p1 - p2
-    low = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
-    high = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    # Clamped: at the extremes, rounding can push a bound a hair past ±1.
+    low = max(-1.0, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2))
+    high = min(1.0, d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
     pooled = (treated_x + control_x) / (treated_n + control_n)
     se = math.sqrt(pooled * (1 - pooled) * (1 / treated_n + 1 / control_n))
     p_value = 1.0 if se == 0 else float(2 * stats.norm.sf(abs(d) / se))

@@ -1,6 +1,7 @@
-"""Segments: conditions over the portrait (and tags) compiled to Ibis, membership kept as stays.
+"""Segments: conditions over the portrait, tags, traits, events and other segments.
 
-A segment is evaluated against ``profiles`` joined with one column per tag. Membership is
+A segment is evaluated against ``profiles`` joined with one column per tag and computed
+trait, plus one derived column per event or segment leaf (``segments.derived``). Membership is
 stored as stays (entered_at, exited_at), so later stages can trigger on entry and history is
 never overwritten: re-evaluating closes the stays of those who left and opens stays for those
 who came in; everyone else is untouched.
@@ -9,6 +10,7 @@ who came in; everyone else is untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import ibis
 import ibis.expr.datatypes as dt
@@ -19,15 +21,19 @@ from closedloop.core.conditions import (
     AllOf,
     AnyOf,
     Condition,
+    EventCondition,
     FieldCondition,
     NotOf,
+    SegmentRef,
     compile_condition,
+    leaves,
 )
 from closedloop.core.definitions import SegmentDef
 from closedloop.core.engine import Engine
 from closedloop.core.errors import Problem
 from closedloop.portrait.tables import PROFILES
 from closedloop.segments import tables as _tables  # noqa: F401  (declares segment_membership)
+from closedloop.segments.derived import with_derived
 
 TS = "timestamp('UTC', 6)"
 
@@ -46,6 +52,7 @@ class Fields:
 
     tags: tuple[str, ...] = ()
     traits: tuple[tuple[str, str], ...] = ()  # (name, "float64" | "string")
+    segments: tuple[str, ...] = ()  # segments that `in_segment` may name
 
     def types(self) -> dict[str, dt.DataType]:
         types = {c: dt.dtype(typ) for c, typ in PROFILES.columns.items()}
@@ -92,6 +99,24 @@ def check_segment(seg: SegmentDef, fields: Fields) -> list[Problem]:
                 walk(x, f"{path}.any.{i}")
         elif isinstance(c, NotOf):
             walk(c.not_, f"{path}.not")
+        elif isinstance(c, SegmentRef):
+            if c.in_segment == seg.name or c.in_segment not in fields.segments:
+                known = ", ".join(s for s in fields.segments if s != seg.name)
+                problems.append(
+                    Problem(
+                        where,
+                        f"in_segment {c.in_segment!r} is not another segment (known: {known})",
+                        key=f"{path}.in_segment",
+                    )
+                )
+        elif isinstance(c, EventCondition):
+            for i, f in enumerate(c.where):
+                if f.op.value in ("gt", "gte", "lt", "lte", "between") and isinstance(
+                    f.value, bool
+                ):
+                    problems.append(
+                        Problem(where, "ordering needs a number or text", key=f"{path}.where.{i}")
+                    )
         else:
             problems.extend(_check_field(c, types, where, path))
 
@@ -129,8 +154,13 @@ def _check_field(
     return []
 
 
-def members_expr(engine: Engine, seg: SegmentDef, fields: Fields) -> ir.Table:
-    t = audience_table(engine, fields)
+def segment_dependencies(seg: SegmentDef) -> set[str]:
+    """The segments whose membership this segment reads (evaluate those first)."""
+    return {c.in_segment for c in leaves(seg.where) if isinstance(c, SegmentRef)}
+
+
+def members_expr(engine: Engine, seg: SegmentDef, fields: Fields, as_of: datetime) -> ir.Table:
+    t = with_derived(engine, audience_table(engine, fields), seg.where, as_of)
     return t.filter(compile_condition(seg.where, t)).select("customer_id")
 
 
@@ -138,8 +168,9 @@ def evaluate_segment(
     engine: Engine, seg: SegmentDef, fields: Fields, clock: Clock | None = None
 ) -> SegmentResult:
     """Re-evaluate one segment and record entries and exits in ``segment_membership``."""
-    now = ibis.literal((clock or Clock()).now()).cast(TS)
-    current = engine.scratch("seg_current", members_expr(engine, seg, fields))
+    as_of = (clock or Clock()).now()
+    now = ibis.literal(as_of).cast(TS)
+    current = engine.scratch("seg_current", members_expr(engine, seg, fields, as_of))
     m = engine.table("segment_membership")
     others = m.filter(m.segment != seg.name)
     mine = m.filter(m.segment == seg.name)

@@ -10,7 +10,7 @@ import ibis
 import ibis.expr.types as ir
 
 from closedloop.core.clock import Clock
-from closedloop.core.conditions import compile_condition, fields_used
+from closedloop.core.conditions import FieldCondition, compile_condition, fields_used, leaves
 from closedloop.core.definitions import TagDef
 from closedloop.core.engine import Engine
 from closedloop.core.errors import Problem
@@ -29,6 +29,14 @@ def check_tag(tag: TagDef, profile_columns: set[str]) -> list[Problem]:
             Problem(where, f"tag name {tag.name!r} clashes with a profile field", key="name")
         )
     for i, rule in enumerate(tag.rules):
+        if any(not isinstance(leaf, FieldCondition) for leaf in leaves(rule.when)):
+            problems.append(
+                Problem(
+                    where,
+                    "tag rules read profile fields only (use a segment for event or segment conditions)",
+                    key=f"rules.{i}.when",
+                )
+            )
         for f in sorted(fields_used(rule.when) - profile_columns):
             problems.append(Problem(where, f"unknown profile field {f!r}", key=f"rules.{i}.when"))
     return problems
