@@ -2,8 +2,123 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.markup import escape
+
+from closedloop.core.definitions import Project, load_project
+from closedloop.core.engine import Engine
+from closedloop.core.errors import ClosedloopError, DefinitionError
+
+identity_app = typer.Typer(
+    help="Identity: why identifiers are one customer (explain), and taking them apart (split).",
+    no_args_is_help=True,
+)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+ProjectDir = Annotated[
+    Path, typer.Option("--project", "-p", help="project folder (holds closedloop.yaml)")
+]
+
+
+def _fail(e: ClosedloopError) -> typer.Exit:
+    if isinstance(e, DefinitionError):
+        err.print(f"[red]{len(e.problems)} problem(s) in the project:[/red]")
+        for p in e.problems:
+            err.print(f"  {p}", markup=False, highlight=False)
+    else:
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+    return typer.Exit(code=2)
+
+
+def _project(path: Path) -> Project:
+    try:
+        return load_project(path)
+    except ClosedloopError as e:
+        raise _fail(e) from None
+
+
+@identity_app.command("explain")
+def explain_cmd(
+    customer: Annotated[str, typer.Argument(help="customer id (a retired alias works too)")],
+    project: ProjectDir = Path("."),
+    frm: Annotated[
+        str | None, typer.Option("--from", help="TYPE:VALUE — start of the path")
+    ] = None,
+    to: Annotated[str | None, typer.Option("--to", help="TYPE:VALUE — end of the path")] = None,
+) -> None:
+    """Show the path of evidence between a customer's identifiers (message ids per hop)."""
+    from closedloop.identity.explain import explain
+
+    p = _project(project)
+    with Engine(p.engine_url) as engine:
+        try:
+            ex = explain(engine, p.identity, customer, frm, to)
+        except ClosedloopError as e:
+            raise _fail(e) from None
+    alias = "" if ex.customer_id == customer else f" (alias {customer})"
+    console.print(
+        f"customer {ex.customer_id}{alias}: {len(ex.identifiers)} identifiers",
+        markup=False,
+        highlight=False,
+    )
+    if frm is not None:
+        target = next(iter(ex.paths), None)
+        if target is None:
+            console.print(f"no path of used evidence to {ex.unreachable[0]}", markup=False)
+            raise typer.Exit(code=1)
+        console.print(str(ex.root), markup=False, highlight=False)
+        node = ex.root
+        for step in ex.paths[target]:
+            node = step.b if step.a == node else step.a
+            console.print(f"  ~ {node}  [{step.evidence()}]", markup=False, highlight=False)
+        return
+    for depth, ident, hop in ex.tree():
+        line = "  " * depth + ("└ " if depth else "") + str(ident)
+        if hop is not None:
+            line += f"  [{hop.evidence()}]"
+        console.print(line, markup=False, highlight=False)
+    for ident in ex.unreachable:
+        console.print(f"(not linked by used evidence) {ident}", markup=False, highlight=False)
+
+
+@identity_app.command("split")
+def split_cmd(
+    project: ProjectDir = Path("."),
+    identifier: Annotated[
+        str | None, typer.Option("--identifier", help="TYPE:VALUE whose links are removed")
+    ] = None,
+    edge: Annotated[
+        str | None, typer.Option("--edge", help="TYPE:VALUE~TYPE:VALUE — one link to remove")
+    ] = None,
+    block: Annotated[
+        bool, typer.Option("--block", help="never link it again (not only past evidence)")
+    ] = False,
+    reason: Annotated[str, typer.Option("--reason", help="why, for the ledger")] = "",
+) -> None:
+    """Remove an identifier's links or one link, re-partition, record it in the ledger."""
+    from closedloop.identity.explain import split
+
+    p = _project(project)
+    with Engine(p.engine_url) as engine:
+        try:
+            r = split(
+                engine, p.identity, identifier=identifier, edge=edge, block=block, reason=reason
+            )
+        except ClosedloopError as e:
+            raise _fail(e) from None
+    console.print(
+        f"split: {r.splits} customer(s) split, {r.customers:,} customers now; "
+        "rebuild downstream stages with `closedloop build`",
+        markup=False,
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer) -> None:
     """Add the identity stage's commands to the main app."""
+    app.add_typer(identity_app, name="identity")

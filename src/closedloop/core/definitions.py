@@ -170,6 +170,12 @@ class IdentifierType(Definition):
         description="a value seen with more strong identifiers of one type than this is "
         "quarantined (a shared device, a clerk's phone) instead of linking them",
     )
+    max_per_customer: int | None = Field(
+        None,
+        ge=1,
+        description="at most this many identifiers of this type in one customer; a link that "
+        "would exceed it is dropped (lowest priority first) and recorded",
+    )
 
     @field_validator("paths")
     @classmethod

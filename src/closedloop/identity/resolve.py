@@ -6,14 +6,19 @@ Steps, with their cost:
 2. normalise each *distinct* raw value once, refusing invalid and blocked values;
 3. link identifiers seen in the same message (pairs within a message: messages carry a
    handful of ids, so this is O(messages));
-4. quarantine identifiers seen with more strong identifiers than their type allows (a
+4. drop links and identifiers a person blocked with ``identity split`` (``identity_blocks``);
+5. quarantine identifiers seen with more strong identifiers than their type allows (a
    family tablet, a clerk's phone): they keep their own customer but link nobody;
-5. connected components over the remaining links (in-process union-find where the engine
+6. connected components over the remaining links (in-process union-find where the engine
    declares ``local_arrow``, portable Ibis label propagation elsewhere);
-6. give each component a customer id that is *stable*: a component keeps the id its
+7. rebuild the few components that break a rule (``max_per_customer``, ``never_link``)
+   strongest link first, dropping and recording the links that would break it (rules.py);
+8. give each component a customer id that is *stable*: a component keeps the id its
    identifiers had before; when components merge, the customer with most identifiers
    survives (then the oldest, then the smallest id) and the others become aliases, recorded
-   in the merge ledger with the link that joined them.
+   in the merge ledger with the link that joined them. A customer whose identifiers now
+   fall in several components (after a split) keeps its id where most of them are; the
+   ledger records the split.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from closedloop.identity import tables  # noqa: F401  (declares the identity tab
 from closedloop.identity.components import components_ibis, components_local
 from closedloop.identity.extract import identifier_occurrences
 from closedloop.identity.normalise import BlockList, normalise
+from closedloop.identity.rules import Link, Rules, refine
 
 SEP = "\x1f"
 
@@ -46,6 +52,8 @@ class ResolveResult:
     refused: int
     merges: int
     links: int
+    dropped: int = 0  # links not made because they would break a rule
+    splits: int = 0  # customers whose identifiers were split apart in this run
 
 
 def _normalised_values(engine: Engine, occ: ir.Table, config: IdentityConfig) -> ir.Table:
@@ -98,8 +106,57 @@ def _quarantined(pairs: ir.Table, config: IdentityConfig) -> ir.Table:
     return over.select("node").distinct()
 
 
-def resolve(engine: Engine, config: IdentityConfig, clock: Clock | None = None) -> ResolveResult:
-    """Resolve every identifier in the event log to a customer; write the identity tables."""
+def _message_pairs(engine: Engine, node_occ: ir.Table) -> ir.Table:
+    """Pairs of nodes seen in the same message (the evidence for links), a < b."""
+    left = node_occ.select(message_id="message_id", a="node", a_type="id_type", ts="ts")
+    right = node_occ.select(message_id="message_id", b="node", b_type="id_type")
+    joined = left.join(right, "message_id").filter(lambda t: t.a < t.b)
+    return joined.group_by("a", "a_type", "b", "b_type").aggregate(
+        messages=joined.message_id.nunique(),
+        message_id=joined.message_id.min(),
+        last_ts=joined.ts.max(),
+        kind=ibis.literal("message"),
+        score=ibis.literal(None, type="float64"),
+    )
+
+
+def _blocked_pairs(engine: Engine, pairs: ir.Table) -> ir.Table:
+    """(a, b) of pairs removed by ``identity_blocks``: always, or up to the block's time."""
+    blk = engine.table("identity_blocks")
+    na = blk.a_type + ibis.literal(SEP) + blk.a_value
+    nb = blk.b_type + ibis.literal(SEP) + blk.b_value
+    blk = blk.select(na=na, nb=nb, always=blk.scope == "always", blocked_at=blk.blocked_at)
+    ident = blk.filter(blk.nb.isnull())
+    edge = blk.filter(blk.nb.notnull())
+    parts = []
+    for side in ("a", "b"):
+        j = pairs.join(ident, pairs[side] == ident.na)
+        parts.append(j.filter(j.always | (j.last_ts <= j.blocked_at)).select("a", "b"))
+    for x, y in (("a", "b"), ("b", "a")):
+        j = pairs.join(edge, (pairs[x] == edge.na) & (pairs[y] == edge.nb))
+        parts.append(j.filter(j.always | (j.last_ts <= j.blocked_at)).select("a", "b"))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.union(p)
+    return out.distinct()
+
+
+def _priority(column: ir.StringValue, config: IdentityConfig) -> ir.IntegerValue:
+    return ibis.cases(*[(column == t.name, t.priority) for t in config.types], else_=0)
+
+
+def resolve(
+    engine: Engine,
+    config: IdentityConfig,
+    clock: Clock | None = None,
+    *,
+    reason: str = "",
+) -> ResolveResult:
+    """Resolve every identifier in the event log to a customer; write the identity tables.
+
+    ``reason`` is written to the ledger for any customer this run splits (``identity split``
+    passes what the person asked for).
+    """
     clock = clock or Clock()
     now = clock.now()
     occ = engine.scratch("id_occ", identifier_occurrences(engine, config))
@@ -118,19 +175,12 @@ def resolve(engine: Engine, config: IdentityConfig, clock: Clock | None = None) 
     ).distinct()
     node_occ = engine.scratch("id_node_occ", node_occ)
 
-    # Pairs of nodes seen in the same message (the evidence for links).
-    left = node_occ.select(message_id="message_id", a="node", a_type="id_type")
-    right = node_occ.select(message_id="message_id", b="node", b_type="id_type")
-    joined = left.join(right, "message_id").filter(lambda t: t.a < t.b)
-    pairs = engine.scratch(
-        "id_pairs",
-        joined.group_by("a", "a_type", "b", "b_type").aggregate(
-            messages=joined.message_id.nunique(), message_id=joined.message_id.min()
-        ),
-    )
-    quarantine = engine.scratch("id_quarantine", _quarantined(pairs, config))
+    pairs = engine.scratch("id_pairs", _message_pairs(engine, node_occ))
+    blocked = engine.scratch("id_blocked", _blocked_pairs(engine, pairs))
+    unblocked = pairs.anti_join(blocked, ["a", "b"])
+    quarantine = engine.scratch("id_quarantine", _quarantined(unblocked, config))
     q_nodes = quarantine.node
-    used = pairs.filter(~pairs.a.isin(q_nodes) & ~pairs.b.isin(q_nodes))
+    used = unblocked.filter(~unblocked.a.isin(q_nodes) & ~unblocked.b.isin(q_nodes))
 
     # Integer node ids, ordered, so both component algorithms label identically.
     nodes = node_occ.group_by("node", "id_type", "value").aggregate(
@@ -142,6 +192,12 @@ def resolve(engine: Engine, config: IdentityConfig, clock: Clock | None = None) 
     nodes = engine.scratch("id_nodes", nodes)
     e = used.join(nodes.select(a="node", src="node_id"), "a").join(
         nodes.select(b="node", dst="node_id"), "b"
+    )
+    e = engine.scratch(
+        "id_used",
+        e.mutate(
+            priority=ibis.least(_priority(e.a_type, config), _priority(e.b_type, config)),
+        ),
     )
     edges = e.select("src", "dst")
 
@@ -158,11 +214,13 @@ def resolve(engine: Engine, config: IdentityConfig, clock: Clock | None = None) 
     else:
         comp_t = components_ibis(engine, nodes.select("node_id"), edges)
 
+    comp_t, dropped = _enforce_rules(engine, config, nodes, comp_t, e)
+
     labelled = nodes.join(comp_t, "node_id").mutate(quarantined=nodes.node.isin(q_nodes))
     frame = labelled.to_pandas()
     previous = engine.table("identity_map").to_pandas()
     prev_customers = engine.table("customers").to_pandas()
-    assignment, aliases, ledger = _stable_ids(frame, previous, prev_customers, pairs, now)
+    assignment, aliases, ledger = _stable_ids(frame, previous, prev_customers, pairs, now, reason)
 
     frame["customer_id"] = frame["component"].map(assignment)
     identity_map = pa.Table.from_pandas(
@@ -181,7 +239,8 @@ def resolve(engine: Engine, config: IdentityConfig, clock: Clock | None = None) 
     )
 
     customers = _customers(frame, prev_customers, now)
-    engine.replace("identity_map", identity_map)
+    # The identity map is written last of the resolution tables: a crash before it leaves
+    # the previous, consistent resolution in place.
     engine.replace("customers", customers)
     if len(aliases):
         old_aliases = engine.table("customer_aliases").to_pandas()
@@ -191,15 +250,35 @@ def resolve(engine: Engine, config: IdentityConfig, clock: Clock | None = None) 
         all_aliases["customer_id"] = all_aliases["customer_id"].map(lambda c: final.get(c, c))
         all_aliases = all_aliases.drop_duplicates("alias_id", keep="last")
         engine.replace("customer_aliases", pa.Table.from_pandas(all_aliases, preserve_index=False))
+    if len(ledger):
         engine.append("merge_ledger", pa.Table.from_pandas(ledger, preserve_index=False))
+    engine.replace("identity_map", identity_map)
 
-    pairs_out = pairs.mutate(
-        a_type=pairs.a_type,
-        a_value=pairs.a.split(SEP)[1],
-        b_value=pairs.b.split(SEP)[1],
-        used=~pairs.a.isin(q_nodes) & ~pairs.b.isin(q_nodes),
+    with engine.temporary(dropped) as d:
+        dropped_t = engine.scratch("id_dropped", d)
+    flagged = pairs.left_join(blocked.mutate(is_blocked=ibis.literal(True)), ["a", "b"]).drop(
+        "a_right", "b_right"
+    )
+    flagged = flagged.left_join(dropped_t.select("a", "b", "rule"), ["a", "b"]).drop(
+        "a_right", "b_right"
+    )
+    st = ibis.cases(
+        (flagged.is_blocked.fill_null(False), "blocked"),
+        (flagged.a.isin(q_nodes) | flagged.b.isin(q_nodes), "quarantined"),
+        (flagged.rule.notnull(), "dropped: " + flagged.rule),
+        else_="used",
+    )
+    pairs_out = flagged.mutate(
+        a_value=flagged.a.split(SEP)[1],
+        b_value=flagged.b.split(SEP)[1],
+        status=st,
+        used=st == "used",
     )
     engine.replace("identity_edges", pairs_out)
+    engine.replace(
+        "identity_dropped_links",
+        dropped_t.mutate(a_value=dropped_t.a.split(SEP)[1], b_value=dropped_t.b.split(SEP)[1]),
+    )
     quarantined_issues = nodes.filter(nodes.node.isin(q_nodes)).select(
         id_type="id_type",
         raw_value="value",
@@ -214,9 +293,75 @@ def resolve(engine: Engine, config: IdentityConfig, clock: Clock | None = None) 
         customers=int(frame["customer_id"].nunique()),
         quarantined=int(frame["quarantined"].sum()),
         refused=int(refused.count().execute()),
-        merges=len(ledger),
-        links=int(used.count().execute()),
+        merges=int((ledger["action"] == "merge").sum()) if len(ledger) else 0,
+        links=int(used.count().execute()) - dropped.num_rows,
+        dropped=dropped.num_rows,
+        splits=int((ledger["action"] == "split").sum()) if len(ledger) else 0,
     )
+
+
+def _enforce_rules(
+    engine: Engine, config: IdentityConfig, nodes: ir.Table, comp_t: ir.Table, e: ir.Table
+) -> tuple[ir.Table, pa.Table]:
+    """Rebuild rule-breaking components; return (new labels, dropped links with their rule)."""
+    rules = Rules.of(config)
+    dropped_schema = pa.schema(
+        [
+            ("a", pa.string()),
+            ("a_type", pa.string()),
+            ("b", pa.string()),
+            ("b_type", pa.string()),
+            ("kind", pa.string()),
+            ("message_id", pa.string()),
+            ("rule", pa.string()),
+        ]
+    )
+    none = dropped_schema.empty_table()
+    if rules.empty:
+        return comp_t, none
+    lab = nodes.select("node_id", "id_type").join(comp_t, "node_id")
+    counts = lab.group_by("component").aggregate(
+        **{f"n_{t}": ibis.cases((lab.id_type == t, 1), else_=0).sum() for t in sorted(rules.types)}
+    )
+    conds = [counts[f"n_{t}"] > k for t, k in rules.limits.items()]
+    for a, b in rules.never:
+        conds.append(
+            counts[f"n_{a}"] > 1 if a == b else (counts[f"n_{a}"] > 0) & (counts[f"n_{b}"] > 0)
+        )
+    bad = counts.filter(ibis.or_(*conds)).select("component")
+    bad_nodes = lab.join(bad, "component").select("node_id", "id_type").to_pyarrow()
+    if bad_nodes.num_rows == 0:
+        return comp_t, none
+    bad_edges = (
+        e.join(lab.join(bad, "component").select(src="node_id"), "src")
+        .select(
+            "src", "dst", "priority", "messages", "a", "a_type", "b", "b_type", "kind", "message_id"
+        )
+        .to_pyarrow()
+        .to_pylist()
+    )
+    links = [Link(r["src"], r["dst"], int(r["priority"]), int(r["messages"])) for r in bad_edges]
+    labels, dropped = refine(
+        bad_nodes["node_id"].to_pylist(), bad_nodes["id_type"].to_pylist(), links, rules
+    )
+    relabel = pa.table(
+        {
+            "node_id": pa.array(list(labels), pa.int64()),
+            "new_component": pa.array(list(labels.values()), pa.int64()),
+        }
+    )
+    with engine.temporary(relabel) as t:
+        r = engine.scratch("id_relabel", t)
+        j = comp_t.left_join(r, "node_id")
+        comp_t = engine.scratch(
+            "id_components_ruled",
+            j.select("node_id", component=j.new_component.fill_null(j.component)),
+        )
+    rows = [
+        {**{k: bad_edges[i][k] for k in dropped_schema.names if k != "rule"}, "rule": rule}
+        for i, rule in dropped
+    ]
+    return comp_t, pa.Table.from_pylist(rows, schema=dropped_schema)
 
 
 def _event_customers(engine: Engine, node_occ: ir.Table, config: IdentityConfig) -> ir.Table:
@@ -255,14 +400,16 @@ def _stable_ids(
     prev_customers: pd.DataFrame,
     pairs: ir.Table,
     now: datetime,
+    reason: str = "",
 ) -> tuple[dict[int, str], pd.DataFrame, pd.DataFrame]:
     """Map component → customer id, keeping earlier ids; return (assignment, aliases, ledger)."""
     alias_cols = ["alias_id", "customer_id", "merged_at"]
-    ledger_cols = ["merge_id", "survivor_id", "merged_id", "evidence", "merged_at"]
+    ledger_cols = ["merge_id", "survivor_id", "merged_id", "evidence", "merged_at", "action"]
     assignment: dict[int, str] = {}
     taken: set[str] = set()
     aliases: list[tuple[str, str, datetime]] = []
-    ledger: list[tuple[str, str, str, str, datetime]] = []
+    ledger: list[tuple[str, str, str, str, datetime, str]] = []
+    moved: list[tuple[str, int, int]] = []  # (old id, component it partly moved to, count)
 
     old_of: dict[int, list[str]] = {}
     if len(previous):
@@ -284,6 +431,11 @@ def _stable_ids(
         # Each old id goes to the component holding most of its identifiers.
         counts = counts.sort_values(["old", "n", "component"], ascending=[True, False, True])
         home = counts.drop_duplicates("old")
+        away = counts[counts.duplicated("old")]
+        moved = [
+            (str(o), int(str(c)), int(str(n)))
+            for o, c, n in zip(away["old"], away["component"], away["n"], strict=True)
+        ]
         for comp, group in home.groupby("component")["old"]:
             ranked = sorted(
                 (str(c) for c in group),
@@ -320,7 +472,14 @@ def _stable_ids(
         evidence = _merge_evidence(frame, previous, pairs, merged_pairs)
         for survivor, other in merged_pairs:
             merge_id = format(stable_hash64("merge", survivor, other, now.isoformat()), "016x")
-            ledger.append((merge_id, survivor, other, evidence.get((survivor, other), ""), now))
+            ledger.append(
+                (merge_id, survivor, other, evidence.get((survivor, other), ""), now, "merge")
+            )
+    for old, comp, n in moved:
+        new = assignment[comp]
+        merge_id = format(stable_hash64("split", old, new, now.isoformat()), "016x")
+        why = f"{n} identifier(s) of {old} now resolve to {new}"
+        ledger.append((merge_id, old, new, f"{why}: {reason}" if reason else why, now, "split"))
     return (
         assignment,
         pd.DataFrame(aliases, columns=alias_cols),

@@ -68,6 +68,11 @@ IDENTITY_EDGES = declare(
             "message_id": "string",
             "messages": "int64",
             "used": "boolean",
+            # 'message' (seen in one message) or 'probabilistic' (a scored record pair)
+            "kind": "string",
+            "score": "float64",  # match probability of a probabilistic pair; null otherwise
+            # why an unused edge is unused: quarantined, blocked, dropped by a rule
+            "status": "string",
         },
         key=("a_type", "a_value", "b_type", "b_value"),
         erasure=Erasure.DELETE_BY_MESSAGE,
@@ -79,13 +84,16 @@ MERGE_LEDGER = declare(
     TableSpec(
         name="merge_ledger",
         stage="identity",
-        description="Every merge of two existing customers, with the evidence that caused it.",
+        description="Every merge or split of existing customers, with the evidence or reason.",
         columns={
             "merge_id": "string",
             "survivor_id": "string",
             "merged_id": "string",
             "evidence": "string",
             "merged_at": TS,
+            # 'merge' (merged_id became an alias of survivor_id) or 'split' (identifiers of
+            # survivor_id now form customer merged_id)
+            "action": "string",
         },
         key=("merge_id",),
         erasure=Erasure.DELETE_BY_CUSTOMER,
@@ -119,5 +127,49 @@ EVENT_CUSTOMERS = declare(
         key=("message_id",),
         erasure=Erasure.DELETE_BY_CUSTOMER,
         erasure_column="customer_id",
+    )
+)
+
+IDENTITY_BLOCKS = declare(
+    TableSpec(
+        name="identity_blocks",
+        stage="identity",
+        description="Identifiers and links a person removed with `identity split`; every later "
+        "resolve honours them. scope 'always' blocks for good, 'past' only the evidence seen "
+        "up to blocked_at (newer messages may link again).",
+        columns={
+            "block_id": "string",
+            "a_type": "string",
+            "a_value": "string",
+            "b_type": "string",  # null when a whole identifier is blocked
+            "b_value": "string",
+            "scope": "string",
+            "reason": "string",
+            "blocked_at": TS,
+        },
+        key=("block_id",),
+        erasure=Erasure.DELETE_BY_IDENTIFIER,
+        erasure_column="a_value",
+    )
+)
+
+IDENTITY_DROPPED_LINKS = declare(
+    TableSpec(
+        name="identity_dropped_links",
+        stage="identity",
+        description="Links not made because they would break a rule (max_per_customer, "
+        "never_link): the lowest-priority offending link is dropped and recorded here.",
+        columns={
+            "a_type": "string",
+            "a_value": "string",
+            "b_type": "string",
+            "b_value": "string",
+            "kind": "string",
+            "message_id": "string",
+            "rule": "string",
+        },
+        key=("a_type", "a_value", "b_type", "b_value"),
+        erasure=Erasure.DELETE_BY_MESSAGE,
+        erasure_column="message_id",
     )
 )
