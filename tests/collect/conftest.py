@@ -64,3 +64,108 @@ def track(i: int, **extra: Any) -> dict[str, Any]:
     }
     msg.update(extra)
     return msg
+
+
+# ---- the HTTP collector on loopback ------------------------------------------------------
+WEB = Source(name="web", channel="web", write_key="wk_test_web_0001")
+POS = Source(name="pos", channel="pos", data_class="second_party", write_key="wk_test_pos_0001")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Answer:
+    """An HTTP answer: status, headers (lower-case names) and the body (JSON when it is)."""
+
+    def __init__(self, status: int, headers: dict[str, str], raw: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.raw = raw
+        try:
+            self.json: Any = json.loads(raw) if raw else None
+        except ValueError:
+            self.json = None
+
+
+def request(
+    url: str,
+    body: bytes | dict[str, Any] | list[Any] | None = None,
+    *,
+    method: str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> Answer:
+    """One HTTP request with the standard library; 4xx/5xx are answers, not exceptions."""
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(url, data=data, headers=hdrs, method=method)  # noqa: S310
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback only
+            return Answer(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
+    except urllib.error.HTTPError as e:
+        return Answer(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
+
+
+class LiveCollector:
+    """A real uvicorn server in a thread on a free loopback port, spooling to ``spool``."""
+
+    def __init__(self, spool: Path, warehouse: Path, **options: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        from closedloop.collect.server import create_app
+
+        self.spool = spool
+        self.warehouse = warehouse
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app([WEB, POS], spool, **options)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        import time
+
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("collector did not start")
+            time.sleep(0.01)
+
+    def post(self, path: str, body: Any, **kw: Any) -> Answer:
+        return request(self.url + path, body, **kw)
+
+    def load(self) -> Any:
+        """Run the spool loader once over everything spooled so far."""
+        from closedloop.collect.drain import SpoolLoader
+
+        with Engine(f"duckdb:///{self.warehouse}") as engine:
+            return SpoolLoader(engine, [WEB, POS], self.spool).run_once()
+
+    def rows(self, table: str, order_by: str | None = None) -> list[dict[str, Any]]:
+        with Engine(f"duckdb:///{self.warehouse}") as engine:
+            return rows(engine, table, order_by)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCollector]:
+    base = tmp_path_factory.mktemp("collector")
+    c = LiveCollector(base / "spool", base / "warehouse.duckdb")
+    yield c
+    c.stop()

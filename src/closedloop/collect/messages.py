@@ -155,6 +155,8 @@ def _make_encoder() -> Callable[[object], str]:
 
 
 _encode = _make_encoder()
+#: Compact JSON text (no NaN/Infinity), the same bytes everywhere a message is serialised.
+encode_json = _encode
 _CANONICAL = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False, sort_keys=True, allow_nan=True
 )
