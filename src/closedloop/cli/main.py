@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from closedloop.cli import collect_cmds, identity_cmds
+from closedloop.cli import collect_cmds, identity_cmds, segment_cmds
 from closedloop.core.definitions import Project, load_project
 from closedloop.core.errors import ClosedloopError, DefinitionError
 
@@ -186,6 +186,7 @@ def failed_list(
 # Stage command groups live in their own modules so stages can grow their CLI independently.
 collect_cmds.register(app)
 identity_cmds.register(app)
+segment_cmds.register(app)
 
 if __name__ == "__main__":
     app()

@@ -199,3 +199,31 @@ def current_members(engine: Engine, segment: str) -> ir.Table:
     return m.filter((m.segment == segment) & m.exited_at.isnull()).select(
         "customer_id", "entered_at"
     )
+
+
+def qualifying_columns(seg: SegmentDef, fields: Fields) -> dict[str, str]:
+    """Readable label → column, for the fields that explain why a member qualified."""
+    out: dict[str, str] = {}
+    known = fields.types()
+    for leaf in leaves(seg.where):
+        if isinstance(leaf, FieldCondition):
+            if leaf.trait in known:
+                out.setdefault(leaf.trait, leaf.trait)
+            continue
+        if isinstance(leaf, EventCondition):
+            window = f" in {leaf.within_days}d" if leaf.within_days else ""
+            label = f"{leaf.event} count{window}"
+        else:
+            label = f"in {leaf.in_segment}"
+        while label in out and out[label] != leaf.derived_column:
+            label += "'"
+        out[label] = leaf.derived_column
+    return out
+
+
+def preview_expr(engine: Engine, seg: SegmentDef, fields: Fields, as_of: datetime) -> ir.Table:
+    """Members as of ``as_of`` with the fields that qualified them — without writing anything."""
+    t = with_derived(engine, audience_table(engine, fields), seg.where, as_of)
+    members = t.filter(compile_condition(seg.where, t))
+    shown = {label: members[col] for label, col in qualifying_columns(seg, fields).items()}
+    return members.select("customer_id", **shown).order_by("customer_id")

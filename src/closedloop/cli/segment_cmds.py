@@ -1,0 +1,118 @@
+"""``closedloop segment size|preview|export``: audiences before (and without) a build."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import ibis.expr.types as ir
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from closedloop.core.engine import Engine
+
+console = Console()
+segment_app = typer.Typer(
+    help="Audiences: size, preview and export, evaluated on the warehouse now."
+)
+
+ProjectDir = Annotated[
+    Path, typer.Option("--project", "-p", help="project folder (holds closedloop.yaml)")
+]
+AsOf = Annotated[
+    datetime | None, typer.Option("--as-of", help="evaluate as of this time (UTC); default now")
+]
+
+
+def _members(project_dir: Path, name: str, as_of: datetime | None) -> tuple[Engine, ir.Table]:
+    from closedloop.cli.main import _fail, _project
+    from closedloop.core.clock import Clock
+    from closedloop.core.errors import ClosedloopError
+    from closedloop.pipeline import project_fields
+    from closedloop.segments.audience import preview_expr
+
+    project = _project(project_dir)
+    if name not in project.segments:
+        raise _fail(
+            ClosedloopError(f"no segment {name!r}; known: {', '.join(sorted(project.segments))}")
+        )
+    when = Clock(as_of).now()
+    engine = Engine(project.engine_url)
+    expr = preview_expr(engine, project.segments[name], project_fields(project), when)
+    return engine, expr
+
+
+@segment_app.command("size")
+def size(name: str, project: ProjectDir = Path("."), as_of: AsOf = None) -> None:
+    """How many customers are in the segment now, by lifecycle stage."""
+    engine, expr = _members(project, name, as_of)
+    with engine:
+        p = engine.table("profiles")
+        joined = expr.select("customer_id").join(
+            p.select("customer_id", "lifecycle_stage"), "customer_id"
+        )
+        rows = (
+            joined.group_by("lifecycle_stage").aggregate(n=joined.count()).to_pyarrow().to_pylist()
+        )
+    total = sum(int(r["n"]) for r in rows)
+    console.print(f"segment {name}: {total:,} customers")
+    for r in sorted(rows, key=lambda r: -int(r["n"])):
+        console.print(f"  {r['lifecycle_stage']}: {int(r['n']):,}")
+
+
+@segment_app.command("preview")
+def preview(
+    name: str,
+    project: ProjectDir = Path("."),
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 10,
+    as_of: AsOf = None,
+) -> None:
+    """A sample of members with the fields that qualified them."""
+    engine, expr = _members(project, name, as_of)
+    with engine:
+        rows = expr.limit(limit).to_pyarrow().to_pylist()
+    table = Table(*(rows[0].keys() if rows else ["customer_id"]))
+    for r in rows:
+        table.add_row(*("" if v is None else str(v) for v in r.values()))
+    console.print(table)
+
+
+@segment_app.command("export")
+def export(
+    name: str,
+    out: Annotated[Path, typer.Option(help="file to write: .csv or .parquet")],
+    project: ProjectDir = Path("."),
+    as_of: AsOf = None,
+) -> None:
+    """Write the members with their profile to CSV or Parquet."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from closedloop.cli.main import _fail
+    from closedloop.core.errors import ClosedloopError
+
+    if out.suffix not in (".csv", ".parquet"):
+        raise _fail(ClosedloopError(f"{out}: export writes .csv or .parquet files"))
+    engine, expr = _members(project, name, as_of)
+    with engine:
+        profiles = engine.table("profiles")
+        data = (
+            expr.select("customer_id")
+            .join(profiles, "customer_id")
+            .order_by("customer_id")
+            .to_pyarrow()
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if out.suffix == ".csv":
+        pacsv.write_csv(data, tmp)
+    else:
+        pq.write_table(data, tmp)
+    tmp.replace(out)
+    console.print(f"{data.num_rows:,} members of {name} → {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(segment_app, name="segment")
