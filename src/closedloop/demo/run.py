@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from closedloop.measure.campaign import CampaignOutcome, measure_campaign
 from closedloop.measure.report import Section, bar_chart, lift_chart, write_report
 from closedloop.pipeline import BuildReport, build
 from closedloop.portrait.build import build_profiles
+from closedloop.tags.coverage import TagCoverage, tag_coverage
 
 CAMPAIGN = "winback"
 MARKER = ".closedloop-demo"
@@ -71,6 +72,10 @@ class DemoResult:
     outcome: CampaignOutcome
     report: Path
     seconds: float
+    lifecycle: dict[str, int] = field(default_factory=dict)
+    ladder: dict[str, int] = field(default_factory=dict)
+    showcase: list[tuple[str, str]] = field(default_factory=list)
+    coverage: list[TagCoverage] = field(default_factory=list)
 
 
 def run_demo(
@@ -141,11 +146,24 @@ def run_demo(
             tick("measure", 1, 1)
             lifecycle = _counts(engine, "lifecycle_stage")
             ladder = _counts(engine, "ladder_stage")
+            showcase = _showcase(engine)
+            coverage = tag_coverage(engine)
 
     result = DemoResult(
-        generation, report, accuracy, run, world, outcome, Path(), time.perf_counter() - started
+        generation,
+        report,
+        accuracy,
+        run,
+        world,
+        outcome,
+        Path(),
+        time.perf_counter() - started,
+        lifecycle,
+        ladder,
+        showcase,
+        coverage,
     )
-    result.report = _write(out / "report", result, lifecycle, ladder)
+    result.report = _write(out / "report", result)
     _print(console, result)
     return result
 
@@ -159,6 +177,58 @@ def _progress(console: Console) -> Progress:
         console=console,
         transient=False,
     )
+
+
+SHOWN_FIELDS = (
+    "name",
+    "gender",
+    "age",
+    "city",
+    "tier",
+    "member_id",
+    "email",
+    "phone",
+    "orders",
+    "revenue",
+    "avg_order_value",
+    "coupon_share",
+    "recency_days",
+    "rfm_group",
+    "lifecycle_stage",
+    "ladder_stage",
+    "preferred_channel",
+    "top_category",
+    "product_views",
+    "cart_adds",
+)
+
+
+def _showcase(engine: Engine) -> list[tuple[str, str]]:
+    """The 360° portrait of one customer: the champion seen under the most identifiers."""
+    imap = engine.table("identity_map")
+    counts = imap.group_by("customer_id").aggregate(ids=imap.count())
+    p = engine.table("profiles")
+    pick = p.filter(p.rfm_group == "champions").join(counts, "customer_id")
+    top = pick.order_by([pick.ids.desc(), pick.customer_id]).limit(1).to_pyarrow().to_pylist()
+    if not top:
+        return []
+    row = top[0]
+    cid = str(row["customer_id"])
+    rows = [("customer", cid)]
+    for f in SHOWN_FIELDS:
+        v = row.get(f)
+        if v is not None:
+            rows.append((f, f"{v:,.2f}" if isinstance(v, float) else str(v)))
+    ids = imap.filter(imap.customer_id == cid).order_by(["id_type", "id_value"]).to_pyarrow()
+    for t, v in zip(ids["id_type"].to_pylist(), ids["id_value"].to_pylist(), strict=True):
+        rows.append((f"identifier {t}", str(v)))
+    tv = engine.table("tag_values")
+    for r in tv.filter(tv.customer_id == cid).to_pyarrow().to_pylist():
+        rows.append((f"tag {r['tag']}", str(r["value"])))
+    m = engine.table("segment_membership")
+    segs = m.filter((m.customer_id == cid) & m.exited_at.isnull()).segment.to_pyarrow().to_pylist()
+    rows.append(("segments", ", ".join(sorted(str(s) for s in segs)) or "—"))
+    return rows
 
 
 def _counts(engine: Engine, column: str) -> dict[str, int]:
@@ -202,7 +272,18 @@ def _facts(r: DemoResult) -> list[tuple[str, str]]:
     ]
 
 
-def _write(folder: Path, r: DemoResult, lifecycle: dict[str, int], ladder: dict[str, int]) -> Path:
+def _coverage_rows(r: DemoResult) -> list[tuple[str, str]]:
+    return [
+        (
+            c.tag,
+            f"{c.customers:,} customers ({c.share:.0%}): "
+            + ", ".join(f"{v} {n:,}" for v, n in c.values.items()),
+        )
+        for c in r.coverage
+    ]
+
+
+def _write(folder: Path, r: DemoResult) -> Path:
     sections = [
         Section("Summary", rows=_facts(r)),
         Section(
@@ -214,9 +295,15 @@ def _write(folder: Path, r: DemoResult, lifecycle: dict[str, int], ladder: dict[
         Section(
             "Customers",
             charts=[
-                bar_chart("ladder", "Ladder: fan → member → customer → super user", ladder),
-                bar_chart("lifecycle", "Lifecycle stages", lifecycle, horizontal=True),
+                bar_chart("ladder", "Ladder: fan → member → customer → super user", r.ladder),
+                bar_chart("lifecycle", "Lifecycle stages", r.lifecycle, horizontal=True),
             ],
+        ),
+        Section("Tag coverage", rows=_coverage_rows(r)),
+        Section(
+            "One customer's 360° portrait",
+            rows=r.showcase,
+            note="The champion seen under the most identifiers, merged across touchpoints.",
         ),
     ]
     return write_report(
@@ -228,10 +315,15 @@ def _write(folder: Path, r: DemoResult, lifecycle: dict[str, int], ladder: dict[
 
 
 def _print(console: Console, r: DemoResult) -> None:
-    table = Table(title="closedloop demo", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    for k, v in _facts(r):
-        table.add_row(k, v)
-    console.print(table)
+    for title, rows in (
+        ("One customer's 360° portrait", r.showcase),
+        ("Tag coverage", _coverage_rows(r)),
+        ("closedloop demo", _facts(r)),
+    ):
+        table = Table(title=title, show_header=False)
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        for k, v in rows:
+            table.add_row(k, v)
+        console.print(table)
     console.print(f"report: {r.report}")
