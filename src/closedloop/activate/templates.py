@@ -7,9 +7,10 @@ reaching Python internals.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from closedloop.core.definitions import CampaignDef
@@ -41,6 +42,12 @@ def check_templates(campaign: CampaignDef) -> list[Problem]:
     return problems
 
 
+@lru_cache(maxsize=256)
+def _compiled(text: str) -> Template:
+    """Compile a template once per run, not once per person."""
+    return ENV.from_string(text)
+
+
 def render(text: str, profile: dict[str, Any], campaign: CampaignDef) -> str:
     offer = campaign.offer.model_dump() if campaign.offer else None
-    return ENV.from_string(text).render(**profile, offer=offer, campaign=campaign.name)
+    return _compiled(text).render(**profile, offer=offer, campaign=campaign.name)
