@@ -121,3 +121,84 @@ def test_rfm_scores(built: dict[str, dict[str, object]]) -> None:
     assert built["A"]["f_score"] == 5 and built["A"]["m_score"] == 5
     assert built["A"]["rfm_group"] == "champions"
     assert built["D"]["rfm_group"] == "hibernating"
+
+
+def test_contact_preferences(engine: Engine) -> None:
+    day = timedelta(days=1)
+    add_events(
+        engine,
+        [
+            {
+                "message_id": "c1",
+                "user_id": "A",
+                "type": "identify",
+                "timestamp": NOW - 9 * day,
+                "context": {
+                    "timezone": "Europe/London",
+                    "consent": {"categoryPreferences": {"marketing": True}},
+                },
+            },
+            {
+                "message_id": "c2",
+                "user_id": "A",
+                "event": "Unsubscribed",
+                "timestamp": NOW - 5 * day,
+                "properties": {"channel": "email"},
+                "context": {"timezone": "Europe/London"},
+            },
+            {
+                "message_id": "c3",
+                "user_id": "A",
+                "event": "Subscribed",
+                "timestamp": NOW - 8 * day,
+                "properties": {"channel": "email"},
+            },
+            {
+                "message_id": "c4",
+                "user_id": "B",
+                "type": "identify",
+                "timestamp": NOW - 9 * day,
+                "context": {"consent": {"categoryPreferences": {"marketing": True}}},
+            },
+            {
+                "message_id": "c5",
+                "user_id": "B",
+                "type": "identify",
+                "timestamp": NOW - 2 * day,
+                "context": {"consent": {"categoryPreferences": {"marketing": False}}},
+            },
+            {
+                "message_id": "c6",
+                "user_id": "B",
+                "event": "Unsubscribed",
+                "timestamp": NOW - 7 * day,
+                "properties": {"channel": "email"},
+            },
+            {
+                "message_id": "c7",
+                "user_id": "B",
+                "event": "Subscribed",
+                "timestamp": NOW - 6 * day,
+                "properties": {"channel": "email"},
+            },
+            {"message_id": "c8", "user_id": "C", "event": "Product Viewed", "timestamp": NOW - day},
+        ],
+    )
+    resolve(engine, CONFIG)
+    build_profiles(engine, Clock(NOW))
+    p = profiles(engine)
+    assert (p["A"]["timezone"], p["A"]["consent_marketing"], p["A"]["email_opt_out"]) == (
+        "Europe/London",
+        True,
+        True,
+    )
+    assert (p["B"]["consent_marketing"], p["B"]["email_opt_out"], p["B"]["sms_opt_out"]) == (
+        False,
+        False,
+        False,
+    )
+    assert (p["C"]["timezone"], p["C"]["consent_marketing"], p["C"]["email_opt_out"]) == (
+        None,
+        None,
+        False,
+    )

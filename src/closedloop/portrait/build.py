@@ -39,6 +39,35 @@ def _latest_traits(events: ir.Table) -> ir.Table:
     )
 
 
+def _preferences(events: ir.Table) -> ir.Table:
+    """Per customer: time zone, the latest marketing consent, and per-channel opt-outs.
+
+    Consent is the Segment consent spec's ``context.consent.categoryPreferences.marketing``
+    (latest stated value wins; never stated = null, which the contact policy treats as no
+    consent). A channel is opted out when the latest ``Unsubscribed``/``Subscribed`` event for
+    that channel is an ``Unsubscribed``.
+    """
+    ctx = events.context.cast("json")
+    consent = ctx["consent"]["categoryPreferences"]["marketing"].unwrap_as("boolean")
+    e = events.mutate(
+        consent=consent,
+        tz=ctx["timezone"].unwrap_as("string"),
+        sub_channel=events.properties.cast("json")["channel"].unwrap_as("string"),
+    )
+    subs = e.event.isin(["Unsubscribed", "Subscribed"])
+    latest = e.group_by("customer_id").aggregate(
+        consent_marketing=e.consent.argmax(e.timestamp, where=e.consent.notnull()),
+        email_opt_out=(e.event == "Unsubscribed").argmax(
+            e.timestamp, where=subs & (e.sub_channel == "email")
+        ),
+        sms_opt_out=(e.event == "Unsubscribed").argmax(
+            e.timestamp, where=subs & (e.sub_channel == "sms")
+        ),
+    )
+    tz = most_frequent(e, "tz", "timezone")
+    return latest.left_join(tz, "customer_id").drop("customer_id_right")
+
+
 def _contacts(engine: Engine) -> ir.Table:
     """Per customer, the most recently seen email and phone (quarantined ones excluded)."""
     m = engine.table("identity_map")
@@ -105,6 +134,7 @@ def profile_expr(engine: Engine, as_of: datetime) -> ir.Table:
     t = t.left_join(top_category, "customer_id").drop("customer_id_right")
     t = t.left_join(_latest_traits(ev), "customer_id").drop("customer_id_right")
     t = t.left_join(_contacts(engine), "customer_id").drop("customer_id_right")
+    t = t.left_join(_preferences(ev), "customer_id").drop("customer_id_right")
 
     as_of_date = ibis.literal(as_of.date())
     orders = t.orders.fill_null(0)
@@ -120,6 +150,8 @@ def profile_expr(engine: Engine, as_of: datetime) -> ir.Table:
         favourites=t.favourites.fill_null(0),
         revenue=t.revenue.fill_null(0.0),
         member_id=t.member_id.fill_null(t.member_id_seen),
+        email_opt_out=t.email_opt_out.fill_null(False),
+        sms_opt_out=t.sms_opt_out.fill_null(False),
         birthday=birthday,
         age=_age(birthday, as_of),
         avg_order_value=ibis.ifelse(has_orders, t.revenue / orders, ibis.null("float64")),

@@ -23,6 +23,11 @@ PROFILES = declare(
             "member_id": "string",
             "email": "string",
             "phone": "string",
+            # contact preferences: where and whether we may reach the person
+            "timezone": "string",
+            "consent_marketing": "boolean",
+            "email_opt_out": "boolean",
+            "sms_opt_out": "boolean",
             # behaviour
             "first_seen": TS,
             "last_seen": TS,
