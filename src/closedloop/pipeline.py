@@ -19,6 +19,7 @@ from closedloop.core.clock import Clock
 from closedloop.core.definitions import ImportFormat, ImportSpec, Project, SegmentDef
 from closedloop.core.engine import Engine
 from closedloop.core.errors import DefinitionError, InputError, Problem
+from closedloop.core.yamlfile import load_yaml, locate
 from closedloop.identity.resolve import ResolveResult, resolve
 from closedloop.portrait.build import build_profiles
 from closedloop.portrait.traits import build_traits, check_trait, trait_dtype
@@ -83,7 +84,18 @@ def check_project(project: Project) -> list[Problem]:
     problems += segment_order(project)[1]
     for c in project.campaigns.values():
         problems += check_templates(c)
-    return problems
+    return [_with_line(project, p) for p in problems]
+
+
+def _with_line(project: Project, problem: Problem) -> Problem:
+    """Give a cross-check problem the line of its key, as schema errors have."""
+    path = project.root / problem.file
+    if problem.line is not None or problem.key is None or not path.is_file():
+        return problem
+    _, lines = load_yaml(path)
+    parts = tuple(int(x) if x.isdigit() else x for x in problem.key.split("."))
+    line, _ = locate(lines, parts)
+    return Problem(problem.file, problem.message, line=line, key=problem.key)
 
 
 def import_files(spec: ImportSpec, project: Project) -> list[Path]:

@@ -418,10 +418,12 @@ def load_project(root: Path | str) -> Project:
         problems.extend(e.problems)
     traits = _load_folder(root, "traits", TraitDef, problems)
     tags = _load_folder(root, "tags", TagDef, problems)
+    before = len(problems)
     segments = _load_folder(root, "segments", SegmentDef, problems)
+    segments_complete = len(problems) == before  # else an audience may be in a broken file
     campaigns = _load_folder(root, "campaigns", CampaignDef, problems)
     for name, c in campaigns.items():
-        if c.audience not in segments:
+        if segments_complete and c.audience not in segments:
             problems.append(
                 Problem(
                     f"campaigns/{name}.yaml",

@@ -9,6 +9,7 @@ who came in; everyone else is untouched.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -128,10 +129,9 @@ def _check_field(
     c: FieldCondition, types: dict[str, dt.DataType], where: str, path: str
 ) -> list[Problem]:
     if c.trait not in types:
-        known = ", ".join(sorted(types))
-        return [
-            Problem(where, f"unknown field {c.trait!r}; known fields: {known}", key=f"{path}.trait")
-        ]
+        close = difflib.get_close_matches(c.trait, list(types), n=3)
+        hint = f" (did you mean {' or '.join(repr(x) for x in close)}?)" if close else ""
+        return [Problem(where, f"unknown field {c.trait!r}{hint}", key=f"{path}.trait")]
     typ = types[c.trait]
     values = c.value if isinstance(c.value, list) else [c.value]
     for v in values:
