@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import msgspec
+
 from closedloop.collect.messages import (
     MAX_MESSAGE_BYTES,
     AcceptedMessage,
@@ -69,6 +71,10 @@ UNKNOWN_SOURCE: Final = Source.model_construct(
     write_key="",
     description="requests whose write key names no source",
 )
+
+
+_decode = msgspec.json.Decoder().decode
+_encode_message = msgspec.json.Encoder().encode
 
 
 class RequestError(Exception):
@@ -152,25 +158,26 @@ def decode_body(raw: bytes, content_encoding: str | None) -> bytes:
 
 
 def parse_json(body: bytes) -> object:
-    """The JSON value of the body, or a 400 saying why it is not one."""
+    """The JSON value of the body, or a 400 saying why it is not one.
+
+    msgspec decodes about twice as fast as the standard library and is strict where the
+    standard library is lenient: NaN, Infinity and lone surrogate escapes are not JSON, and
+    a body holding them is refused whole. Everything it returns encodes back to UTF-8 JSON.
+    """
     if body.startswith(b"\xef\xbb\xbf"):
         body = body[3:]
     try:
-        text = body.decode("utf-8")
+        body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RequestError(
             400, Reason.MALFORMED, f"body is not UTF-8 text (bad byte at {e.start})"
         ) from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RequestError(
-            400, Reason.MALFORMED, f"body is not JSON: {e.msg} at line {e.lineno} column {e.colno}"
-        ) from None
+        return _decode(body)
     except RecursionError:
         raise RequestError(400, Reason.MALFORMED, "body is nested too deeply") from None
-    except ValueError as e:  # an integer of thousands of digits
-        raise RequestError(400, Reason.MALFORMED, f"body is not usable JSON: {e}") from None
+    except (msgspec.MsgspecError, ValueError) as e:
+        raise RequestError(400, Reason.MALFORMED, f"body is not JSON: {e}") from None
 
 
 class Collector:
@@ -337,9 +344,9 @@ class Collector:
                 m["integrations"] = {**batch_integrations, **(integrations or {})}
             line: bytes | None = None
             try:
-                line = encode_json(m).encode("utf-8")
-                result = check_message(m, source, now, None, len(line))
-            except (ValueError, TypeError, UnicodeEncodeError):
+                line = _encode_message(m)
+                result = check_message(m, source, now, None, len(line), serialised=True)
+            except (msgspec.MsgspecError, ValueError, TypeError, UnicodeEncodeError):
                 result = check_message(m, source, now, None, None)
                 if isinstance(result, AcceptedMessage):  # valid fields, unstorable extras
                     result = Refusal(

@@ -426,9 +426,16 @@ def check_message(
     received_at: datetime,
     load_id: str | None = None,
     size: int | None = None,
+    serialised: bool = False,
 ) -> AcceptedMessage | Refusal:
     """``validate_message`` without the location: for loaders that check 100,000 messages a
-    second and build a ``file:LINE`` string only for the few that are refused."""
+    second and build a ``file:LINE`` string only for the few that are refused.
+
+    ``serialised=True`` is for a caller that has already encoded the *whole* message as
+    strict JSON and UTF-8 (the HTTP collector, which spools those bytes): every sub-object
+    is then known to be storable, so the verdict is the same without building the row, and
+    the returned ``AcceptedMessage`` carries the message id only (``values`` is empty).
+    """
     message_id: str | None = None
     try:
         if not isinstance(raw, dict):
@@ -449,7 +456,7 @@ def check_message(
                     f"`messageId` has {len(message_id)} characters; at most "
                     f"{MAX_MESSAGE_ID_CHARS} are allowed",
                 )
-        return _normalise(raw, message_id, source, received_at, load_id, size)
+        return _normalise(raw, message_id, source, received_at, load_id, size, serialised)
     except _Reject as r:
         return Refusal(r.code, r.reason, message_id)
     except RecursionError:
@@ -463,6 +470,7 @@ def _normalise(
     received_at: datetime,
     load_id: str | None,
     size: int | None,
+    serialised: bool = False,
 ) -> AcceptedMessage:
     if size is None:
         size = serialized_size(raw)
@@ -575,6 +583,8 @@ def _normalise(
     elif timestamp is None:
         timestamp = client_time if client_time is not None else received
 
+    if serialised:  # the caller encoded the whole message: the checks below cannot refuse
+        return AcceptedMessage(message_id, ())
     properties_json = _json_text(props, "properties") if props is not None else None
     traits_json = _json_text(traits, "traits") if traits is not None else None
     context_json = _json_text(context, "context") if context is not None else None
