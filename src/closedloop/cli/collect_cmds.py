@@ -93,6 +93,119 @@ def serve(
             loader[0].kill()
 
 
+failed_app = typer.Typer(help="Failed events: rejected messages and rows, kept with their reason.")
+ProjectDir = Annotated[
+    Path, typer.Option("--project", "-p", help="project folder (holds closedloop.yaml)")
+]
+
+
+@failed_app.command("list")
+def failed_list(
+    project: ProjectDir = Path("."),
+    source: Annotated[str | None, typer.Option(help="only this source")] = None,
+    reason: Annotated[str | None, typer.Option(help="only this reason code")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """Show failed events with their reason and where they came from."""
+    import json
+
+    from rich.table import Table
+
+    from closedloop.cli.main import _project
+    from closedloop.collect.loader import list_failed
+    from closedloop.core.engine import Engine
+
+    p = _project(project)
+    with Engine(p.engine_url) as engine:
+        rows = list_failed(engine, source=source, reason=reason, limit=limit)
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(r, default=str, ensure_ascii=False))
+        return
+    t = Table("id", "source", "reason", "where", "detail")
+    for r in rows:
+        t.add_row(
+            str(r["failure_id"]),
+            str(r["source"]),
+            str(r["reason_code"]),
+            str(r["location"]),
+            str(r["reason"]),
+        )
+    console.print(t)
+
+
+@failed_app.command("show")
+def failed_show(
+    failure_id: Annotated[str, typer.Argument(help="the id shown by `failed list`")],
+    project: ProjectDir = Path("."),
+) -> None:
+    """Show one failed event whole: its reason, where it came from, and its payload."""
+    import json
+
+    from closedloop.cli.main import _project
+    from closedloop.core.engine import Engine
+
+    p = _project(project)
+    with Engine(p.engine_url) as engine:
+        t = engine.table("failed_events")
+        rows = engine.to_arrow(t.filter(t.failure_id == failure_id)).to_pylist()
+    if not rows:
+        err.print(f"no failed event {failure_id!r}", markup=False)
+        raise typer.Exit(code=1)
+    row = rows[0]
+    for key in ("failure_id", "source", "reason_code", "reason", "location", "message_id"):
+        console.print(f"{key}: {row[key]}", markup=False, highlight=False)
+    console.print(f"failed_at: {row['failed_at']:%Y-%m-%d %H:%M:%S} UTC", markup=False)
+    payload = row["payload"] or ""
+    try:
+        console.print_json(json.dumps(json.loads(payload)))
+    except (ValueError, RecursionError):
+        console.print(payload, markup=False, highlight=False)
+
+
+@failed_app.command("replay")
+def failed_replay(
+    project: ProjectDir = Path("."),
+    source: Annotated[str | None, typer.Option(help="only this source")] = None,
+    reason: Annotated[str | None, typer.Option(help="only this reason code")] = None,
+    failure_id: Annotated[
+        list[str] | None, typer.Option("--id", help="only these failed events (repeatable)")
+    ] = None,
+    to_source: Annotated[
+        str | None, typer.Option(help="replay rows of an unknown write key as this source")
+    ] = None,
+) -> None:
+    """Send failed events through validation again (after fixing a definition).
+
+    Accepted messages go into `events` (a message already there is a duplicate, not a
+    copy) and leave the failed events; the rest stay with their reason.
+    """
+    from closedloop.cli.main import _project
+    from closedloop.collect.replay import replay_failed
+    from closedloop.core.engine import Engine
+
+    p = _project(project)
+    if to_source is not None and to_source not in {s.name for s in p.config.sources}:
+        err.print(f"unknown source {to_source!r}", markup=False)
+        raise typer.Exit(code=2)
+    with Engine(p.engine_url) as engine:
+        r = replay_failed(
+            engine,
+            list(p.config.sources),
+            source=source,
+            reason=reason,
+            failure_ids=failure_id,
+            to_source=to_source,
+        )
+    typer.echo(
+        f"replayed {r.rows:,} failed events: {r.resolved:,} resolved ({r.accepted:,} messages "
+        f"accepted, {r.duplicate:,} already stored), {r.still_failing:,} still failing, "
+        f"{r.skipped_unknown_source:,} skipped (unknown source; see --to-source)"
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add the collect stage's commands to the main app."""
     app.command()(serve)
+    app.add_typer(failed_app, name="failed")

@@ -21,8 +21,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-failed_app = typer.Typer(help="Failed events: rejected messages and rows, kept with their reason.")
-app.add_typer(failed_app, name="failed")
 
 console = Console()
 err = Console(stderr=True)
@@ -161,26 +159,6 @@ def demo(
         run_demo(persons, out, seed=seed, console=console)
     except ClosedloopError as e:
         raise _fail(e) from None
-
-
-@failed_app.command("list")
-def failed_list(
-    project: ProjectDir = Path("."),
-    source: Annotated[str | None, typer.Option(help="only this source")] = None,
-    reason: Annotated[str | None, typer.Option(help="only this reason code")] = None,
-    limit: Annotated[int, typer.Option(min=1)] = 50,
-) -> None:
-    """Show failed events with their reason and where they came from."""
-    from closedloop.collect.loader import list_failed
-    from closedloop.core.engine import Engine
-
-    p = _project(project)
-    with Engine(p.engine_url) as engine:
-        rows = list_failed(engine, source=source, reason=reason, limit=limit)
-    t = Table("source", "reason", "where", "detail")
-    for r in rows:
-        t.add_row(str(r["source"]), str(r["reason_code"]), str(r["location"]), str(r["reason"]))
-    console.print(t)
 
 
 # Stage command groups live in their own modules so stages can grow their CLI independently.

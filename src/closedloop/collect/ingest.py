@@ -255,7 +255,11 @@ class Collector:
                 else "no write key: send it as HTTP Basic user, or as `writeKey` in the body"
             )
             error = RequestError(401, Reason.BAD_WRITE_KEY, reason)
-            return self.refuse(error, None, _safe_text(parsed), request_id)
+            kept = parsed
+            if isinstance(parsed, dict) and route in SINGLE_ROUTES:
+                # The route names the type; keep it so `failed replay` can resend the message.
+                kept = {**parsed, "type": SINGLE_ROUTES[route]}
+            return self.refuse(error, None, _safe_text(kept), request_id)
         try:
             messages, batch = self._messages(route, parsed)
         except RequestError as e:
@@ -367,8 +371,9 @@ class Collector:
                 continue
             assert not isinstance(result, AcceptedMessage)  # noqa: S101 - narrowed for mypy
             code = result.reason_code
+            kept = msg if forced_type is None else {**msg, "type": forced_type}
             failures.append(
-                [code.value, result.reason, location, result.message_id, _safe_text(msg)]
+                [code.value, result.reason, location, result.message_id, _safe_text(kept)]
             )
             if len(errors) < MAX_REPORTED_ERRORS:
                 errors.append(
