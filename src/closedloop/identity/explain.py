@@ -49,10 +49,14 @@ class Hop:
     message_id: str
     messages: int
     score: float | None
+    other_message_id: str | None = None
 
     def evidence(self) -> str:
         if self.kind == "probabilistic":
-            return f"records {self.message_id} matched, p={self.score:.4f}"
+            return (
+                f"records {self.message_id} and {self.other_message_id} matched, "
+                f"p={self.score or 0.0:.4f}"
+            )
         more = f" (+{self.messages - 1} more)" if self.messages > 1 else ""
         return f"message {self.message_id}{more}"
 
@@ -118,12 +122,21 @@ def _graph(engine: Engine, customer_id: str) -> tuple[list[Ident], dict[Ident, l
     e = e.filter(e.used)
     e = e.semi_join(mine, [e.a_type == mine.id_type, e.a_value == mine.id_value])
     cols = ["a_type", "a_value", "b_type", "b_value", "kind", "message_id", "messages", "score"]
+    cols.append("other_message_id")
     adj: dict[Ident, list[Hop]] = {i: [] for i in ids}
     for r in e.select(*cols).to_pyarrow().to_pylist():
         a, b = Ident(r["a_type"], r["a_value"]), Ident(r["b_type"], r["b_value"])
         if a not in adj or b not in adj:
             continue
-        hop = Hop(a, b, r["kind"] or "message", r["message_id"], int(r["messages"]), r["score"])
+        hop = Hop(
+            a,
+            b,
+            r["kind"] or "message",
+            r["message_id"],
+            int(r["messages"]),
+            r["score"],
+            r["other_message_id"],
+        )
         adj[a].append(hop)
         adj[b].append(hop)
     for hops in adj.values():

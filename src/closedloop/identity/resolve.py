@@ -38,6 +38,7 @@ from closedloop.core.ids import customer_id_for, stable_hash64
 from closedloop.identity import tables  # noqa: F401  (declares the identity tables)
 from closedloop.identity.components import components_ibis, components_local
 from closedloop.identity.extract import identifier_occurrences
+from closedloop.identity.matching import probabilistic_pairs
 from closedloop.identity.normalise import BlockList, normalise
 from closedloop.identity.rules import Link, Rules, refine
 
@@ -54,6 +55,7 @@ class ResolveResult:
     links: int
     dropped: int = 0  # links not made because they would break a rule
     splits: int = 0  # customers whose identifiers were split apart in this run
+    probabilistic: int = 0  # links from scored record pairs (before rules and blocks)
 
 
 def _normalised_values(engine: Engine, occ: ir.Table, config: IdentityConfig) -> ir.Table:
@@ -117,6 +119,7 @@ def _message_pairs(engine: Engine, node_occ: ir.Table) -> ir.Table:
         last_ts=joined.ts.max(),
         kind=ibis.literal("message"),
         score=ibis.literal(None, type="float64"),
+        other_message_id=ibis.literal(None, type="string"),
     )
 
 
@@ -159,6 +162,7 @@ def resolve(
     """
     clock = clock or Clock()
     now = clock.now()
+    _upgrade(engine)
     occ = engine.scratch("id_occ", identifier_occurrences(engine, config))
     mapping = _normalised_values(engine, occ, config)
 
@@ -175,10 +179,20 @@ def resolve(
     ).distinct()
     node_occ = engine.scratch("id_node_occ", node_occ)
 
-    pairs = engine.scratch("id_pairs", _message_pairs(engine, node_occ))
+    pairs = engine.scratch("id_msg_pairs", _message_pairs(engine, node_occ))
+    scored, _model = probabilistic_pairs(engine, config, node_occ)
+    probabilistic = 0
+    if scored is not None:
+        scored = scored.anti_join(pairs, ["a", "b"])
+        probabilistic = int(scored.count().execute())
+        pairs = pairs.union(scored.select(*pairs.columns), distinct=False)
+    pairs = engine.scratch("id_pairs", pairs)
     blocked = engine.scratch("id_blocked", _blocked_pairs(engine, pairs))
     unblocked = pairs.anti_join(blocked, ["a", "b"])
-    quarantine = engine.scratch("id_quarantine", _quarantined(unblocked, config))
+    # Only identifiers seen together count towards quarantine, not scored profile matches.
+    quarantine = engine.scratch(
+        "id_quarantine", _quarantined(unblocked.filter(unblocked.kind == "message"), config)
+    )
     q_nodes = quarantine.node
     used = unblocked.filter(~unblocked.a.isin(q_nodes) & ~unblocked.b.isin(q_nodes))
 
@@ -196,7 +210,11 @@ def resolve(
     e = engine.scratch(
         "id_used",
         e.mutate(
-            priority=ibis.least(_priority(e.a_type, config), _priority(e.b_type, config)),
+            priority=ibis.ifelse(
+                e.kind == "message",
+                ibis.least(_priority(e.a_type, config), _priority(e.b_type, config)),
+                config.matching.priority if config.matching else 0,
+            ),
         ),
     )
     edges = e.select("src", "dst")
@@ -297,7 +315,20 @@ def resolve(
         links=int(used.count().execute()) - dropped.num_rows,
         dropped=dropped.num_rows,
         splits=int((ledger["action"] == "split").sum()) if len(ledger) else 0,
+        probabilistic=probabilistic,
     )
+
+
+def _upgrade(engine: Engine) -> None:
+    """Bring a ledger written before splits existed to the current schema (action='merge').
+
+    The ledger is appended to, never rebuilt, so its history must survive schema growth.
+    """
+    if not engine.exists("merge_ledger"):
+        return
+    t = engine.table("merge_ledger")
+    if "action" not in t.columns:
+        engine.replace("merge_ledger", t.mutate(action=ibis.literal("merge")))
 
 
 def _enforce_rules(

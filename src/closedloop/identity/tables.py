@@ -71,6 +71,7 @@ IDENTITY_EDGES = declare(
             # 'message' (seen in one message) or 'probabilistic' (a scored record pair)
             "kind": "string",
             "score": "float64",  # match probability of a probabilistic pair; null otherwise
+            "other_message_id": "string",  # the second record of a probabilistic pair
             # why an unused edge is unused: quarantined, blocked, dropped by a rule
             "status": "string",
         },
