@@ -46,6 +46,7 @@ def audience(engine: Engine) -> Engine:
             "customer_id": f"c{i:03d}",
             "name": f"N{i}",
             "email": None if i % 10 == 0 else f"p{i}@x.cn",
+            "consent_marketing": True,
         }
         for i in range(200)
     ]

@@ -1,33 +1,61 @@
-"""Running a campaign once: audience → eligibility → holdout → content → outbox, idempotently.
+"""Running a campaign once: audience → eligibility → holdout → policy → content → outbox.
 
-* Eligibility comes first (a reachable address for the channel), so the holdout and the
-  treatment group are drawn from the same reachable population and lift compares like with
-  like.
+* Fixed eligibility comes first (an address for the channel, no opt-out, marketing consent),
+  so the holdout and the treatment group are drawn from the same reachable population and
+  lift compares like with like.
 * The group is a deterministic hash of (campaign, customer): a person's group survives
   restarts and re-runs, with no stored random state.
+* The timing rules of the contact policy (frequency caps across all campaigns, quiet hours,
+  do-not-disturb periods; see ``activate.policy``) apply after the split, to the treatment
+  group. A held-out person is never messaged; the row records what the policy would have
+  done to them (``policy_verdict``), so measurement can exclude the same people from both
+  groups.
 * Every decision is a row in ``deliveries`` keyed by (campaign, occasion, customer); a re-run
-  after a crash skips people already decided, so nobody is messaged twice. The outbox file is
-  written whole to a temporary name and renamed before the decisions are recorded.
+  skips people already decided. The outbox file is written whole to a temporary name, fsynced
+  and renamed *before* the decisions are logged; a crash between the two is repaired on the
+  next run by logging the messages found in the outbox instead of deciding (and sending)
+  them again. So a crash at any point sends nobody a message twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import ibis
+import numpy as np
+import pandas as pd
 import pyarrow as pa
+from jinja2 import meta
 
 from closedloop.activate import tables as _tables  # noqa: F401  (declares `deliveries`)
-from closedloop.activate.templates import render
+from closedloop.activate.policy import (
+    OPT_OUT_FIELD,
+    Reason,
+    Slot,
+    cap_blocked,
+    fixed_reason,
+    local_days,
+    send_slot,
+    zone,
+)
+from closedloop.activate.templates import ENV, compiled
 from closedloop.core.clock import Clock
-from closedloop.core.definitions import CampaignDef, Channel
+from closedloop.core.definitions import CampaignDef, Channel, ContactPolicy
 from closedloop.core.engine import Engine
 from closedloop.core.ids import stable_hash64, unit_interval
+from closedloop.portrait.tables import PROFILES
 from closedloop.segments.audience import current_members
 
 ADDRESS_FIELD = {Channel.EMAIL: "email", Channel.SMS: "phone", Channel.OUTBOX: "customer_id"}
+
+Checkpoint = Callable[[str], None]
+"""A test hook called at named points of a run ("decided", "outbox_written", "logged")."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +68,9 @@ class CampaignRun:
     suppressed: int
     already_decided: int
     outbox: Path | None
+    postponed: int = 0
+    recovered: int = 0
+    reasons: dict[str, int] | None = None
 
 
 def assign_group(campaign: str, customer_id: str, holdout: float) -> str:
@@ -51,6 +82,19 @@ def _delivery_id(campaign: str, occasion: str, customer_id: str) -> str:
     return format(stable_hash64("delivery", campaign, occasion, customer_id), "016x")
 
 
+def effective_policy(campaign: CampaignDef, policy: ContactPolicy | None = None) -> ContactPolicy:
+    """``policy`` (the project's default, or the built-in one) overridden by the campaign's."""
+    return (policy or ContactPolicy()).overridden_by(campaign.policy)
+
+
+def template_fields(campaign: CampaignDef) -> list[str]:
+    """Profile columns the campaign's templates read: the only ones fetched per person."""
+    names: set[str] = set()
+    for text in (campaign.subject, campaign.template):
+        names |= meta.find_undeclared_variables(ENV.parse(text))
+    return sorted(names & set(PROFILES.columns))
+
+
 def run_campaign(
     engine: Engine,
     campaign: CampaignDef,
@@ -58,89 +102,278 @@ def run_campaign(
     outbox_dir: Path,
     occasion: str,
     clock: Clock | None = None,
+    policy: ContactPolicy | None = None,
+    timezone: str | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> CampaignRun:
+    """Decide and write this occasion's messages for everyone in the audience not yet decided.
+
+    ``policy`` is the project's contact policy (the campaign's ``policy:`` keys override it;
+    a project loaded with ``load_project`` has already merged them); ``timezone`` is the
+    fallback for people with no known time zone (default: the policy's, else UTC).
+    """
     now = (clock or Clock()).now()
+    pol = effective_policy(campaign, policy)
+    default_tz = timezone or pol.default_timezone or "UTC"
+    hook = checkpoint or (lambda _: None)
+    folder = outbox_dir / campaign.name
+    recovered = _recover(engine, campaign, occasion, folder)
+
+    address_field = ADDRESS_FIELD[campaign.channel]
+    opt_field = OPT_OUT_FIELD[campaign.channel]
     members = current_members(engine, campaign.audience)
     profiles = engine.table("profiles")
-    audience = members.join(profiles, "customer_id")
+    audience = members.select("customer_id").distinct().join(profiles, "customer_id")
     d = engine.table("deliveries")
     done = d.filter((d.campaign == campaign.name) & (d.occasion == occasion))
     todo = audience.filter(~audience.customer_id.isin(done.customer_id))
-    rows = todo.order_by("customer_id").to_pyarrow().to_pylist()
-    already = int(audience.count().execute()) - len(rows)
+    fields = template_fields(campaign)
+    wanted = ["customer_id", address_field, "consent_marketing", "timezone", *fields]
+    if opt_field:
+        wanted.append(opt_field)
+    cols = list(dict.fromkeys(wanted))
+    data = todo.select(*cols).order_by("customer_id").to_pyarrow()
+    already = int(audience.count().execute()) - data.num_rows
 
-    address_field = ADDRESS_FIELD[campaign.channel]
-    decisions: list[dict[str, object]] = []
-    outbox_lines: list[str] = []
-    for p in rows:
-        cid = str(p["customer_id"])
-        address = p.get(address_field)
-        base = {
-            "delivery_id": _delivery_id(campaign.name, occasion, cid),
-            "campaign": campaign.name,
-            "occasion": occasion,
-            "customer_id": cid,
-            "channel": campaign.channel.value,
-            "address": address,
-            "decided_at": now,
-            "message_id": None,
-            "reason": None,
-        }
-        if not address:
-            decisions.append(
-                {**base, "group": None, "status": "suppressed", "reason": f"no {address_field}"}
-            )
+    n = data.num_rows
+    cid: list[str] = data.column("customer_id").to_pylist()
+    address: list[Any] = data.column(address_field).to_pylist()
+    consent: list[Any] = data.column("consent_marketing").to_pylist()
+    opted: list[Any] = data.column(opt_field).to_pylist() if opt_field else [None] * n
+    tz_name: list[Any] = data.column("timezone").to_pylist()
+
+    # 1. Fixed eligibility, then 2. the holdout split among the eligible.
+    status: list[str] = ["suppressed"] * n
+    group: list[str | None] = [None] * n
+    reason: list[str | None] = [None] * n
+    for i in range(n):
+        r = fixed_reason(pol, address=address[i], consent=consent[i], opted_out=opted[i])
+        if r is not None:
+            reason[i] = r.value
             continue
-        group = assign_group(campaign.name, cid, campaign.holdout)
-        if group == "holdout":
-            decisions.append({**base, "group": group, "status": "held_out", "reason": "holdout"})
+        g = assign_group(campaign.name, cid[i], campaign.holdout)
+        group[i] = g
+        status[i] = "held_out" if g == "holdout" else "sent"
+        if g == "holdout":
+            reason[i] = "holdout"
+
+    # 3. Timing rules for everyone assigned (the held out get the verdict they would have had).
+    assigned = np.array([g is not None for g in group], dtype=bool)
+    slots: dict[str, Slot] = {}
+    send_at: list[datetime | None] = [None] * n
+    verdict: list[str | None] = [None] * n
+    day = np.zeros(n, dtype=np.int64)
+    for i in np.flatnonzero(assigned).tolist():
+        key = tz_name[i] or ""
+        slot = slots.get(key)
+        if slot is None:
+            slot = slots[key] = send_slot(pol, zone(key or None, default_tz), now)
+        day[i] = slot.local_day
+        if slot.send_at is None:
+            verdict[i] = slot.reason.value if slot.reason else None
+        else:
+            send_at[i] = slot.send_at
+            if slot.reason is not None and status[i] == "sent":
+                reason[i] = slot.reason.value  # postponed, and why
+    capped = _capped(engine, pol, campaign.channel, cid, tz_name, day, assigned, default_tz)
+    for i in np.flatnonzero(assigned & capped).tolist():
+        verdict[i] = verdict[i] or Reason.FREQUENCY_CAP.value
+    for i in np.flatnonzero(assigned).tolist():
+        if verdict[i] is None:
             continue
-        message_id = "msg_" + str(base["delivery_id"])
-        decisions.append({**base, "group": group, "status": "sent", "message_id": message_id})
-        outbox_lines.append(
+        if status[i] == "sent":
+            status[i], reason[i], send_at[i] = "suppressed", verdict[i], None
+            verdict[i] = None
+    hook("decided")
+
+    # 4. Content, outbox, log.
+    delivery_ids = [_delivery_id(campaign.name, occasion, c) for c in cid]
+    message_ids: list[str | None] = [None] * n
+    lines: list[str] = []
+    subject, body = compiled(campaign.subject), compiled(campaign.template)
+    offer = campaign.offer.model_dump() if campaign.offer else None
+    offer_code = campaign.offer.code if campaign.offer else None
+    columns = {f: data.column(f).to_pylist() for f in fields}
+    decided_iso = now.isoformat()
+    for i in range(n):
+        if status[i] != "sent":
+            continue
+        message_ids[i] = "msg_" + delivery_ids[i]
+        ctx = {f: columns[f][i] for f in fields}
+        ctx.update(offer=offer, campaign=campaign.name)
+        at = send_at[i]
+        lines.append(
             json.dumps(
                 {
+                    "delivery_id": delivery_ids[i],
                     "campaign": campaign.name,
                     "occasion": occasion,
-                    "customer_id": cid,
+                    "customer_id": cid[i],
                     "channel": campaign.channel.value,
-                    "address": address,
-                    "message_id": message_id,
-                    "sent_at": now.isoformat(),
-                    "subject": render(campaign.subject, p, campaign),
-                    "body": render(campaign.template, p, campaign),
-                    "offer_code": campaign.offer.code if campaign.offer else None,
+                    "address": address[i],
+                    "message_id": message_ids[i],
+                    "decided_at": decided_iso,
+                    "sent_at": at.isoformat() if at else decided_iso,
+                    "postponed_by": reason[i],
+                    "subject": subject.render(ctx),
+                    "body": body.render(ctx),
+                    "offer_code": offer_code,
                 },
                 ensure_ascii=False,
                 default=str,
             )
         )
-
-    outbox = (
-        _write_outbox(outbox_dir / campaign.name, occasion, outbox_lines) if outbox_lines else None
-    )
-    if decisions:
-        table = pa.Table.from_pylist(decisions)
-        engine.append("deliveries", table)
-    count = {
-        s: sum(1 for x in decisions if x["status"] == s) for s in ("sent", "held_out", "suppressed")
-    }
+    outbox = _write_outbox(folder, occasion, lines) if lines else None
+    hook("outbox_written")
+    if n:
+        decisions = pa.table(
+            {
+                "delivery_id": pa.array(delivery_ids, pa.string()),
+                "campaign": pa.array([campaign.name] * n, pa.string()),
+                "occasion": pa.array([occasion] * n, pa.string()),
+                "customer_id": pa.array(cid, pa.string()),
+                "group": pa.array(group, pa.string()),
+                "status": pa.array(status, pa.string()),
+                "reason": pa.array(reason, pa.string()),
+                "channel": pa.array([campaign.channel.value] * n, pa.string()),
+                "address": pa.array([None if a is None else str(a) for a in address], pa.string()),
+                "message_id": pa.array(message_ids, pa.string()),
+                "decided_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+                "send_at": pa.array(send_at, pa.timestamp("us", tz="UTC")),
+                "policy_verdict": pa.array(verdict, pa.string()),
+            }
+        )
+        engine.append("deliveries", decisions)
+    hook("logged")
+    count = {s: status.count(s) for s in ("sent", "held_out", "suppressed")}
+    reasons: dict[str, int] = {}
+    for s, why in zip(status, reason, strict=True):
+        if s == "suppressed" and why:
+            reasons[why] = reasons.get(why, 0) + 1
     return CampaignRun(
         campaign=campaign.name,
         occasion=occasion,
-        audience=len(rows) + already,
+        audience=n + already,
         sent=count["sent"],
         held_out=count["held_out"],
         suppressed=count["suppressed"],
         already_decided=already,
         outbox=outbox,
+        postponed=sum(1 for s, r in zip(status, reason, strict=True) if s == "sent" and r),
+        recovered=recovered,
+        reasons=reasons,
     )
+
+
+def _capped(
+    engine: Engine,
+    policy: ContactPolicy,
+    channel: Channel,
+    cid: list[str],
+    tz_name: list[Any],
+    day: np.ndarray[Any, np.dtype[np.int64]],
+    assigned: np.ndarray[Any, np.dtype[np.bool_]],
+    default_tz: str,
+) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """Which people one more message (on their local ``day``) would push over a cap."""
+    if not policy.caps or not assigned.any():
+        return np.zeros(len(cid), dtype=bool)
+    # Messages that can share a window with a new one on day D lie within `days` of D; +2 as
+    # a local day is not a UTC day. D itself may lie ahead of now (a postponed message).
+    span = max(c.days for c in policy.caps) + 2
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    lo = epoch + timedelta(days=int(day[assigned].min()) - span)
+    hi = epoch + timedelta(days=int(day[assigned].max()) + span)
+    d = engine.table("deliveries")
+    when = ibis.coalesce(d.send_at, d.decided_at)
+    recent = d.filter((d.status == "sent") & (when >= lo) & (when < hi))
+    hist = recent.select("customer_id", "channel", when=when).to_pyarrow().to_pandas()
+    if hist.empty:
+        return np.zeros(len(cid), dtype=bool)
+    person = pd.Index(cid).get_indexer(hist["customer_id"])
+    keep = person >= 0
+    hist, person = hist[keep], person[keep]
+    tz_of = pd.Series(tz_name, dtype=object).iloc[person].reset_index(drop=True)
+    hist_day = local_days(hist["when"].reset_index(drop=True), tz_of, default_tz)
+    return cap_blocked(
+        policy,
+        channel,
+        day=day,
+        history_person=person.astype(np.int64),
+        history_day=hist_day,
+        history_channel=hist["channel"].tolist(),
+    )
+
+
+def _recover(engine: Engine, campaign: CampaignDef, occasion: str, folder: Path) -> int:
+    """Log messages that reached the outbox but not the delivery log (a crash between them).
+
+    Outbox-before-log means every logged message is in the outbox; when the outbox holds more
+    lines than the log has sent rows, the difference was sent by a run that crashed before
+    logging, and must be logged as sent — never decided and written again.
+    """
+    files = _outbox_files(folder, occasion)
+    if not files:
+        return 0
+    d = engine.table("deliveries")
+    mine = d.filter((d.campaign == campaign.name) & (d.occasion == occasion))
+    logged = int(mine.filter(mine.status == "sent").count().execute())
+    lines = sum(f.read_bytes().count(b"\n") for f in files)
+    if lines <= logged:
+        return 0
+    known = set(mine.customer_id.to_pyarrow().to_pylist())
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            m = json.loads(line)
+            if m["customer_id"] in known:
+                continue
+            known.add(m["customer_id"])
+            rows.append(
+                {
+                    "delivery_id": m["delivery_id"],
+                    "campaign": campaign.name,
+                    "occasion": occasion,
+                    "customer_id": m["customer_id"],
+                    "group": "treatment",
+                    "status": "sent",
+                    "reason": m.get("postponed_by"),
+                    "channel": m["channel"],
+                    "address": None if m["address"] is None else str(m["address"]),
+                    "message_id": m["message_id"],
+                    "decided_at": datetime.fromisoformat(m["decided_at"]),
+                    "send_at": datetime.fromisoformat(m["sent_at"]),
+                    "policy_verdict": None,
+                }
+            )
+    if rows:
+        engine.append("deliveries", pa.Table.from_pylist(rows, schema=_RECOVERED))
+    return len(rows)
+
+
+_RECOVERED = pa.schema(
+    [
+        ("delivery_id", pa.string()),
+        ("campaign", pa.string()),
+        ("occasion", pa.string()),
+        ("customer_id", pa.string()),
+        ("group", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("channel", pa.string()),
+        ("address", pa.string()),
+        ("message_id", pa.string()),
+        ("decided_at", pa.timestamp("us", tz="UTC")),
+        ("send_at", pa.timestamp("us", tz="UTC")),
+        ("policy_verdict", pa.string()),
+    ]
+)
 
 
 def _write_outbox(folder: Path, occasion: str, lines: list[str]) -> Path:
     """Append this run's messages as a new file, fsynced and renamed into place."""
     folder.mkdir(parents=True, exist_ok=True)
-    n = len(list(folder.glob(f"{occasion}*.jsonl")))
+    n = len(_outbox_files(folder, occasion))
     final = folder / (f"{occasion}.jsonl" if n == 0 else f"{occasion}-{n}.jsonl")
     tmp = final.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as f:
@@ -148,4 +381,26 @@ def _write_outbox(folder: Path, occasion: str, lines: list[str]) -> Path:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(final)
+    _fsync_dir(folder)
     return final
+
+
+def _outbox_files(folder: Path, occasion: str) -> list[Path]:
+    """This occasion's outbox files: ``OCCASION.jsonl`` and ``OCCASION-N.jsonl`` (N a number)."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for f in folder.glob(f"{occasion}*.jsonl"):
+        rest = f.name[len(occasion) : -len(".jsonl")]
+        if rest == "" or (rest.startswith("-") and rest[1:].isdigit()):
+            out.append(f)
+    return sorted(out)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (a renamed file is only safe once its folder is synced)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

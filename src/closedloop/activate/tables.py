@@ -8,7 +8,11 @@ DELIVERIES = declare(
     TableSpec(
         name="deliveries",
         stage="activate",
-        description="Every campaign decision: sent, held out (control) or suppressed, and why.",
+        description=(
+            "Every campaign decision: sent, held out (control) or suppressed, and why "
+            "(reason: holdout, no_address, opted_out, no_consent, frequency_cap, quiet_hours, "
+            "do_not_disturb; on a sent row, the rule that postponed it)."
+        ),
         columns={
             "delivery_id": "string",
             "campaign": "string",
@@ -21,6 +25,13 @@ DELIVERIES = declare(
             "address": "string",
             "message_id": "string",
             "decided_at": "timestamp('UTC', 6)",
+            # When the message goes out (UTC): later than decided_at when the contact policy
+            # postponed it (quiet hours, a holiday); null when nothing is sent.
+            "send_at": "timestamp('UTC', 6)",
+            # For a held-out person: the rule that would have stopped the message had they been
+            # treated (frequency_cap, quiet_hours, do_not_disturb), so measurement can leave the
+            # same kind of people out of both groups.
+            "policy_verdict": "string",
         },
         key=("delivery_id",),
         erasure=Erasure.DELETE_BY_CUSTOMER,

@@ -43,11 +43,11 @@ def check_templates(campaign: CampaignDef) -> list[Problem]:
 
 
 @lru_cache(maxsize=256)
-def _compiled(text: str) -> Template:
+def compiled(text: str) -> Template:
     """Compile a template once per run, not once per person."""
     return ENV.from_string(text)
 
 
 def render(text: str, profile: dict[str, Any], campaign: CampaignDef) -> str:
     offer = campaign.offer.model_dump() if campaign.offer else None
-    return _compiled(text).render(**profile, offer=offer, campaign=campaign.name)
+    return compiled(text).render(**profile, offer=offer, campaign=campaign.name)
