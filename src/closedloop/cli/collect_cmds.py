@@ -53,6 +53,14 @@ def serve(
     from closedloop.cli.main import _project
 
     p = _project(project)
+    from closedloop.cli.main import _fail
+    from closedloop.collect.tracking_plan import load_tracking_plans
+    from closedloop.core.errors import DefinitionError
+
+    try:  # refuse to start on a broken plan rather than fail in every worker
+        load_tracking_plans(p.root, {s.name for s in p.config.sources})
+    except DefinitionError as e:
+        raise _fail(e) from None
     folder = (spool or p.root / "spool").resolve()
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["CLOSEDLOOP_PROJECT"] = str(p.root)

@@ -43,6 +43,7 @@ from closedloop.collect.messages import (
     encode_json,
 )
 from closedloop.collect.spool import encode_record
+from closedloop.collect.tracking_plan import Mode, TrackingPlan
 from closedloop.core.definitions import DataClass, Source
 
 MAX_REQUEST_BYTES: Final = 500 * 1024
@@ -183,8 +184,9 @@ def parse_json(body: bytes) -> object:
 class Collector:
     """The collector's rules over a project's sources, for one worker process."""
 
-    def __init__(self, sources: list[Source]) -> None:
+    def __init__(self, sources: list[Source], plans: dict[str, TrackingPlan] | None = None) -> None:
         self.by_key = {s.write_key: s for s in sources}
+        self.plans = plans or {}
         self._token = secrets.token_hex(4)
         self._counter = itertools.count(1)
 
@@ -317,6 +319,7 @@ class Collector:
         errors: list[dict[str, Any]] = []
         seen: set[str] = set()
         duplicate = 0
+        plan = self.plans.get(source.name)
         single_status = 200
         for index, msg in enumerate(messages):
             location = f"http:{request_id}#{index}"
@@ -361,6 +364,12 @@ class Collector:
                     )
             except RecursionError:
                 result = Refusal(Reason.MALFORMED, "message is nested too deeply", None)
+            blocked = False
+            if plan is not None and isinstance(result, AcceptedMessage) and line is not None:
+                broken = plan.violation(m)
+                if broken is not None and plan.mode is not Mode.ALLOW:
+                    result = Refusal(broken[0], broken[1], result.message_id)
+                    blocked = plan.mode is Mode.BLOCK
             if isinstance(result, AcceptedMessage) and line is not None:
                 mid = result.message_id
                 if mid in seen:
@@ -372,9 +381,8 @@ class Collector:
             assert not isinstance(result, AcceptedMessage)  # noqa: S101 - narrowed for mypy
             code = result.reason_code
             kept = msg if forced_type is None else {**msg, "type": forced_type}
-            failures.append(
-                [code.value, result.reason, location, result.message_id, _safe_text(kept)]
-            )
+            payload = "" if blocked else _safe_text(kept)  # block: keep the reason, not the data
+            failures.append([code.value, result.reason, location, result.message_id, payload])
             if len(errors) < MAX_REPORTED_ERRORS:
                 errors.append(
                     {

@@ -41,6 +41,7 @@ from closedloop.collect.ingest import (
 )
 from closedloop.collect.messages import MAX_MESSAGE_BYTES, Reason
 from closedloop.collect.spool import SpoolUnavailable, SpoolWriter, backlog_bytes
+from closedloop.collect.tracking_plan import TrackingPlan, load_tracking_plans
 from closedloop.core.definitions import Source
 
 DEFAULT_MAX_BACKLOG: Final = 2 * 1024**3  # spool bytes not yet loaded before answering 429
@@ -185,9 +186,10 @@ def create_app(
     spool_folder: Path,
     *,
     max_backlog: int = DEFAULT_MAX_BACKLOG,
+    plans: dict[str, TrackingPlan] | None = None,
 ) -> FastAPI:
     """The collector app for a project's sources, spooling into ``spool_folder``."""
-    collector = Collector(sources)
+    collector = Collector(sources, plans)
     pressure = _Pressure(Path(spool_folder), max_backlog)
     writer: list[SpoolWriter] = []  # opened at startup: one segment per worker process
 
@@ -364,4 +366,6 @@ def app_from_env() -> FastAPI:
     project = load_project(os.environ.get("CLOSEDLOOP_PROJECT", "."))
     spool = os.environ.get("CLOSEDLOOP_SPOOL") or str(project.root / "spool")
     backlog = int(os.environ.get("CLOSEDLOOP_MAX_BACKLOG", str(DEFAULT_MAX_BACKLOG)))
-    return create_app(list(project.config.sources), Path(spool), max_backlog=backlog)
+    sources = list(project.config.sources)
+    plans = load_tracking_plans(project.root, {s.name for s in sources})
+    return create_app(sources, Path(spool), max_backlog=backlog, plans=plans)

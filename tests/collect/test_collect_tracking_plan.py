@@ -1,0 +1,124 @@
+"""Tracking plans on the live collector: allowed events, property schemas, the three modes."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from closedloop.collect.tracking_plan import Mode, PlanDef, TrackingPlan, load_tracking_plans
+from closedloop.core.errors import DefinitionError
+from tests.collect.conftest import POS, WEB, LiveCollector
+
+PLAN = {
+    "events": {
+        "Order Completed": {
+            "properties": {
+                "type": "object",
+                "required": ["order_id", "revenue"],
+                "properties": {"revenue": {"type": "number", "minimum": 0}},
+            }
+        },
+        "Product Viewed": {},
+    },
+    "identify": {"traits": {"type": "object", "properties": {"email": {"type": "string"}}}},
+}
+
+
+def plan(mode: str, source: str) -> TrackingPlan:
+    return TrackingPlan(source, PlanDef.model_validate({**PLAN, "mode": mode}))
+
+
+def mid() -> str:
+    return uuid.uuid4().hex
+
+
+def test_plan_verdicts() -> None:
+    p = plan("quarantine", "web")
+    assert p.mode is Mode.QUARANTINE
+    ok = {
+        "type": "track",
+        "event": "Order Completed",
+        "properties": {"order_id": "o", "revenue": 3},
+    }
+    assert p.violation(ok) is None
+    assert p.violation({"type": "track", "event": "Product Viewed", "properties": {"x": 1}}) is None
+    code, why = p.violation({"type": "track", "event": "Signed Up"}) or ("", "")
+    assert code == "forbidden_event" and "Signed Up" in why
+    bad = {
+        "type": "track",
+        "event": "Order Completed",
+        "properties": {"order_id": "o", "revenue": -1},
+    }
+    code, why = p.violation(bad) or ("", "")
+    assert code == "tracking_plan" and "revenue" in why
+    assert p.violation({"type": "identify", "traits": {"email": 5}}) is not None
+    assert p.violation({"type": "page", "name": "anything"}) is None
+
+
+def test_modes_on_the_live_collector(tmp_path: Path) -> None:
+    live = LiveCollector(
+        tmp_path / "spool",
+        tmp_path / "w.duckdb",
+        plans={"web": plan("quarantine", "web"), "pos": plan("block", "pos")},
+    )
+    try:
+        good = {"type": "track", "event": "Product Viewed", "userId": "u", "messageId": mid()}
+        stray = {"type": "track", "event": "Signed Up", "userId": "u", "messageId": mid()}
+        neg = {
+            "type": "track",
+            "event": "Order Completed",
+            "userId": "u",
+            "messageId": mid(),
+            "properties": {"order_id": "o1", "revenue": -5},
+        }
+        for key, name in ((WEB.write_key, "web"), (POS.write_key, "pos")):
+            batch = [
+                dict(good, messageId=mid()),
+                dict(stray, messageId=mid()),
+                dict(neg, messageId=mid()),
+            ]
+            a = live.post("/v1/batch", {"batch": batch, "writeKey": key})
+            assert a.status == 200
+            assert (a.json["accepted"], a.json["failed"]) == (1, 2), name
+            assert [e["reason_code"] for e in a.json["errors"]] == [
+                "forbidden_event",
+                "tracking_plan",
+            ]
+        live.load()
+        failed = live.rows("failed_events", order_by="location")
+        web = [f for f in failed if f["source"] == "web"]
+        pos = [f for f in failed if f["source"] == "pos"]
+        assert all("Order Completed" in f["payload"] or "Signed Up" in f["payload"] for f in web)
+        assert [f["payload"] for f in pos] == ["", ""]  # block keeps the reason, not the data
+        assert all(f["message_id"] for f in pos)
+        assert len(live.rows("events")) == 2
+    finally:
+        live.stop()
+
+
+def test_allow_mode_accepts_violations(tmp_path: Path) -> None:
+    live = LiveCollector(tmp_path / "s", tmp_path / "w.duckdb", plans={"web": plan("allow", "web")})
+    try:
+        stray = {"type": "track", "event": "Signed Up", "userId": "u", "writeKey": WEB.write_key}
+        assert live.post("/v1/track", stray).json["accepted"] == 1
+    finally:
+        live.stop()
+
+
+def test_loading_plans_reports_every_problem(tmp_path: Path) -> None:
+    folder = tmp_path / "tracking_plans"
+    folder.mkdir()
+    (folder / "web.yaml").write_text("mode: quarantine\nevents:\n  Order Completed: {}\n")
+    assert set(load_tracking_plans(tmp_path, {"web", "pos"})) == {"web"}
+    (folder / "nosuch.yaml").write_text("mode: allow\n")
+    (folder / "pos.yaml").write_text("mode: sometimes\n")
+    with pytest.raises(DefinitionError) as e:
+        load_tracking_plans(tmp_path, {"web", "pos"})
+    text = str(e.value.problems)
+    assert "nosuch.yaml" in text and "pos.yaml" in text
+    (folder / "nosuch.yaml").unlink()
+    (folder / "pos.yaml").write_text("events:\n  E: {properties: {type: nonsense}}\n")
+    with pytest.raises(DefinitionError, match="JSON Schema"):
+        load_tracking_plans(tmp_path, {"web", "pos"})
