@@ -34,13 +34,36 @@ def single_owner(dataset: Path, id_type: str) -> pd.DataFrame:
     return ids[owners == 1].drop_duplicates("person_id")
 
 
-def write_outbox(dataset: Path, path: Path) -> dict[str, Any]:
-    """Email half the persons with an address of their own, text a few, plus unusable addresses."""
+def contactable(dataset: Path, channel: str) -> pd.Series:
+    """Whether a compliant sender may message each person on ``channel``."""
+    persons = pd.read_parquet(dataset / "truth" / "persons.parquet").set_index("person_id")
+    consent = persons["consent_marketing"].fillna(False).astype(bool)
+    return consent & ~persons[f"{channel}_opt_out"]
+
+
+def write_outbox(
+    dataset: Path, path: Path, *, campaign: str = CAMPAIGN, compliant_only: bool = False
+) -> dict[str, Any]:
+    """Email half the contactable persons with an address of their own, text a few, plus
+    unusable addresses and (unless ``compliant_only``) some persons a compliant sender would
+    have left alone: no marketing consent, or opted out of the channel."""
     rng = np.random.default_rng(3)
-    emails = single_owner(dataset, "email")
-    emails = emails[rng.random(len(emails)) < 0.5]
-    phones = single_owner(dataset, "phone")
-    phones = phones[~phones["person_id"].isin(emails["person_id"])].head(150)
+    may_email, may_text = contactable(dataset, "email"), contactable(dataset, "sms")
+    all_emails = single_owner(dataset, "email")
+    all_phones = single_owner(dataset, "phone")
+    allowed = may_email[all_emails["person_id"]].to_numpy()
+    emails = all_emails[allowed & (rng.random(len(all_emails)) < 0.5)]
+    violators: set[str] = set()
+    if not compliant_only:
+        bad_emails = all_emails[~allowed].head(60)
+        emails = pd.concat([emails, bad_emails])
+        violators = set(bad_emails["person_id"])
+    texted = all_phones[~all_phones["person_id"].isin(emails["person_id"])]
+    phones = texted[may_text[texted["person_id"]].to_numpy()].head(150)
+    if not compliant_only:
+        bad_phones = texted[~may_text[texted["person_id"]].to_numpy()].head(20)
+        phones = pd.concat([phones, bad_phones])
+        violators |= set(bad_phones["person_id"])
     ids = pd.read_parquet(dataset / "truth" / "identifiers.parquet")
     shared = ids[ids["id_type"] == "phone"].groupby("value")["person_id"].nunique()
     unusable = [
@@ -55,7 +78,7 @@ def write_outbox(dataset: Path, path: Path) -> dict[str, Any]:
     with path.open("w", encoding="utf-8") as f:
         for i, (channel, address, who) in enumerate(rows):
             line = {
-                "campaign": CAMPAIGN,
+                "campaign": campaign,
                 "occasion": "2026-11-20",
                 "customer_id": f"c_{who}",
                 "channel": channel,
@@ -70,6 +93,7 @@ def write_outbox(dataset: Path, path: Path) -> dict[str, Any]:
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return {
         "targets": set(emails["person_id"]) | set(phones["person_id"]),
+        "violators": violators,
         "customers": len(rows),
     }
 
@@ -127,7 +151,9 @@ def test_true_effect_is_the_mean_effect_of_the_treated(
     summary = answered[0]
     truth = response_truth(dataset)
     persons = pd.read_parquet(dataset / "truth" / "persons.parquet")
-    assert summary.true_effect == pytest.approx(truth.loc[truth["messaged"], "effect"].mean())
+    # A message sent against someone's wishes has no effect on them.
+    applied = truth["effect"].where(~truth["violated"], 0.0)
+    assert summary.true_effect == pytest.approx(applied[truth["messaged"]].mean())
     merged = truth.merge(persons[["person_id", "winback_effect"]], on="person_id")
     assert (merged["effect"] == merged["winback_effect"]).all()
     assert 0.04 < summary.true_effect < 0.15
@@ -165,7 +191,7 @@ def test_orders_identify_the_buyer_and_land_in_the_window(
     for source, m in lines:
         when = pd.Timestamp(m["timestamp"])
         assert start <= when < end
-        if m["event"] != "Order Completed":
+        if m.get("event") != "Order Completed":
             continue
         assert source == "ecommerce"
         person = persons.loc[owner[m["messageId"]]]
@@ -180,7 +206,7 @@ def test_orders_identify_the_buyer_and_land_in_the_window(
             )
     truth = response_truth(dataset)
     assert buyers == set(truth.loc[truth["converted"], "person_id"])
-    coupons = [m["properties"]["coupon"] for _, m in lines if m["event"] == "Order Completed"]
+    coupons = [m["properties"]["coupon"] for _, m in lines if m.get("event") == "Order Completed"]
     assert "BACK20" in coupons
 
 
@@ -196,7 +222,7 @@ def test_opens_and_clicks_come_back_with_the_campaign(
         assert m["anonymousId"] == m["properties"]["message_id"]
         traits = m["context"]["traits"]
         assert ("phone" in traits) == (m["event"] == "SMS Clicked")
-    assert all(source in ("ecommerce", "web") for source, _ in lines)
+    assert all(source in ("ecommerce", "web", "callcenter") for source, _ in lines)
 
 
 def test_same_seed_and_campaign_give_the_same_answer(
@@ -235,9 +261,65 @@ def test_a_missing_outbox_means_nobody_was_messaged(dataset: Path, tmp_path: Pat
         window_days=WINDOW,
     )
     assert (summary.messaged_persons, summary.reached, summary.true_effect) == (0, 0, 0.0)
+    assert summary.violations == 0
     assert summary.conversions > 0  # people buy anyway
 
 
 def test_campaign_names_cannot_escape_the_dataset(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         respond(dataset, tmp_path / "x", campaign="../evil", start=REFERENCE_TIME, window_days=7)
+
+
+# --- a sender that ignores consent and opt-outs ------------------------------------------------------
+
+
+def test_violations_are_counted(
+    dataset: Path, answered: tuple[ResponseSummary, dict[str, Any]]
+) -> None:
+    summary, sent = answered
+    truth = response_truth(dataset)
+    violators = sent["violators"]
+    assert len(violators) >= 50
+    assert summary.violations == len(violators) == truth["violated"].sum()
+    assert set(truth.loc[truth["violated"], "person_id"]) == violators
+    assert not (truth["violated"] & ~truth["messaged"]).any()
+    persons = pd.read_parquet(dataset / "truth" / "persons.parquet").set_index("person_id")
+    reasons = persons.loc[sorted(violators)]
+    no_consent = reasons["consent_marketing"].fillna(False) == False  # noqa: E712
+    assert no_consent.any() and (~no_consent).any()  # both kinds are in the outbox
+    assert (no_consent | reasons["email_opt_out"] | reasons["sms_opt_out"]).all()
+
+
+def test_violated_persons_complain_and_are_not_won_back(
+    dataset: Path, answered: tuple[ResponseSummary, dict[str, Any]]
+) -> None:
+    truth = response_truth(dataset).set_index("person_id")
+    lines = response_lines(dataset)
+    owners = pd.read_parquet(dataset / "truth" / f"response_messages_{CAMPAIGN}.parquet")
+    owner = dict(zip(owners["message_id"], owners["person_id"], strict=True))
+    complaints = [m for source, m in lines if source == "callcenter" and m["type"] == "track"]
+    assert complaints and all(m["event"] == "Complaint Filed" for m in complaints)
+    complainers = {owner[m["messageId"]] for m in complaints}
+    assert complainers <= set(truth.index[truth["violated"]])
+    assert 0.1 <= len(complainers) / truth["violated"].sum() <= 0.5
+    for m in complaints:
+        props = m["properties"]
+        assert props["reason"] == "unwanted_marketing" and props["campaign"] == CAMPAIGN
+        assert props["channel"] in ("email", "sms") and props["ticket_id"].startswith("T")
+        assert m.get("userId") or m["context"]["traits"]["phone"]
+    # Violated persons convert at their baseline: across them, close to the mean of p0.
+    violated = truth[truth["violated"]]
+    se = np.sqrt(violated["p0"].mean() / len(violated))
+    assert violated["converted"].mean() <= violated["p0"].mean() + 4 * se + 0.02
+
+
+def test_a_compliant_outbox_has_no_violations(dataset: Path, tmp_path: Path) -> None:
+    outbox = tmp_path / "compliant.jsonl"
+    sent = write_outbox(dataset, outbox, campaign="compliant", compliant_only=True)
+    summary = respond(
+        dataset, outbox, campaign="compliant", start=REFERENCE_TIME, window_days=WINDOW
+    )
+    assert summary.violations == 0 and summary.reached == len(sent["targets"])
+    assert not (dataset / "data" / "responses" / "compliant" / "callcenter").exists()
+    truth = pd.read_parquet(dataset / "truth" / "responses_compliant.parquet")
+    assert summary.true_effect == pytest.approx(truth.loc[truth["messaged"], "effect"].mean())

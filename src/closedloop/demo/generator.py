@@ -5,6 +5,13 @@ where the right answer is known. ``generate`` writes what the brand's touchpoint
 (``data/``: Segment-spec JSON lines, a POS ticket file, a CRM export) and, apart from it, who
 each record really belongs to (``truth/``). Nothing under ``data/`` names a person.
 
+A contact policy finds what it needs in the events, as the portrait reads them: the device's
+``context.timezone``, marketing consent in ``context.consent.categoryPreferences`` (Segment
+consent spec; stated at sign-up, at a privacy-policy refresh or in the mini-program's privacy
+pop-up, sometimes withdrawn later) and ``Unsubscribed``/``Subscribed`` per channel. The final
+state is in ``truth/persons.parquet`` (``consent_marketing``, ``email_opt_out``,
+``sms_opt_out``, ``timezone``).
+
 How it stays fast and memory-bounded at a million persons: persons are generated in fixed
 blocks of ``BLOCK`` persons, each from its own random stream seeded with ``(seed, block)``.
 Within a block everything is numpy/Arrow column arithmetic — no Python loop per event — and
@@ -416,6 +423,8 @@ class Frame:
     profile: Any  # further identify traits: a JSON fragment without braces
     ip: Any
     ua: Any
+    timezone: Any  # context.timezone (IANA name), or null
+    consent: Any  # context.consent.categoryPreferences as JSON object text, or null
 
     @classmethod
     def make(cls, n: int, **columns: Any) -> Frame:
@@ -495,8 +504,10 @@ def _context_json(f: Frame, context_traits: Any) -> Any:
         '","userAgent":"',
         f.ua,
         '"',
+        opt(',"timezone":"', f.timezone, '"'),
         device,
         external,
+        opt(',"consent":{"categoryPreferences":', f.consent, "}"),
         context_traits,
         "}",
     )
@@ -1167,8 +1178,14 @@ def _profile(p: Persons, ids: Identities, person: I64) -> Any:
     )  # fmt: skip
 
 
-def registration_frames(rng: np.random.Generator, p: Persons, ids: Identities) -> list[Frame]:
-    """Members joining during history: a page, Signed Up, then identify with their profile."""
+def registration_frames(
+    rng: np.random.Generator, p: Persons, ids: Identities, prefs: Preferences
+) -> list[Frame]:
+    """Members joining during history: a page, Signed Up, then identify with their profile.
+
+    The sign-up form asks for marketing and personalisation consent; Signed Up and the identify
+    carry the answer as ``context.consent.categoryPreferences`` (Segment consent spec).
+    """
     person = np.flatnonzero(p.member & (p.reg_ms >= H0_MS))
     k = len(person)
     if not k:
@@ -1190,6 +1207,8 @@ def registration_frames(rng: np.random.Generator, p: Persons, ids: Identities) -
         email_junk=junk,
     )
     identify.profile = _profile(p, ids, person)
+    consent = consent_json(prefs.grant[person], prefs.personalisation[person])
+    signed_up.consent = identify.consent = consent
     return [page, signed_up, identify]
 
 
@@ -1569,6 +1588,169 @@ def _crm_table(rng: np.random.Generator, p: Persons, parts: list[dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------------
+# Contact preferences: time zone, marketing consent and per-channel opt-outs.
+# ---------------------------------------------------------------------------------------------
+
+CONSENT_EVENT: Final = "Segment Consent Preference Updated"  # Segment's consent-change event
+_MARKETING_GRANT: Final = 0.85  # members who tick "send me offers" when they register
+_PERSONALISATION_GRANT: Final = 0.6  # … personalisation, among those who refuse marketing
+_WITHDRAW: Final = 0.05  # granters who later withdraw marketing consent
+_MINI_ANSWER: Final = 0.6  # non-members in the mini-program who answer its privacy pop-up …
+_MINI_GRANT: Final = 0.55  # … and grant marketing there
+_OPT_OUT: Final = (0.03, 0.02)  # members who unsubscribe: email, sms
+_RESUBSCRIBE: Final = 0.25  # of those, subscribe again later
+_WEB_TZ_OMITTED: Final = 0.2  # persons whose browser sends no time zone
+_CLIENT_SOURCES: Final = np.isin(np.arange(len(SOURCES)), [WEB, APP, MINI, OA])
+_CONSENT_JSON: Final = tuple(
+    f'{{"marketing":{m},"personalisation":{q}}}'
+    for m in ("false", "true")
+    for q in ("false", "true")
+)
+
+
+@dataclass
+class Preferences:
+    """Each person's latent answers to consent questions and unsubscribe links."""
+
+    grant: Bool  # marketing, when asked as a member
+    personalisation: Bool
+    withdraw: Bool
+    mini_answer: Bool  # a non-member answers the mini-program's privacy pop-up …
+    mini_grant: Bool  # … granting marketing
+    unsubscribe: Bool  # (n, 2): email, sms
+    resubscribe: Bool  # (n, 2)
+    web_tz_omitted: Bool
+
+
+@dataclass
+class ContactTruth:
+    """Final state per person, as the events state it."""
+
+    consent: npt.NDArray[np.int8]  # marketing: 1 granted, 0 refused or withdrawn, -1 never stated
+    email_opt_out: Bool
+    sms_opt_out: Bool
+
+
+def draw_preferences(rng: np.random.Generator, n: int) -> Preferences:
+    u = rng.random((n, 9))
+    grant = u[:, 0] < _MARKETING_GRANT
+    return Preferences(
+        grant=grant,
+        personalisation=grant | (u[:, 1] < _PERSONALISATION_GRANT),
+        withdraw=grant & (u[:, 2] < _WITHDRAW),
+        mini_answer=u[:, 3] < _MINI_ANSWER,
+        mini_grant=u[:, 4] < _MINI_GRANT,
+        unsubscribe=u[:, 5:7] < np.array(_OPT_OUT),
+        resubscribe=u[:, 7:9] < _RESUBSCRIBE,
+        web_tz_omitted=rng.random(n) < _WEB_TZ_OMITTED,
+    )
+
+
+def consent_json(marketing: npt.ArrayLike, personalisation: npt.ArrayLike) -> Any:
+    """``{"marketing": bool, "personalisation": bool}`` per row."""
+    m = np.asarray(marketing, dtype=np.int64)
+    return pick(_CONSENT_JSON, 2 * m + np.asarray(personalisation, dtype=np.int64))
+
+
+def client_timezones(p: Persons, prefs: Preferences, f: Frame) -> Any:
+    """``context.timezone``: the SDKs of the app, the mini-program and WeChat pages send the
+    device's zone; some browsers do not; servers (order service, call centre) never do."""
+    sends = _CLIENT_SOURCES[f.source] & ~((f.source == WEB) & prefs.web_tz_omitted[f.person])
+    return keep(pick(TZ_NAMES, p.tz[f.person]), sends)
+
+
+def _first_session(s: Sessions, mask: Bool) -> I64:
+    """Per person with a session where ``mask`` holds, the earliest such session."""
+    sel = np.flatnonzero(mask)
+    sel = sel[np.lexsort((s.ms[sel], s.person[sel]))]
+    _, first = np.unique(s.person[sel], return_index=True)
+    return np.asarray(sel[first], dtype=np.int64)
+
+
+def _moments_after(rng: np.random.Generator, p: Persons, person: I64, after: I64) -> I64:
+    """A moment strictly after ``after`` per row, within the person's activity window if it can.
+
+    It stays before now (at most halfway from ``after`` to now), so moments can be chained."""
+    end = np.minimum(H0_MS + ((p.last[person] + 1) * DAY_MS).astype(np.int64), REF_MS - HOUR_MS)
+    span = np.maximum(end - after, 2_000)
+    ms = after + 1_000 + (rng.random(len(person)) * (span - 1_000)).astype(np.int64)
+    return np.asarray(np.minimum(ms, (after + REF_MS) // 2 + 1), dtype=np.int64)
+
+
+def _settings_sessions(
+    rng: np.random.Generator, p: Persons, ids: Identities, person: I64, ms: I64
+) -> Sessions:
+    """Logged-in visits to the account settings on the web, in the app or the mini-program."""
+    source = np.minimum(choose_source(rng, p.touch_cdf[person][:, :3]), MINI)
+    return make_sessions(rng, p, ids, person, source, ms, login_p=1.0)
+
+
+def preference_frames(
+    rng: np.random.Generator, p: Persons, ids: Identities, s: Sessions, prefs: Preferences
+) -> tuple[list[Frame], ContactTruth]:
+    """Consent statements, withdrawals, unsubscribes and re-subscribes, and the final state.
+
+    Members who joined during history stated consent when they signed up. Members who joined
+    before meet the privacy-policy refresh at their first logged-in visit, and non-members the
+    mini-program's privacy pop-up at their first visit there; both answer with Segment's
+    consent-change event. Withdrawal is a later identify with marketing false.
+    """
+    n = p.n
+    consent = np.full(n, -1, dtype=np.int8)
+    stated_ms = np.full(n, -1, dtype=np.int64)
+    joined = p.member & (p.reg_ms >= H0_MS)
+    consent[joined] = prefs.grant[joined]
+    stated_ms[joined] = np.minimum(p.reg_ms[joined], REF_MS - 10_000) + 1_000
+    frames = []
+
+    old = p.member & (p.reg_ms < H0_MS)
+    first_login = _first_session(s, s.logged_in & old[s.person])
+    mini = _first_session(s, (s.source == MINI) & ~p.member[s.person])
+    mini = mini[prefs.mini_answer[s.person[mini]]]
+    for sel, grant in ((first_login, prefs.grant), (mini, prefs.mini_grant)):
+        who = s.person[sel]
+        ms = s.ms[sel] + 2_000
+        props = const("{}", len(sel))
+        call = as_call(s.frame.take(pa.array(sel)), ms, TRACK, CONSENT_EVENT, props)
+        call.consent = consent_json(grant[who], grant[who] | prefs.personalisation[who])
+        frames.append(call)
+        consent[who] = grant[who]
+        stated_ms[who] = ms
+
+    # Visits to the account settings: withdrawals, then per channel unsubscribes and re-subscribes.
+    withdraw = np.flatnonzero((consent == 1) & prefs.withdraw & p.member)
+    visits: list[tuple[I64, I64, str | None, str]] = [
+        (withdraw, _moments_after(rng, p, withdraw, stated_ms[withdraw]), None, "")
+    ]
+    opted_out = []
+    for c, channel in enumerate(("email", "sms")):
+        props = f'{{"channel":"{channel}"}}'
+        who = np.flatnonzero(p.member & prefs.unsubscribe[:, c])
+        joined_ms = np.maximum(p.reg_ms[who], H0_MS + (p.first[who] * DAY_MS).astype(np.int64))
+        ms = _moments_after(rng, p, who, np.minimum(joined_ms, REF_MS - 60_000))
+        back = prefs.resubscribe[who, c]
+        visits.append((who, ms, "Unsubscribed", props))
+        visits.append((who[back], _moments_after(rng, p, who[back], ms[back]), "Subscribed", props))
+        out = np.zeros(n, np.bool_)
+        out[who[~back]] = True
+        opted_out.append(out)
+    person = np.concatenate([v[0] for v in visits])
+    s = _settings_sessions(rng, p, ids, person, np.concatenate([v[1] for v in visits]))
+    bounds = np.cumsum([0] + [len(v[0]) for v in visits])
+    for (who, ms, event, props), lo, hi in zip(visits, bounds[:-1], bounds[1:], strict=True):
+        base = s.frame.take(np.arange(lo, hi))
+        if event is None:
+            call = as_call(base, ms, IDENTIFY, None, None)
+            call.profile = cat('"member_id":"', ids.member_id.take(pa.array(who)), '"')
+            call.consent = consent_json(np.zeros(len(who), np.bool_), prefs.personalisation[who])
+        else:
+            call = as_call(base, ms, TRACK, event, const(props, len(who)))
+        frames.append(call)
+    consent[withdraw] = 0
+    return frames, ContactTruth(consent, opted_out[0], opted_out[1])
+
+
+# ---------------------------------------------------------------------------------------------
 # One block, end to end.
 # ---------------------------------------------------------------------------------------------
 
@@ -1615,23 +1797,26 @@ def _tablet_frames(rng: np.random.Generator, p: Persons, ids: Identities) -> lis
 
 
 def _event_frames(
-    rng: np.random.Generator, p: Persons, ids: Identities
-) -> tuple[list[Frame], I64, I64]:
-    """All messages of a block, and the POS purchases (person, time) for the ticket file."""
+    rng: np.random.Generator, p: Persons, ids: Identities, prefs: Preferences
+) -> tuple[list[Frame], I64, I64, Sessions]:
+    """All messages of a block, the POS purchases (person, time) for the ticket file, and the
+    browsing sessions (later contact-preference events happen in some of them)."""
     sessions = _browse_sessions(rng, p, ids)
     frames = browse_frames(rng, p, ids, sessions, 1.8)
     frames += _tablet_frames(rng, p, ids)
-    frames += registration_frames(rng, p, ids)
+    frames += registration_frames(rng, p, ids, prefs)
     frames += login_identify_frames(rng, p, ids, sessions)
     frames += mini_phone_frames(rng, p, ids, sessions)
     frames += callcenter_frames(rng, p, ids)
     person, ms, at_pos = draw_orders(rng, p)
     if (~at_pos).any():
         frames += order_frames(rng, p, ids, person[~at_pos], ms[~at_pos])
-    return frames, person[at_pos], ms[at_pos]
+    return frames, person[at_pos], ms[at_pos], sessions
 
 
-def _persons_table(p: Persons, ids: Identities, last_order: I64, orders: I64) -> pa.Table:
+def _persons_table(
+    p: Persons, ids: Identities, last_order: I64, orders: I64, contact: ContactTruth
+) -> pa.Table:
     """Truth about each person: identity, latent behaviour, and the true campaign effect."""
     preferred = np.argmax(np.diff(p.touch_cdf, axis=1, prepend=0.0), axis=1)
     return pa.table(
@@ -1667,6 +1852,9 @@ def _persons_table(p: Persons, ids: Identities, last_order: I64, orders: I64) ->
             "winback_effect": pa.array(p.effect),
             "checkout_anonymous_id": pick(ids.anon_pool, np.arange(p.n) * 3),
             "home_ip": ids.home_ip,
+            "consent_marketing": pa.array(contact.consent == 1, mask=contact.consent < 0),
+            "email_opt_out": pa.array(contact.email_opt_out),
+            "sms_opt_out": pa.array(contact.sms_opt_out),
         }
     )
 
@@ -1708,12 +1896,19 @@ def _with_person_id(table: pa.Table, g0: int) -> pa.Table:
 def make_block(seed: int, block: int, persons: int) -> BlockOutput:
     """Everything about the persons of one block, from its own random stream."""
     rng = np.random.default_rng([seed, block])
+    # Contact preferences draw from a stream of their own, so adding them left the rest of the
+    # brand as it was.
+    pref_rng = np.random.default_rng([seed, block, 1])
     p = draw_persons(rng, block, min(BLOCK, persons - block * BLOCK))
+    prefs = draw_preferences(pref_rng, p.n)
     ids = draw_identities(rng, p)
-    frames, pos_person, pos_ms = _event_frames(rng, p, ids)
+    frames, pos_person, pos_ms, sessions = _event_frames(rng, p, ids, prefs)
     orders, order_truth = pos_tickets(rng, p, ids, pos_person, pos_ms)
     crm, crm_truth = crm_rows(rng, p, ids)
-    frame = sort_frame(Frame.concat(frames))
+    more, contact = preference_frames(pref_rng, p, ids, sessions, prefs)
+    frame = Frame.concat(frames + more)
+    frame.timezone = client_timezones(p, prefs, frame)
+    frame = sort_frame(frame)
     message_ids = uuid4s(rng, len(frame))
     lines = message_lines(frame, message_ids)
     bounds = np.searchsorted(frame.source, np.arange(len(SOURCES) + 1))
@@ -1723,7 +1918,7 @@ def make_block(seed: int, block: int, persons: int) -> BlockOutput:
         lines=[lines.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(len(SOURCES))],
         messages=pa.table({"message_id": message_ids, "person_id": person_ids(g0 + frame.person)}),
         identifiers=_dedupe_ids([*frame_id_rows(frame), *order_truth, *crm_truth], g0),
-        persons=_persons_table(p, ids, last_order, order_counts),
+        persons=_persons_table(p, ids, last_order, order_counts, contact),
         orders=_with_person_id(orders, g0),
         crm=_with_person_id(crm, g0),
     )

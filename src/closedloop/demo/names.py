@@ -302,6 +302,8 @@ COMPLAINT_REASONS: Final[tuple[str, ...]] = (
     "coupon_not_applied",
     "membership_points",
 )
+# Why someone messaged without consent, or after opting out, rings the call centre.
+MARKETING_COMPLAINT_REASON: Final = "unwanted_marketing"
 # Coupon codes by occasion: 618 (June 1–18), Double 11 (Nov 1–11), and the rest of the year.
 COUPON_618: Final[str] = "618-MJ30"
 COUPON_DOUBLE11: Final[str] = "D11-MJ50"

@@ -12,6 +12,12 @@ Segment messages that collect loads like any others, so the loop closes through 
 Each person draws one uniform number ``u``; they convert when ``u < p0 + effect`` if messaged
 and when ``u < p0`` if not. Outcomes are therefore coupled potential outcomes: a message never
 stops a purchase, and the true average effect on the treated is the mean of their effects.
+
+A compliant sender messages nobody without marketing consent or who opted out of the channel
+(the truth's final ``consent_marketing``, ``email_opt_out``, ``sms_opt_out``; every generated
+event is older than any send). A person the outbox nevertheless reaches that way is a
+*violation*: the message has no effect on them (``u < p0`` still decides), and some of them
+ring the call centre to complain (``Complaint Filed`` with reason ``unwanted_marketing``).
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ import pyarrow.parquet as pq
 from closedloop.core.ids import stable_hash64
 from closedloop.demo import names
 from closedloop.demo.generator import (
+    CALL,
     CATEGORY_NAMES,
     DAY_MS,
     ECOM,
     F64,
     I64,
+    IDENTIFY,
     TRACK,
     TZ_NAMES,
     TZ_OFFSET_H,
@@ -55,14 +63,17 @@ from closedloop.demo.generator import (
     keep,
     make_baskets,
     message_lines,
+    num,
     order_id_text,
     phone_pair,
+    random_text,
     sort_frame,
     uuid4s,
     with_contacts,
 )
 
-RESPONSE_SOURCES: Final = {"orders": "ecommerce", "engagement": "web"}
+RESPONSE_SOURCES: Final = {"orders": "ecommerce", "engagement": "web", "complaints": "callcenter"}
+COMPLAINT_RATE: Final = 0.3  # violated persons who complain within the window (if it is long)
 _PERSON_COLUMNS: Final = (
     "person_id",
     "is_member",
@@ -76,6 +87,7 @@ _PERSON_COLUMNS: Final = (
     "checkout_anonymous_id",
     "home_ip",
 )
+_CONTACT_COLUMNS: Final = ("consent_marketing", "email_opt_out", "sms_opt_out")
 _OUTBOX_SCHEMA: Final = pa.schema(
     [
         ("campaign", pa.string()),
@@ -98,7 +110,9 @@ class ResponseSummary:
     ``messaged_persons`` counts the pipeline's customers in the outbox, ``reached`` the true
     persons those addresses belong to, ``true_effect`` the mean uplift over reached persons,
     ``conversions`` the persons (messaged or not) who bought, ``messages`` the Segment messages
-    written.
+    written, ``violations`` the reached persons a compliant sender would not have messaged
+    (no marketing consent, or opted out of a channel they were reached on). Violations count
+    towards ``true_effect`` with an effect of zero.
     """
 
     messaged_persons: int
@@ -107,6 +121,7 @@ class ResponseSummary:
     conversions: int
     messages: int
     out: Path
+    violations: int = 0
 
 
 @dataclass
@@ -120,6 +135,8 @@ class _World:
     coupon: F64
     rate: F64
     effect: F64
+    consent: Bool  # stated marketing consent (never stated counts as none)
+    opted_out: dict[str, Bool]  # per channel: email, sms
 
     @property
     def n(self) -> int:
@@ -130,7 +147,18 @@ class _World:
 
 
 def _load_world(dataset: Path) -> _World:
-    persons = pq.read_table(dataset / "truth" / "persons.parquet", columns=list(_PERSON_COLUMNS))
+    path = dataset / "truth" / "persons.parquet"
+    available = set(pq.read_schema(path).names)
+    contact = [c for c in _CONTACT_COLUMNS if c in available]  # older brands lack them
+    persons = pq.read_table(path, columns=[*_PERSON_COLUMNS, *contact])
+    n = persons.num_rows
+
+    def flag(column: str, default: bool) -> Bool:
+        if column not in available:
+            return np.full(n, default, dtype=np.bool_)
+        values = persons.column(column).combine_chunks().fill_null(False)
+        return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.bool_)
+
     tz = pd.Index(TZ_NAMES).get_indexer(persons.column("timezone").to_pandas())
     category = pd.Index(CATEGORY_NAMES).get_indexer(persons.column("category_pref").to_pandas())
     return _World(
@@ -141,6 +169,8 @@ def _load_world(dataset: Path) -> _World:
         coupon=persons.column("coupon_affinity").to_numpy(),
         rate=persons.column("daily_purchase_rate").to_numpy(),
         effect=persons.column("winback_effect").to_numpy(),
+        consent=flag("consent_marketing", True),
+        opted_out={c: flag(f"{c}_opt_out", False) for c in ("email", "sms")},
     )
 
 
@@ -199,9 +229,80 @@ def map_addresses(dataset: Path, sends: pd.DataFrame, persons: pa.Table) -> I64:
     return np.asarray(index, dtype=np.int64)
 
 
-def _rng(seed: int, campaign: str) -> np.random.Generator:
+def _rng(seed: int, campaign: str, stream: int = 0) -> np.random.Generator:
     h = stable_hash64("world", campaign)
-    return np.random.default_rng([seed, h >> 32, h & 0xFFFFFFFF])
+    key = [seed, h >> 32, h & 0xFFFFFFFF]
+    return np.random.default_rng([*key, stream] if stream else key)
+
+
+def _violating_sends(w: _World, sends: pd.DataFrame, person: I64) -> Bool:
+    """Sends that reached someone a compliant sender would have left alone."""
+    reached = person >= 0
+    who = np.where(reached, person, 0)
+    sms = sends["channel"].eq("sms").to_numpy(dtype=np.bool_)
+    opted = np.where(sms, w.opted_out["sms"][who], w.opted_out["email"][who])
+    return np.asarray(reached & (~w.consent[who] | opted), dtype=np.bool_)
+
+
+def _complaint_frames(
+    rng: np.random.Generator,
+    w: _World,
+    sends: pd.DataFrame,
+    person: I64,
+    bad: Bool,
+    start_ms: int,
+    end_ms: int,
+) -> list[Frame]:
+    """Some persons messaged against their wishes ring the call centre after the first message.
+
+    As in the generator's call centre, members are looked up by member id; other callers get a
+    call id and leave their number (identify with the phone).
+    """
+    sent = sends["sent_ms"].to_numpy(dtype=np.int64)
+    bad_sends = np.flatnonzero(bad)
+    bad_sends = bad_sends[np.lexsort((sent[bad_sends], person[bad_sends]))]
+    who, first = np.unique(person[bad_sends], return_index=True)
+    send = bad_sends[first]
+    calls = rng.random(len(who)) < COMPLAINT_RATE
+    delay = (10 * 60_000 + rng.exponential(DAY_MS, len(who))).astype(np.int64)
+    ms = np.maximum(sent[send], start_ms) + delay
+    keep_rows = np.flatnonzero(calls & (ms < end_ms - 60_000))
+    who, send, ms = who[keep_rows], send[keep_rows], ms[keep_rows]
+    k = len(who)
+    idx = pa.array(who)
+    member = w.member[who]
+    digits = pc.utf8_slice_codeunits(w.strings("phone").take(idx), 3)
+    raw, value = phone_pair(rng, digits)
+    base = Frame.make(
+        k,
+        source=np.full(k, CALL),
+        ms=ms,
+        person=who,
+        mtype=np.full(k, TRACK),
+        user_id=keep(w.strings("member_id").take(idx), member),
+        anon_id=keep(cat("call-", random_text(rng, k, 12)), ~member),
+        ip=const(names.CALLCENTER_IP, k),
+        ua=const(names.CALLCENTER_USER_AGENT, k),
+    )
+    channel = json_text(pa.array(sends["channel"].to_numpy(dtype=object)[send], pa.string()))
+    campaign = json_text(pa.array(sends["campaign"].to_numpy(dtype=object)[send], pa.string()))
+    props = cat(
+        '{"reason":"', names.MARKETING_COMPLAINT_REASON,
+        '","ticket_id":"T', num(rng.integers(10**8, 10**9, k)),
+        '","channel":"', channel.fill_null("email"),
+        '","campaign":"', campaign.fill_null(""), '"}',
+    )  # fmt: skip
+    caller_id = ~member | (rng.random(k) < 0.5)
+    complaint = with_contacts(
+        as_call(base, ms + 60_000, TRACK, "Complaint Filed", props),
+        (keep(raw, caller_id), keep(value, caller_id)),
+    )
+    anon = pa.array(np.flatnonzero(~member))
+    identify = with_contacts(
+        as_call(base.take(anon), ms[~member], IDENTIFY, None, None),
+        (raw.take(anon), value.take(anon)),
+    )
+    return [complaint, identify]
 
 
 def _order_times(
@@ -348,19 +449,27 @@ def respond(
     reached = person >= 0
     messaged = np.zeros(w.n, dtype=np.bool_)
     messaged[person[reached]] = True
+    bad = _violating_sends(w, sends, person)
+    violated = np.zeros(w.n, dtype=np.bool_)
+    violated[person[bad]] = True
+    effect = np.where(messaged & ~violated, w.effect, 0.0)
     first_sent = np.full(w.n, np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(first_sent, person[reached], sends["sent_ms"].to_numpy(dtype=np.int64)[reached])
     first_sent = np.where(messaged, first_sent, -1)
 
     rng = _rng(seed, campaign)
     p0 = 1.0 - np.exp(-w.rate * window_days)
-    converted = rng.random(w.n) < np.clip(p0 + np.where(messaged, w.effect, 0.0), 0.0, 1.0)
+    converted = rng.random(w.n) < np.clip(p0 + effect, 0.0, 1.0)
     buyer = np.repeat(np.arange(w.n), np.where(converted, 1 + (rng.random(w.n) < 0.12), 0))
     ms = _order_times(rng, w, buyer, first_sent, start_ms, window_days)
     code = _offer_code(sends, campaign)
     coupon = (messaged[buyer] & (rng.random(len(buyer)) < 0.3 + 0.6 * w.coupon[buyer]), code)
     frames = [_order_frame(rng, w, buyer, ms, coupon)]
     frames += _engagement_frames(rng, w, sends, person, converted, end_ms)
+    complaints = _rng(
+        seed, campaign, stream=1
+    )  # its own stream: compliant answers stay as they were
+    frames += _complaint_frames(complaints, w, sends, person, bad, start_ms, end_ms)
 
     out = dataset / "data" / "responses" / campaign
     written = _write(rng, out, dataset, campaign, w, Frame.concat(frames))
@@ -369,7 +478,8 @@ def respond(
             "person_id": w.persons.column("person_id"),
             "messaged": pa.array(messaged),
             "p0": pa.array(p0),
-            "effect": pa.array(w.effect),
+            "effect": pa.array(w.effect),  # if messaged compliantly
+            "violated": pa.array(violated),
             "converted": pa.array(converted),
         }
     )
@@ -377,10 +487,11 @@ def respond(
     return ResponseSummary(
         messaged_persons=int(sends["customer_id"].nunique()),
         reached=int(messaged.sum()),
-        true_effect=float(w.effect[messaged].mean()) if messaged.any() else 0.0,
+        true_effect=float(effect[messaged].mean()) if messaged.any() else 0.0,
         conversions=int(converted.sum()),
         messages=written,
         out=out,
+        violations=int(violated.sum()),
     )
 
 
@@ -401,9 +512,12 @@ def _write(
     message_ids = uuid4s(rng, len(frame))
     lines = message_lines(frame, message_ids)
     for source in RESPONSE_SOURCES.values():
-        code = {"ecommerce": ECOM, "web": WEB}[source]
+        code = {"ecommerce": ECOM, "web": WEB, "callcenter": CALL}[source]
+        rows = frame.source == code
+        if source == "callcenter" and not rows.any():
+            continue  # no complaints, no file
         writer = PartWriter(out / source)
-        writer.write(lines.filter(pa.array(frame.source == code)))
+        writer.write(lines.filter(pa.array(rows)))
         writer.close()
     owners = w.persons.column("person_id").combine_chunks().take(pa.array(frame.person))
     messages = pa.table({"message_id": message_ids, "person_id": owners})
