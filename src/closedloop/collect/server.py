@@ -45,6 +45,7 @@ from closedloop.collect.tracking_plan import TrackingPlan, load_tracking_plans
 from closedloop.core.definitions import Source
 
 DEFAULT_MAX_BACKLOG: Final = 2 * 1024**3  # spool bytes not yet loaded before answering 429
+DRAIN_LIMIT: Final = 16 * 1024 * 1024  # an oversize body is read and dropped up to here
 RETRY_AFTER_BUSY: Final = "1"
 RETRY_AFTER_DOWN: Final = "5"
 _CORS_BASE: Final = {
@@ -163,21 +164,29 @@ class _Pressure:
 
 
 async def _read_body(request: Request) -> bytes:
-    """The raw body, refused (413) as soon as it grows past the request limit."""
+    """The raw body; past the request limit, a 413 — after reading the rest of the body.
+
+    Answering before the client has finished sending makes the server close the
+    connection under a client still writing, which sees a broken pipe instead of the 413
+    (and retries). So an oversize body is read and dropped, up to ``DRAIN_LIMIT``; only a
+    body larger still is cut off.
+    """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
-        raise RequestError(
-            413, Reason.TOO_LARGE, f"request body is over {MAX_REQUEST_BYTES:,} bytes (500 KB)"
-        )
+    too_large = RequestError(
+        413, Reason.TOO_LARGE, f"request body is over {MAX_REQUEST_BYTES:,} bytes (500 KB)"
+    )
+    if declared is not None and declared.isdigit() and int(declared) > DRAIN_LIMIT:
+        raise too_large
     parts: list[bytes] = []
     size = 0
     async for part in request.stream():
         size += len(part)
-        if size > MAX_REQUEST_BYTES:
-            raise RequestError(
-                413, Reason.TOO_LARGE, f"request body is over {MAX_REQUEST_BYTES:,} bytes (500 KB)"
-            )
-        parts.append(part)
+        if size > DRAIN_LIMIT:
+            raise too_large
+        if size <= MAX_REQUEST_BYTES:
+            parts.append(part)
+    if size > MAX_REQUEST_BYTES:
+        raise too_large
     return b"".join(parts)
 
 

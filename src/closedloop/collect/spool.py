@@ -89,8 +89,14 @@ class SpoolWriter:
     def _open(self) -> None:
         name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}{SEGMENT_SUFFIX}"
         path = self.folder / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        # Created and locked under a name the loader ignores, then renamed: a segment the
+        # loader can see is always locked while its writer lives. (Locked after creation
+        # under its final name, the loader could find it empty and unlocked, take it for
+        # finished and delete it just before the writer locked it and wrote to it.)
+        hidden = path.with_name(name + ".new")
+        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(hidden, path)
         _fsync_dir(self.folder)  # the new name itself must survive a crash
         self._fd, self._size, self.path = fd, 0, path
 
