@@ -152,3 +152,32 @@ def test_offsets_survive_and_skip_loaded_records(tmp_path: Path) -> None:
         w.close()
         assert SpoolLoader(engine, [WEB], spool).run_once().records == 0
         assert segment_names(spool) == []
+
+
+def test_dedup_window(tmp_path: Path) -> None:
+    """Forever by default; with a window, only events received within it count."""
+    from datetime import UTC, datetime, timedelta
+
+    from closedloop.core.clock import Clock
+
+    spool = tmp_path / "spool"
+
+    async def go() -> None:
+        w = SpoolWriter(spool)
+        await w.append(record(1, 2))
+        w.close()
+
+    t0 = datetime(2024, 3, 1, tzinfo=UTC)
+    later = Clock(t0 + timedelta(days=10))
+    with Engine(f"duckdb:///{tmp_path / 'w.duckdb'}") as engine:
+        asyncio.run(go())
+        assert SpoolLoader(engine, [WEB], spool, clock=Clock(t0)).run_once().accepted == 2
+        asyncio.run(go())
+        r = SpoolLoader(engine, [WEB], spool, clock=later, dedup_window=timedelta(days=30))
+        assert r.run_once().duplicate == 2
+        asyncio.run(go())
+        assert SpoolLoader(engine, [WEB], spool, clock=later).run_once().duplicate == 2
+        asyncio.run(go())
+        r = SpoolLoader(engine, [WEB], spool, clock=later, dedup_window=timedelta(days=1))
+        assert r.run_once().accepted == 2  # older than the window: not recognised
+        assert len(rows(engine, "events")) == 4

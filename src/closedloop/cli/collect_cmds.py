@@ -16,8 +16,8 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _loader_command(project: Path, spool: Path) -> list[str]:
-    return [
+def _loader_command(project: Path, spool: Path, window_days: float | None) -> list[str]:
+    command = [
         sys.executable,
         "-m",
         "closedloop.collect.drain",
@@ -26,6 +26,9 @@ def _loader_command(project: Path, spool: Path) -> list[str]:
         "--spool",
         str(spool),
     ]
+    if window_days is not None:
+        command += ["--dedup-window-days", str(window_days)]
+    return command
 
 
 def serve(
@@ -41,6 +44,10 @@ def serve(
     max_backlog_mb: Annotated[
         int, typer.Option(min=1, help="answer 429 when this much spool awaits the loader")
     ] = 2048,
+    dedup_window_days: Annotated[
+        float | None,
+        typer.Option(min=0, help="dedup look-back in days (default: forever)"),
+    ] = None,
 ) -> None:
     """Run the HTTP collector and its loader: Segment/RudderStack clients send here.
 
@@ -67,13 +74,14 @@ def serve(
     os.environ["CLOSEDLOOP_SPOOL"] = str(folder)
     os.environ["CLOSEDLOOP_MAX_BACKLOG"] = str(max_backlog_mb * 1024 * 1024)
     stopping = threading.Event()
-    loader: list[subprocess.Popen[bytes]] = [subprocess.Popen(_loader_command(p.root, folder))]  # noqa: S603 - our own interpreter and module
+    command = _loader_command(p.root, folder, dedup_window_days)
+    loader = [subprocess.Popen(command)]  # noqa: S603 - our own interpreter and module
 
     def supervise() -> None:
         while not stopping.wait(0.5):
             if loader[0].poll() is not None:
                 err.print(f"loader exited ({loader[0].returncode}); restarting it")
-                loader[0] = subprocess.Popen(_loader_command(p.root, folder))  # noqa: S603
+                loader[0] = subprocess.Popen(command)  # noqa: S603
 
     watcher = threading.Thread(target=supervise, name="loader-supervisor", daemon=True)
     watcher.start()

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from closedloop.collect.ingest import UNKNOWN_SOURCE
@@ -63,6 +64,7 @@ class SpoolLoader:
         *,
         pass_bytes: int = PASS_BYTES,
         clock: Clock | None = None,
+        dedup_window: timedelta | None = None,
     ) -> None:
         self.engine = engine
         self.sources = {s.name: s for s in sources}
@@ -70,6 +72,7 @@ class SpoolLoader:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.pass_bytes = pass_bytes
         self.clock = clock or Clock()
+        self.dedup_window = dedup_window
         self.offsets = Offsets(self.folder)
         present = set(segment_names(self.folder))
         for stale in [name for name in self.offsets.positions if name not in present]:
@@ -149,6 +152,7 @@ class SpoolLoader:
                         import_name="http",
                         location=f"spool:{self.folder}",
                         clock=self.clock,
+                        dedup_window=self.dedup_window,
                     )
                     intakes[source_name] = (intake, intake.builder())
                 builder = intakes[source_name][1]
@@ -193,7 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--project", default=".")
     parser.add_argument("--spool", default=None)
+    parser.add_argument(
+        "--dedup-window-days",
+        type=float,
+        default=None,
+        help="recognise a messageId as a duplicate of events received this many days back "
+        "(default: forever)",
+    )
     args = parser.parse_args(argv)
+    window = None if args.dedup_window_days is None else timedelta(days=args.dedup_window_days)
     project = load_project(args.project)
     folder = Path(args.spool) if args.spool else project.root / "spool"
     stop = threading.Event()
@@ -201,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     logging.basicConfig(level=logging.INFO, format="loader: %(message)s")
     with Engine(project.engine_url) as engine:
-        loader = SpoolLoader(engine, list(project.config.sources), folder)
+        loader = SpoolLoader(engine, list(project.config.sources), folder, dedup_window=window)
         loader.run(stop)
 
 

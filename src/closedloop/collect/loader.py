@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -256,9 +256,14 @@ class Intake:
         location: str,
         clock: Clock | None = None,
         progress: Progress | None = None,
+        dedup_window: timedelta | None = None,
     ) -> None:
         self.engine = engine
         self.source = source
+        # None: a messageId is a duplicate of any stored event, forever. A window limits
+        # the look-back to events received within it (cheaper on a huge log; a replay of
+        # something older than the window is then loaded again).
+        self.dedup_window = dedup_window
         self.import_name = import_name
         self.location = location
         self.clock = clock or Clock()
@@ -281,6 +286,9 @@ class Intake:
             # back, whatever the size of the event log.
             with engine.temporary(events.select(["message_id"])) as ids:
                 stored = engine.table("events")
+                if self.dedup_window is not None:
+                    cutoff = self.clock.now() - self.dedup_window
+                    stored = stored.filter(stored.received_at >= cutoff)
                 semi = ids.semi_join(stored, "message_id")
                 found = engine.to_arrow(semi)["message_id"].combine_chunks()
             if len(found):
