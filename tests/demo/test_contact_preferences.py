@@ -216,3 +216,40 @@ def test_consent_sits_in_the_context_as_the_spec_says(brand: Path) -> None:
     for m in found:
         assert set(m["context"]["consent"]) == {"categoryPreferences"}
         assert isinstance(m["context"]["consent"]["categoryPreferences"]["marketing"], bool)
+
+
+# --- the portrait reads what the generator meant -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_portrait_recovers_the_truth(tmp_path: Path) -> None:
+    """Through collect, identity and the portrait: each member's profile holds their truth."""
+    from closedloop.core.clock import Clock
+    from closedloop.core.definitions import load_project
+    from closedloop.core.engine import Engine
+    from closedloop.demo.project import init_project, relative_data_dir
+    from closedloop.pipeline import build
+
+    generation = generate(tmp_path / "brand", 1000, seed=5)
+    project_dir = tmp_path / "project"
+    init_project(project_dir, data_dir=relative_data_dir(project_dir, tmp_path / "brand" / "data"))
+    project = load_project(project_dir)
+    with Engine(project.engine_url) as engine:
+        build(engine, project, clock=Clock(generation.reference_time))
+        profiles = engine.table("profiles").to_pandas()
+        imap = engine.table("identity_map").to_pandas()
+    truth = pd.read_parquet(tmp_path / "brand" / "truth" / "persons.parquet")
+    members = imap[imap["id_type"] == "member_id"][["customer_id", "id_value"]]
+    one = members.groupby("customer_id")["id_value"].nunique() == 1  # not merged with another
+    members = members[members["customer_id"].isin(one[one].index)]
+    joined = members.merge(truth, left_on="id_value", right_on="member_id").merge(
+        profiles, on="customer_id", suffixes=("_truth", "")
+    )
+    assert len(joined) > 0.8 * truth["is_member"].sum()
+    consent = joined["consent_marketing"].astype("boolean")
+    expected = joined["consent_marketing_truth"].astype("boolean")
+    agree = (consent == expected).fillna(False) | (consent.isna() & expected.isna())
+    assert agree.mean() > 0.98, joined.loc[~agree, ["id_value", "consent_marketing"]]
+    for column in ("email_opt_out", "sms_opt_out"):
+        assert (joined[column] == joined[f"{column}_truth"]).mean() > 0.99, column
+    assert (joined["timezone"] == joined["timezone_truth"]).mean() > 0.95  # a few only browse
