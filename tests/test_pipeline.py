@@ -61,6 +61,9 @@ def test_demo_closes_the_loop(tmp_path: Path) -> None:
     assert result.outcome.treated == result.campaign.sent
     assert result.outcome.held_out == result.campaign.held_out
     assert result.world.true_effect > 0
+    # The contact policy held back everyone without consent or with an opt-out.
+    assert result.world.violations == 0
+    assert result.campaign.suppressed == sum((result.campaign.reasons or {}).values()) > 0
     html = result.report.read_text()
     assert (
         "lift, 95% CI" in html

@@ -119,6 +119,29 @@ def split_cmd(
     )
 
 
+@identity_app.command("quality")
+def quality_cmd(
+    project: ProjectDir = Path("."),
+    limit: Annotated[int, typer.Option(help="suspect identifiers to list")] = 20,
+) -> None:
+    """Data quality: refused identifiers by reason, and identifiers on many names."""
+    from rich.table import Table
+
+    from closedloop.identity.quality import report
+
+    p = _project(project)
+    with Engine(p.engine_url) as engine:
+        q = report(engine, limit)
+    t = Table("type", "reason", "identifiers", "messages", title="refused identifiers")
+    for r in q.issues.to_pylist():
+        t.add_row(r["id_type"], r["reason"], f"{r['identifiers']:,}", f"{r['messages'] or 0:,}")
+    console.print(t)
+    s = Table("type", "value", "names", "messages", title="suspects (not trusted to link)")
+    for r in q.suspects.to_pylist():
+        s.add_row(r["id_type"], r["id_value"], str(r["names"]), f"{r['messages']:,}")
+    console.print(s)
+
+
 def register(app: typer.Typer) -> None:
     """Add the identity stage's commands to the main app."""
     app.add_typer(identity_app, name="identity")

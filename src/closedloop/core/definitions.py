@@ -174,6 +174,12 @@ class IdentifierType(Definition):
         description="a value seen with more strong identifiers of one type than this is "
         "quarantined (a shared device, a clerk's phone) instead of linking them",
     )
+    max_names: int | None = Field(
+        None,
+        ge=1,
+        description="a value seen in records under more different names than this (a "
+        "clerk's phone typed for walk-ins) is quarantined and listed as a suspect",
+    )
     max_per_customer: int | None = Field(
         None,
         ge=1,

@@ -8,7 +8,14 @@ single right answer and are left out):
   truly belong to the same person;
 * pairwise recall — of all pairs that truly belong to the same person, the share put together;
 * exact persons — the share of persons whose identifiers form exactly one customer holding
-  nobody else's identifiers.
+  nobody else's identifiers;
+* linkable recall — recall over the pairs that *some* message evidence could join: pairs of
+  one person's identifiers connected through co-occurrence links whose two ends are both
+  that person's. A cookie never seen with another identifier is unlinkable by any method; this
+  figure separates "the resolver missed it" from "nothing in the data shows it".
+
+Probabilistic matching has its own referee, ``matching_accuracy``: the scored links between
+member ids against the persons the truth gives them.
 
 Pair counts come from the (customer × person) contingency table, so the cost is linear in the
 number of identifiers, not quadratic.
@@ -19,7 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from closedloop.core.engine import Engine
 
@@ -33,6 +43,7 @@ class IdentityAccuracy:
     recall: float
     f1: float
     exact_persons: float
+    linkable_recall: float = 0.0
 
 
 def _pairs(counts: pd.Series) -> float:
@@ -66,7 +77,9 @@ def identity_accuracy(engine: Engine, truth_dir: Path) -> IdentityAccuracy:
     one_customer = per_person[per_person == 1].index
     home = j[j["person_id"].isin(one_customer)].drop_duplicates("person_id")
     exact = home["customer_id"].map(persons_per_customer).eq(1).sum()
+    linkable = _linkable_recall(engine, j)
     return IdentityAccuracy(
+        linkable_recall=linkable,
         identifiers=len(j),
         persons=int(j["person_id"].nunique()),
         customers=int(j["customer_id"].nunique()),
@@ -75,3 +88,56 @@ def identity_accuracy(engine: Engine, truth_dir: Path) -> IdentityAccuracy:
         f1=f1,
         exact_persons=float(exact) / max(1, int(j["person_id"].nunique())),
     )
+
+
+def _linkable_recall(engine: Engine, j: pd.DataFrame) -> float:
+    """Recall over pairs joined by some same-person chain of message evidence."""
+    e = engine.table("identity_edges")
+    e = e.filter(e.kind == "message").select("a_type", "a_value", "b_type", "b_value")
+    edges = e.to_pandas()
+    key = j["id_type"] + ":" + j["value"]
+    person = dict(zip(key, j["person_id"], strict=True))
+    a = (edges["a_type"] + ":" + edges["a_value"]).map(person)
+    b = (edges["b_type"] + ":" + edges["b_value"]).map(person)
+    same = edges[a.notna() & (a == b)]
+    nodes = {k: i for i, k in enumerate(key)}
+    src = (same["a_type"] + ":" + same["a_value"]).map(nodes).to_numpy()
+    dst = (same["b_type"] + ":" + same["b_value"]).map(nodes).to_numpy()
+    n = len(nodes)
+    graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    jj = j.assign(evidence=comp[key.map(nodes).to_numpy()])
+    linkable = _pairs(jj.groupby(["person_id", "evidence"]).size())
+    found = _pairs(jj.groupby(["person_id", "evidence", "customer_id"]).size())
+    return found / linkable if linkable else 1.0
+
+
+def matching_accuracy(engine: Engine, truth_dir: Path) -> dict[str, float]:
+    """Precision, recall and F1 of probabilistic links between member ids.
+
+    Truth pairs: two member ids of one person (a second registration). Found: a scored
+    link between them. Precision: scored links whose two member ids are one person.
+    """
+    truth = pd.read_parquet(
+        truth_dir / "identifiers.parquet", columns=["person_id", "id_type", "value"]
+    )
+    members = truth[truth["id_type"] == "member_id"].drop_duplicates(["person_id", "value"])
+    owner = members.drop_duplicates("value").set_index("value")["person_id"]
+    per_person = members.groupby("person_id").size()
+    truly = _pairs(per_person)
+    e = engine.table("identity_edges")
+    e = e.filter(
+        (e.kind == "probabilistic") & (e.a_type == "member_id") & (e.b_type == "member_id")
+    )
+    links = e.select("a_value", "b_value").to_pandas()
+    right = int((links["a_value"].map(owner) == links["b_value"].map(owner)).sum())
+    precision = right / len(links) if len(links) else 1.0
+    recall = right / truly if truly else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "links": float(len(links)),
+        "true_pairs": truly,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+    }

@@ -252,7 +252,19 @@ def _facts(r: DemoResult) -> list[tuple[str, str]]:
         ("campaign audience", f"{r.campaign.audience:,}"),
         ("messages sent", f"{r.campaign.sent:,}"),
         ("held out", f"{r.campaign.held_out:,}"),
-        ("suppressed (unreachable)", f"{r.campaign.suppressed:,}"),
+        (
+            "suppressed by contact policy",
+            f"{r.campaign.suppressed:,}"
+            + (
+                " ("
+                + ", ".join(f"{k} {v:,}" for k, v in sorted((r.campaign.reasons or {}).items()))
+                + ")"
+                if r.campaign.reasons
+                else ""
+            ),
+        ),
+        ("postponed (quiet hours)", f"{r.campaign.postponed:,}"),
+        ("messages against consent or opt-out (world)", f"{r.world.violations:,}"),
         (
             "conversions (treated / held out)",
             f"{r.outcome.treated_conversions:,} / {r.outcome.held_out_conversions:,}",

@@ -110,6 +110,10 @@ def records(
     anchors = occ.mutate(r=top).filter(lambda t: t.r == 0)
     anchors = anchors.select("message_id", anchor="node", anchor_type="id_type")
     rec = rec.join(anchors, "message_id")
+    if "email" in rec.columns:
+        # Computed once per record, not once per compared pair.
+        user = rec.email.split("@")[0]
+        rec = rec.mutate(email_user=user, email_digits=user.re_replace("[^0-9]", ""))
     # The most complete record speaks for its identifier (a CRM row over a bare sign-up).
     filled = sum(
         (ibis.cases((rec[c].isnull(), 0), else_=1) for c in rec.columns if c in LEVELS),
@@ -119,27 +123,36 @@ def records(
     return rec.mutate(r=one).filter(lambda t: t.r == 0).drop("r")
 
 
-def _level(name: str, a: ir.StringValue, b: ir.StringValue) -> ir.IntegerValue:
-    """The comparison level of two values of field ``name`` (MISSING if either is absent)."""
+def _level(name: str, t: ir.Table) -> ir.IntegerValue:
+    """Comparison level of field ``name`` in pair table ``t`` (columns ``X_l``/``X_r``).
+
+    MISSING when either value is absent.
+    """
+    a, b = t[f"{name}_l"], t[f"{name}_r"]
     missing = a.isnull() | b.isnull() | (a == "") | (b == "")
     if name == "name":
         close = (a.length() == b.length()) & (a.levenshtein(b) <= 2)
         lv = ibis.cases((a == b, 2), (close, 1), else_=0)
     elif name == "email":
-        ua, ub = a.split("@")[0], b.split("@")[0]
+        ua, ub = t.email_user_l, t.email_user_r
         # User names are built from personal names: li.wei12 and li.wei57 are two people,
         # so a close spelling counts only if the digits (the identifying part) are equal.
-        same_digits = ua.re_replace("[^0-9]", "") == ub.re_replace("[^0-9]", "")
-        close = same_digits & (ua.levenshtein(ub) <= 2)
+        close = (t.email_digits_l == t.email_digits_r) & (ua.levenshtein(ub) <= 2)
         lv = ibis.cases((a == b, 3), (ua == ub, 2), (close, 1), else_=0)
     else:
         lv = ibis.cases((a == b, 1), else_=0)
     return ibis.cases((missing, MISSING), else_=lv)
 
 
+def _columns(fields: list[str]) -> list[str]:
+    """Record columns the comparisons of ``fields`` read."""
+    extra = ["email_user", "email_digits"] if "email" in fields else []
+    return [*fields, *extra]
+
+
 def blocked_pairs(rec: ir.Table, mc: MatchingConfig, present: list[str]) -> ir.Table:
     """Record pairs sharing every field of some blocking rule, with their comparison levels."""
-    cols = ["anchor", "anchor_type", "message_id", "ts", *present]
+    cols = ["anchor", "anchor_type", "message_id", "ts", *_columns(present)]
     parts = []
     for rule in mc.blocking:
         base = rec.filter(ibis.and_(*[rec[f].notnull() & (rec[f] != "") for f in rule]))
@@ -158,7 +171,7 @@ def blocked_pairs(rec: ir.Table, mc: MatchingConfig, present: list[str]) -> ir.T
     for p in parts[1:]:
         pairs = pairs.union(p)
     pairs = pairs.distinct()
-    lv = {f"g_{f}": _level(f, pairs[f"{f}_l"], pairs[f"{f}_r"]) for f in present}
+    lv = {f"g_{f}": _level(f, pairs) for f in present}
     return pairs.mutate(**lv)
 
 
@@ -253,15 +266,16 @@ def random_pair_u(
     k = max(1, min(n - 1, -(-sample // n)))
     offsets = [1 + (i * (n - 1)) // k for i in range(k)]
     numbered = rec.mutate(rn=ibis.row_number().over(order_by=rec.anchor))
-    cols = [*fields, "rn"]
+    cols = [*_columns(fields), "rn"]
     left = numbered.select(*cols).rename({f"{c}_l": c for c in cols})
     right = numbered.select(*cols).rename({f"{c}_r": c for c in cols})
     with engine.temporary(pa.table({"off": pa.array(offsets, pa.int64())})) as off:
         lo = left.cross_join(off)
-        j = lo.join(right, (lo.rn_l + lo.off) % n == right.rn_r)
-        lv = engine.scratch(
-            "pm_random", j.select(**{f: _level(f, j[f"{f}_l"], j[f"{f}_r"]) for f in fields})
-        )
+        # The partner's number as a column, so engines hash-join on it (an expression in
+        # the join condition can fall back to a nested-loop join).
+        lo = lo.mutate(partner=(lo.rn_l + lo.off) % n)
+        j = lo.join(right, lo.partner == right.rn_r)
+        lv = engine.scratch("pm_random", j.select(**{f: _level(f, j) for f in fields}))
         out: dict[str, list[float]] = {}
         for f in fields:
             seen = lv.filter(lv[f] != MISSING)

@@ -40,6 +40,7 @@ from closedloop.identity.components import components_ibis, components_local
 from closedloop.identity.extract import identifier_occurrences
 from closedloop.identity.matching import probabilistic_pairs
 from closedloop.identity.normalise import BlockList, normalise
+from closedloop.identity.quality import suspects
 from closedloop.identity.rules import Link, Rules, refine
 
 SEP = "\x1f"
@@ -190,8 +191,14 @@ def resolve(
     blocked = engine.scratch("id_blocked", _blocked_pairs(engine, pairs))
     unblocked = pairs.anti_join(blocked, ["a", "b"])
     # Only identifiers seen together count towards quarantine, not scored profile matches.
+    suspect = suspects(engine, config, node_occ)
+    limited = [t.name for t in config.types if t.max_names is not None]
+    on_many_names = suspect.filter(suspect.id_type.isin(limited)).select("node")
     quarantine = engine.scratch(
-        "id_quarantine", _quarantined(unblocked.filter(unblocked.kind == "message"), config)
+        "id_quarantine",
+        _quarantined(unblocked.filter(unblocked.kind == "message"), config)
+        .union(on_many_names)
+        .distinct(),
     )
     q_nodes = quarantine.node
     used = unblocked.filter(~unblocked.a.isin(q_nodes) & ~unblocked.b.isin(q_nodes))
@@ -305,6 +312,7 @@ def resolve(
     )
     engine.replace("identifier_issues", refused_counts.union(quarantined_issues, distinct=False))
     engine.replace("event_customers", _event_customers(engine, node_occ, config))
+    engine.replace("identity_suspects", suspect)
 
     return ResolveResult(
         identifiers=len(frame),

@@ -174,3 +174,22 @@ IDENTITY_DROPPED_LINKS = declare(
         erasure_column="message_id",
     )
 )
+
+IDENTITY_SUSPECTS = declare(
+    TableSpec(
+        name="identity_suspects",
+        stage="identity",
+        description="Strong identifiers seen under many different names (a clerk's phone, a "
+        "default value): surfaced for the data-quality report rather than trusted.",
+        columns={
+            "id_type": "string",
+            "id_value": "string",
+            "names": "int64",
+            "messages": "int64",
+            "reason": "string",
+        },
+        key=("id_type", "id_value"),
+        erasure=Erasure.DELETE_BY_IDENTIFIER,
+        erasure_column="id_value",
+    )
+)

@@ -1,0 +1,163 @@
+"""Benchmark: identity resolution — accuracy against ground truth, components speed, matching.
+
+Run as ``python bench/identity.py [--persons N] [--edges E] [--small S]``. Figures:
+
+* accuracy at N persons (default 100,000) against the generator's truth: pairwise precision,
+  recall and F1 over identifiers, recall over evidence-linkable pairs, the share of persons
+  resolved exactly; and the resolve time;
+* probabilistic matching at S (default 10,000) and N persons: time, links, precision, recall
+  and F1 of the scored member-id links — the same threshold at both sizes, to show it holds
+  when the base grows and strangers sharing name and birthday multiply;
+* the components step on a synthetic graph of E edges (default 10,000,000), in this run
+  beside ``scipy.sparse.csgraph.connected_components`` on the same edges already in memory
+  (the in-process floor): our step reads the edges from the warehouse, labels them and
+  writes the labels back; the portable Ibis label propagation is timed on the same graph
+  (``--no-portable`` skips it).
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from closedloop.core.clock import Clock
+from closedloop.core.definitions import load_project
+from closedloop.core.engine import Engine
+from closedloop.demo.accuracy import identity_accuracy, matching_accuracy
+from closedloop.demo.generator import generate
+from closedloop.demo.project import init_project, relative_data_dir
+from closedloop.identity.components import components_ibis, components_local
+from closedloop.identity.matching import probabilistic_pairs
+from closedloop.identity.resolve import resolve
+from closedloop.pipeline import load_imports
+
+
+def accuracy(persons: int, root: Path) -> dict[str, Any]:
+    """Generate, load, resolve; score identity and matching against the truth."""
+    fig: dict[str, Any] = {"persons": persons}
+    t = time.perf_counter()
+    summary = generate(root / "brand", persons)
+    fig["generate_s"] = round(time.perf_counter() - t, 2)
+    init_project(root / "p", data_dir=relative_data_dir(root / "p", root / "brand" / "data"))
+    project = load_project(root / "p")
+    with Engine(project.engine_url) as engine:
+        t = time.perf_counter()
+        load_imports(engine, project)
+        fig["load_s"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        r = resolve(engine, project.identity, Clock(summary.reference_time))
+        fig["resolve_s"] = round(time.perf_counter() - t, 2)
+        fig["identifiers"] = r.identifiers
+        fig["customers"] = r.customers
+        fig["probabilistic_links"] = r.probabilistic
+        acc = identity_accuracy(engine, root / "brand" / "truth")
+        fig.update(
+            precision=round(acc.precision, 5),
+            recall=round(acc.recall, 5),
+            f1=round(acc.f1, 5),
+            linkable_recall=round(acc.linkable_recall, 5),
+            exact_persons=round(acc.exact_persons, 5),
+        )
+        m = matching_accuracy(engine, root / "brand" / "truth")
+        fig.update({f"matching_{k}": round(v, 5) for k, v in m.items()})
+        # Matching alone, timed: the resolve above left its node occurrences in scratch.
+        node_occ = engine.con.table("_scratch_id_node_occ")
+        crm = int(engine.table("events").filter(lambda e: e.source == "crm").count().execute())
+        fig["crm_rows"] = crm
+        t = time.perf_counter()
+        links, model = probabilistic_pairs(engine, project.identity, node_occ)
+        if links is not None:
+            links.count().execute()
+        fig["matching_s"] = round(time.perf_counter() - t, 2)
+        if model is not None:
+            fig["matching_pairs_compared"] = model.pairs
+            fig["matching_prior"] = round(model.lam, 5)
+    return fig
+
+
+def synthetic_graph(edges: int, seed: int = 11) -> tuple[int, np.ndarray, np.ndarray]:
+    """An identity-like graph: many small clusters (persons), a few long links between them."""
+    rng = np.random.default_rng(seed)
+    n = int(edges * 1.2)
+    src = rng.integers(0, n, edges, dtype=np.int64)
+    dst = (src // 8) * 8 + rng.integers(0, 8, edges, dtype=np.int64)
+    far = rng.random(edges) < 0.01
+    dst[far] = rng.integers(0, n, int(far.sum()), dtype=np.int64)
+    return n, src, np.minimum(dst, n - 1)
+
+
+def components(edges: int, root: Path, portable: bool) -> dict[str, Any]:
+    fig: dict[str, Any] = {"graph_edges": edges}
+    n, src, dst = synthetic_graph(edges)
+    fig["graph_nodes"] = n
+    t = time.perf_counter()
+    graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
+    k, _ = connected_components(graph, directed=False)
+    fig["scipy_s"] = round(time.perf_counter() - t, 3)
+    fig["graph_components"] = int(k)
+    with Engine(f"duckdb:///{root / 'graph.duckdb'}") as engine:
+        con = engine.con
+        nodes_t = pa.table({"node_id": np.arange(n, dtype=np.int64)})
+        edges_t = pa.table({"src": src, "dst": dst})
+        con.create_table("g_nodes", nodes_t, overwrite=True)
+        con.create_table("g_edges", edges_t, overwrite=True)
+        del nodes_t, edges_t
+        t = time.perf_counter()
+        ea = con.table("g_edges").to_pyarrow()
+        na = con.table("g_nodes").to_pyarrow()
+        comp = components_local(
+            na["node_id"].to_numpy(), ea["src"].to_numpy(), ea["dst"].to_numpy()
+        )
+        with engine.temporary(comp) as c:
+            engine.scratch("g_components", c)
+        fig["local_step_s"] = round(time.perf_counter() - t, 3)
+        fig["local_vs_scipy"] = round(fig["local_step_s"] / fig["scipy_s"], 2)
+        labels = comp["component"].to_numpy()
+        fig["local_components"] = len(np.unique(labels))
+        if portable:
+            t = time.perf_counter()
+            out = components_ibis(engine, con.table("g_nodes"), con.table("g_edges"))
+            got = int(out.component.nunique().execute())
+            fig["portable_s"] = round(time.perf_counter() - t, 3)
+            fig["portable_vs_scipy"] = round(fig["portable_s"] / fig["scipy_s"], 2)
+            fig["portable_components_agree"] = got == fig["local_components"]
+    return fig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--persons", type=int, default=100_000)
+    ap.add_argument("--small", type=int, default=10_000)
+    ap.add_argument("--edges", type=int, default=10_000_000)
+    ap.add_argument("--no-portable", action="store_true")
+    args = ap.parse_args()
+    fig: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        fig["components"] = components(args.edges, Path(tmp), not args.no_portable)
+        print(json.dumps(fig["components"]), flush=True)
+    sizes = sorted({args.small, args.persons})
+    for persons in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            fig[f"accuracy_{persons}"] = accuracy(persons, Path(tmp))
+            print(json.dumps(fig[f"accuracy_{persons}"]), flush=True)
+    print(json.dumps(fig))
+
+
+if __name__ == "__main__":
+    main()
