@@ -369,7 +369,6 @@ def create_app(
 
 def app_from_env() -> FastAPI:
     """The app for a uvicorn worker, configured from ``CLOSEDLOOP_*`` environment variables."""
-    import closedloop.collect.tables  # noqa: F401 - declares the collect tables
     from closedloop.core.definitions import load_project
 
     project = load_project(os.environ.get("CLOSEDLOOP_PROJECT", "."))
