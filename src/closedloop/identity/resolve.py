@@ -23,6 +23,8 @@ Steps, with their cost:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -264,55 +266,60 @@ def resolve(
     )
 
     customers = _customers(frame, prev_customers, now)
-    # The identity map is written last of the resolution tables: a crash before it leaves
-    # the previous, consistent resolution in place.
-    engine.replace("customers", customers)
-    if len(aliases):
-        old_aliases = engine.table("customer_aliases").to_pandas()
-        all_aliases = pd.concat([old_aliases, aliases], ignore_index=True)
-        # Aliases of a merged id now resolve to its survivor too.
-        final = dict(zip(aliases["alias_id"], aliases["customer_id"], strict=True))
-        all_aliases["customer_id"] = all_aliases["customer_id"].map(lambda c: final.get(c, c))
-        all_aliases = all_aliases.drop_duplicates("alias_id", keep="last")
-        engine.replace("customer_aliases", pa.Table.from_pandas(all_aliases, preserve_index=False))
-    if len(ledger):
-        engine.append("merge_ledger", pa.Table.from_pandas(ledger, preserve_index=False))
-    engine.replace("identity_map", identity_map)
+    # Every table of the resolution changes together or not at all: a crash half way
+    # leaves the previous, consistent resolution (and no half-written ledger) in place.
+    with _atomic(engine):
+        engine.replace("customers", customers)
+        if len(aliases):
+            old_aliases = engine.table("customer_aliases").to_pandas()
+            all_aliases = pd.concat([old_aliases, aliases], ignore_index=True)
+            # Aliases of a merged id now resolve to its survivor too.
+            final = dict(zip(aliases["alias_id"], aliases["customer_id"], strict=True))
+            all_aliases["customer_id"] = all_aliases["customer_id"].map(lambda c: final.get(c, c))
+            all_aliases = all_aliases.drop_duplicates("alias_id", keep="last")
+            engine.replace(
+                "customer_aliases", pa.Table.from_pandas(all_aliases, preserve_index=False)
+            )
+        if len(ledger):
+            engine.append("merge_ledger", pa.Table.from_pandas(ledger, preserve_index=False))
+        engine.replace("identity_map", identity_map)
 
-    with engine.temporary(dropped) as d:
-        dropped_t = engine.scratch("id_dropped", d)
-    flagged = pairs.left_join(blocked.mutate(is_blocked=ibis.literal(True)), ["a", "b"]).drop(
-        "a_right", "b_right"
-    )
-    flagged = flagged.left_join(dropped_t.select("a", "b", "rule"), ["a", "b"]).drop(
-        "a_right", "b_right"
-    )
-    st = ibis.cases(
-        (flagged.is_blocked.fill_null(False), "blocked"),
-        (flagged.a.isin(q_nodes) | flagged.b.isin(q_nodes), "quarantined"),
-        (flagged.rule.notnull(), "dropped: " + flagged.rule),
-        else_="used",
-    )
-    pairs_out = flagged.mutate(
-        a_value=flagged.a.split(SEP)[1],
-        b_value=flagged.b.split(SEP)[1],
-        status=st,
-        used=st == "used",
-    )
-    engine.replace("identity_edges", pairs_out)
-    engine.replace(
-        "identity_dropped_links",
-        dropped_t.mutate(a_value=dropped_t.a.split(SEP)[1], b_value=dropped_t.b.split(SEP)[1]),
-    )
-    quarantined_issues = nodes.filter(nodes.node.isin(q_nodes)).select(
-        id_type="id_type",
-        raw_value="value",
-        reason=ibis.literal("quarantined: seen with too many strong identifiers"),
-        messages="messages",
-    )
-    engine.replace("identifier_issues", refused_counts.union(quarantined_issues, distinct=False))
-    engine.replace("event_customers", _event_customers(engine, node_occ, config))
-    engine.replace("identity_suspects", suspect)
+        with engine.temporary(dropped) as d:
+            dropped_t = engine.scratch("id_dropped", d)
+        flagged = pairs.left_join(blocked.mutate(is_blocked=ibis.literal(True)), ["a", "b"]).drop(
+            "a_right", "b_right"
+        )
+        flagged = flagged.left_join(dropped_t.select("a", "b", "rule"), ["a", "b"]).drop(
+            "a_right", "b_right"
+        )
+        st = ibis.cases(
+            (flagged.is_blocked.fill_null(False), "blocked"),
+            (flagged.a.isin(q_nodes) | flagged.b.isin(q_nodes), "quarantined"),
+            (flagged.rule.notnull(), "dropped: " + flagged.rule),
+            else_="used",
+        )
+        pairs_out = flagged.mutate(
+            a_value=flagged.a.split(SEP)[1],
+            b_value=flagged.b.split(SEP)[1],
+            status=st,
+            used=st == "used",
+        )
+        engine.replace("identity_edges", pairs_out)
+        engine.replace(
+            "identity_dropped_links",
+            dropped_t.mutate(a_value=dropped_t.a.split(SEP)[1], b_value=dropped_t.b.split(SEP)[1]),
+        )
+        quarantined_issues = nodes.filter(nodes.node.isin(q_nodes)).select(
+            id_type="id_type",
+            raw_value="value",
+            reason=ibis.literal("quarantined: seen with too many strong identifiers"),
+            messages="messages",
+        )
+        engine.replace(
+            "identifier_issues", refused_counts.union(quarantined_issues, distinct=False)
+        )
+        engine.replace("event_customers", _event_customers(engine, node_occ, config))
+        engine.replace("identity_suspects", suspect)
 
     return ResolveResult(
         identifiers=len(frame),
@@ -325,6 +332,21 @@ def resolve(
         splits=int((ledger["action"] == "split").sum()) if len(ledger) else 0,
         probabilistic=probabilistic,
     )
+
+
+@contextmanager
+def _atomic(engine: Engine) -> Iterator[None]:
+    """One transaction around the writes where the engine declares ``transactions``."""
+    if not engine.can("transactions"):
+        yield
+        return
+    engine.con.raw_sql("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        engine.con.raw_sql("ROLLBACK")
+        raise
+    engine.con.raw_sql("COMMIT")
 
 
 def _upgrade(engine: Engine) -> None:
