@@ -341,6 +341,7 @@ def test_settings_endpoint(live: LiveCollector) -> None:
     assert a.status == 200
     seg = a.json["integrations"]["Segment.io"]
     assert seg["apiKey"] == KEY and seg["apiHost"] == f"127.0.0.1:{live.port}/v1"
+    assert seg["protocol"] == "http"
     assert request(f"{live.url}/v1/projects/wk_nope_0000/settings").status == 401
 
 

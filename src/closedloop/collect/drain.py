@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import msgspec
+
 from closedloop.collect.ingest import UNKNOWN_SOURCE
-from closedloop.collect.loader import ChunkBuilder, Intake, LoadResult, gc_paused, parse_line
+from closedloop.collect.loader import ChunkBuilder, Intake, LoadResult, gc_paused
 from closedloop.collect.messages import Reason
 from closedloop.collect.spool import (
     Offsets,
@@ -39,6 +41,7 @@ from closedloop.core.definitions import DataClass, Source
 from closedloop.core.engine import Engine
 
 log = logging.getLogger(__name__)
+_decode = msgspec.json.Decoder().decode
 PASS_BYTES = 32 * 1024 * 1024  # read at most this much spool per pass
 
 
@@ -161,8 +164,8 @@ class SpoolLoader:
                 place = f"spool:{rec.segment}@{rec.offset}#"
                 for number, line in enumerate(lines):
                     try:
-                        raw = parse_line(line)
-                    except (ValueError, RecursionError) as e:  # the collector wrote it: corrupt
+                        raw = _decode(line)  # msgspec wrote it; msgspec reads it, 2x json
+                    except (msgspec.MsgspecError, ValueError, RecursionError) as e:  # corrupt
                         builder.fail(
                             Reason.MALFORMED,
                             f"spooled line unreadable: {e}",

@@ -334,6 +334,8 @@ def create_app(
                 "Segment.io": {
                     "apiKey": write_key,
                     "apiHost": f"{host}/v1",
+                    # analytics.js assumes https unless told; a plain-HTTP collector says so.
+                    "protocol": request.url.scheme,
                     "unbundledIntegrations": [],
                     "addBundledMetadata": True,
                     "maybeBundledConfigIds": {},
