@@ -38,3 +38,29 @@ DELIVERIES = declare(
         erasure_column="customer_id",
     )
 )
+
+MESSAGE_ATTEMPTS = declare(
+    TableSpec(
+        name="message_attempts",
+        stage="activate",
+        description=(
+            "Every hand-over of a message to a channel (SMTP): delivered, bounced (permanent, "
+            "never retried) or failed (retried); a message is sent again only after a failure."
+        ),
+        columns={
+            "message_id": "string",
+            "attempt": "int32",
+            "delivery_id": "string",
+            "campaign": "string",
+            "customer_id": "string",
+            "channel": "string",
+            "address": "string",
+            "status": "string",
+            "error": "string",
+            "attempted_at": "timestamp('UTC', 6)",
+        },
+        key=("message_id", "attempt"),
+        erasure=Erasure.DELETE_BY_CUSTOMER,
+        erasure_column="customer_id",
+    )
+)
