@@ -156,3 +156,54 @@ def test_failed_list_show_replay(tmp_path: Path) -> None:
         left = engine.to_arrow(engine.table("failed_events")).to_pylist()
     assert [(e["message_id"], e["source"]) for e in events] == [("r1", web.name)]
     assert [f["reason_code"] for f in left] == ["missing_identity"]
+
+
+def test_import_then_sql_read_only(tmp_path: Path) -> None:
+    proj = tmp_path / "brand"
+    runner.invoke(app, ["init", str(proj)])
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        "\n".join(
+            json.dumps({"type": "track", "event": "E", "userId": f"u{i}", "messageId": f"j{i}"})
+            for i in range(5)
+        )
+        + "\n{not json\n"
+    )
+    r = runner.invoke(app, ["import", str(events), "--source", "web", "-p", str(proj)])
+    assert r.exit_code == 0, r.output
+    assert "received 6, accepted 5, failed 1, duplicate 0" in r.output
+    orders = tmp_path / "orders.csv"
+    orders.write_text(
+        "order_id,member,amount,at\no1,m1,10.5,2024-03-01T10:00:00Z\n"
+        "o2,,3,2024-03-01T11:00:00Z\no3,m3,7,2024-03-02T09:00:00Z\n"
+    )
+    mapping = tmp_path / "orders.yaml"
+    mapping.write_text(
+        "type: track\nevent: Order Completed\nmessage_id_from: [order_id]\nuser_id: member\n"
+        "timestamp: at\nproperties: {order_id: order_id, revenue: amount}\n"
+    )
+    args = ["import", str(orders), "--source", "pos", "--mapping", str(mapping), "-p", str(proj)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "accepted 2, failed 1" in r.output, r.output
+    r = runner.invoke(app, args)  # a re-run adds nothing
+    assert "accepted 0, failed 1, duplicate 2" in r.output, r.output
+
+    q = "SELECT source, count(*) AS n, sum(revenue) AS revenue FROM events GROUP BY 1 ORDER BY 1"
+    r = runner.invoke(app, ["sql", q, "-p", str(proj)])
+    assert r.exit_code == 0, r.output
+    assert "pos" in r.output and "17.5" in r.output and "web" in r.output
+    out = tmp_path / "out.csv"
+    r = runner.invoke(app, ["sql", q, "-p", str(proj), "--csv", str(out)])
+    assert r.exit_code == 0 and "2 rows written" in r.output
+    assert out.read_text().splitlines()[1:] == ['"pos",2,17.5', '"web",5,']
+    for refused in (
+        "DELETE FROM events",
+        "CREATE TABLE x AS SELECT 1",
+        f"COPY events TO '{tmp_path / 'leak.csv'}'",
+        f"SELECT * FROM read_csv('{orders}')",  # noqa: S608 - the test's own path
+    ):
+        r = runner.invoke(app, ["sql", refused, "-p", str(proj)])
+        assert r.exit_code == 2, (refused, r.output)
+    assert not (tmp_path / "leak.csv").exists()
+    with Engine(load_project(proj).engine_url) as engine:
+        assert engine.count("events") == 7

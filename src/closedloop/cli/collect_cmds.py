@@ -221,7 +221,145 @@ def failed_replay(
     )
 
 
+def sql(
+    query: Annotated[str, typer.Argument(help="one SQL query (DuckDB dialect)")],
+    project: ProjectDir = Path("."),
+    csv: Annotated[Path | None, typer.Option(help="write the whole result as CSV")] = None,
+    parquet: Annotated[Path | None, typer.Option(help="write the whole result as Parquet")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="rows to print")] = 50,
+) -> None:
+    """Query the warehouse read-only: print a table, or write CSV/Parquet.
+
+    The connection is opened read-only and without access to files or the network, so a
+    query can neither change the warehouse nor read or write anything beside it. (DuckDB
+    lets one process write a file at a time: stop `closedloop serve` first.)
+    """
+    import duckdb
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+    from rich.table import Table
+
+    from closedloop.cli.main import _project
+
+    p = _project(project)
+    url = p.engine_url
+    if not url.startswith("duckdb:///"):
+        err.print(
+            f"`closedloop sql` reads DuckDB warehouses; this project uses {url.split(':')[0]}"
+        )
+        raise typer.Exit(code=2)
+    path = url[len("duckdb://") :]
+    if not Path(path).exists():
+        err.print(f"no warehouse yet at {path}; run `closedloop build` or `closedloop serve`")
+        raise typer.Exit(code=2)
+    try:
+        con = duckdb.connect(path, read_only=True, config={"enable_external_access": False})
+    except duckdb.Error as e:
+        err.print(f"cannot open the warehouse: {e}", markup=False)
+        raise typer.Exit(code=2) from None
+    try:
+        relation = con.sql(query)
+        if relation is None:
+            err.print("the statement returned no rows (only queries are allowed)")
+            raise typer.Exit(code=2)
+        result = relation.to_arrow_table()
+    except duckdb.Error as e:
+        err.print(f"query refused: {e}", markup=False)
+        raise typer.Exit(code=2) from None
+    finally:
+        con.close()
+    if csv is not None:
+        pacsv.write_csv(result, csv)
+    if parquet is not None:
+        pq.write_table(result, parquet)
+    if csv is not None or parquet is not None:
+        written = ", ".join(str(x) for x in (csv, parquet) if x is not None)
+        typer.echo(f"{result.num_rows:,} rows written to {written}")
+        return
+    t = Table(*result.column_names)
+    for row in result.slice(0, limit).to_pylist():
+        t.add_row(*("" if v is None else str(v) for v in row.values()))
+    console.print(t)
+    if result.num_rows > limit:
+        typer.echo(f"({result.num_rows:,} rows; first {limit} shown, --limit to see more)")
+
+
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help="CSV, Parquet or Segment JSON-lines file/folder")],
+    source: Annotated[str, typer.Option(help="the source the rows come from")],
+    mapping: Annotated[
+        Path | None,
+        typer.Option(help="YAML mapping of columns to a message (not for JSON lines)"),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="import name (default: file stem)")] = None,
+    project: ProjectDir = Path("."),
+) -> None:
+    """Import a file through the same gate as the collector; re-running adds nothing.
+
+    Bad rows go to failed events with their row number and reason (`closedloop failed`).
+    """
+    import re
+
+    from pydantic import ValidationError
+    from rich.progress import Progress
+
+    from closedloop.cli.main import _fail, _project
+    from closedloop.collect.importer import import_table
+    from closedloop.core.definitions import ImportFormat, ImportMapping, ImportSpec
+    from closedloop.core.engine import Engine
+    from closedloop.core.errors import ClosedloopError, DefinitionError, Problem
+    from closedloop.core.yamlfile import load_yaml
+
+    p = _project(project)
+    if source not in {s.name for s in p.config.sources}:
+        err.print(f"unknown source {source!r}", markup=False)
+        raise typer.Exit(code=2)
+    suffix = "".join(file.suffixes).lower() if file.is_file() else ""
+    if mapping is None:
+        fmt = ImportFormat.SEGMENT_JSONL
+    elif suffix.endswith(".parquet") or (file.is_dir() and any(file.glob("*.parquet"))):
+        fmt = ImportFormat.PARQUET
+    else:
+        fmt = ImportFormat.CSV
+    import_name = name or re.sub(r"[^a-z0-9_]", "_", file.stem.lower()).strip("_") or "import"
+    if not import_name[0].isalpha():
+        import_name = "import_" + import_name
+    try:
+        mapped = None
+        if mapping is not None:
+            data, _lines = load_yaml(mapping)
+            try:
+                mapped = ImportMapping.model_validate(data)
+            except ValidationError as e:
+                raise DefinitionError(
+                    [
+                        Problem(str(mapping), x["msg"], key=".".join(map(str, x["loc"])))
+                        for x in e.errors()
+                    ]
+                ) from None
+        spec = ImportSpec(
+            name=import_name, path=str(file), source=source, format=fmt, mapping=mapped
+        )
+        with Engine(p.engine_url) as engine, Progress(console=console) as bar:
+            task = bar.add_task(f"importing {file.name}", total=None)
+            r = import_table(
+                engine,
+                file,
+                spec,
+                p.config.source(source),
+                progress=lambda n: bar.advance(task, n),
+            )
+    except ClosedloopError as e:
+        raise _fail(e) from None
+    typer.echo(
+        f"{import_name}: received {r.received:,}, accepted {r.accepted:,}, "
+        f"failed {r.failed:,}, duplicate {r.duplicate:,}"
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add the collect stage's commands to the main app."""
     app.command()(serve)
+    app.command()(sql)
+    app.command("import")(import_cmd)
     app.add_typer(failed_app, name="failed")
