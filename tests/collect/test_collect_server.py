@@ -422,3 +422,29 @@ def test_a_spool_that_cannot_write_answers_503(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_too_many_requests_in_flight_is_429(tmp_path: Path) -> None:
+    """Two requests still sending their bodies hold both places; a third is told to wait."""
+    import socket
+
+    c = LiveCollector(tmp_path / "spool", tmp_path / "w.duckdb", max_in_flight=2)
+    held: list[socket.socket] = []
+    try:
+        body = json.dumps(msg(event="E", writeKey=KEY)).encode()
+        head = (f"POST /v1/t HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", c.port))
+            s.sendall(head + body[:10])  # the rest of the body never comes (yet)
+            held.append(s)
+        time.sleep(0.3)
+        a = c.post("/v1/t", msg(event="E", writeKey=KEY))
+        assert a.status == 429 and a.headers["retry-after"] == "1"
+        for s in held:
+            s.sendall(body[10:])
+            assert s.recv(1000).startswith(b"HTTP/1.1 200")
+        assert c.post("/v1/t", msg(event="E", writeKey=KEY)).status == 200
+    finally:
+        for s in held:
+            s.close()
+        c.stop()

@@ -45,6 +45,7 @@ from closedloop.collect.tracking_plan import TrackingPlan, load_tracking_plans
 from closedloop.core.definitions import Source
 
 DEFAULT_MAX_BACKLOG: Final = 2 * 1024**3  # spool bytes not yet loaded before answering 429
+DEFAULT_MAX_IN_FLIGHT: Final = 1024  # requests one worker holds at once before answering 429
 DRAIN_LIMIT: Final = 16 * 1024 * 1024  # an oversize body is read and dropped up to here
 RETRY_AFTER_BUSY: Final = "1"
 RETRY_AFTER_DOWN: Final = "5"
@@ -196,9 +197,16 @@ def create_app(
     *,
     max_backlog: int = DEFAULT_MAX_BACKLOG,
     plans: dict[str, TrackingPlan] | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
 ) -> FastAPI:
-    """The collector app for a project's sources, spooling into ``spool_folder``."""
+    """The collector app for a project's sources, spooling into ``spool_folder``.
+
+    ``max_in_flight`` bounds the requests one worker holds at once (reading, judging or
+    waiting for fsync); past it the worker answers 429 at once rather than queueing work
+    — and memory — it cannot get through.
+    """
     collector = Collector(sources, plans)
+    in_flight = [0]
     pressure = _Pressure(Path(spool_folder), max_backlog)
     writer: list[SpoolWriter] = []  # opened at startup: one segment per worker process
 
@@ -247,6 +255,19 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
 
     async def handle(request: Request, route: str) -> Response:
+        if in_flight[0] >= max_in_flight:
+            return _json(
+                429,
+                {"success": False, "error": "too many requests in progress; retry later"},
+                {**_cors(request), "retry-after": RETRY_AFTER_BUSY},
+            )
+        in_flight[0] += 1
+        try:
+            return await judge(request, route)
+        finally:
+            in_flight[0] -= 1
+
+    async def judge(request: Request, route: str) -> Response:
         cors = _cors(request)
         now = datetime.now(UTC)
         if pressure.busy():
