@@ -122,3 +122,33 @@ def test_loading_plans_reports_every_problem(tmp_path: Path) -> None:
     (folder / "pos.yaml").write_text("events:\n  E: {properties: {type: nonsense}}\n")
     with pytest.raises(DefinitionError, match="JSON Schema"):
         load_tracking_plans(tmp_path, {"web", "pos"})
+
+
+def test_replay_applies_the_plan_as_it_is_now(tmp_path: Path) -> None:
+    """Quarantined for an unplanned event; replay refuses until the plan lists it."""
+    from closedloop.collect.replay import replay_failed
+    from closedloop.core.engine import Engine
+
+    live = LiveCollector(
+        tmp_path / "spool", tmp_path / "w.duckdb", plans={"web": plan("quarantine", "web")}
+    )
+    try:
+        stray = {"type": "track", "event": "Signed Up", "userId": "u", "messageId": mid()}
+        a = live.post("/v1/batch", {"batch": [stray], "writeKey": WEB.write_key})
+        assert a.json["errors"][0]["reason_code"] == "forbidden_event"
+        live.load()
+    finally:
+        live.stop()
+    strict = {"web": plan("quarantine", "web")}
+    fixed_def = PlanDef.model_validate({**PLAN, "mode": "quarantine"})
+    fixed_def = PlanDef.model_validate(
+        {**fixed_def.model_dump(), "events": {**PLAN["events"], "Signed Up": {}}}
+    )
+    with Engine(f"duckdb:///{tmp_path / 'w.duckdb'}") as engine:
+        r = replay_failed(engine, [WEB, POS], plans=strict)
+        assert (r.rows, r.resolved, r.still_failing) == (1, 0, 1)
+        r = replay_failed(engine, [WEB, POS], plans={"web": TrackingPlan("web", fixed_def)})
+        assert (r.resolved, r.accepted) == (1, 1)
+        assert engine.count("failed_events") == 0
+        ids = engine.to_arrow(engine.table("events").select("message_id")).to_pylist()
+        assert ids == [{"message_id": stray["messageId"]}]

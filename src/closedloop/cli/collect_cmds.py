@@ -197,18 +197,25 @@ def failed_replay(
     Accepted messages go into `events` (a message already there is a duplicate, not a
     copy) and leave the failed events; the rest stay with their reason.
     """
-    from closedloop.cli.main import _project
+    from closedloop.cli.main import _fail, _project
     from closedloop.collect.replay import replay_failed
+    from closedloop.collect.tracking_plan import load_tracking_plans
     from closedloop.core.engine import Engine
+    from closedloop.core.errors import DefinitionError
 
     p = _project(project)
     if to_source is not None and to_source not in {s.name for s in p.config.sources}:
         err.print(f"unknown source {to_source!r}", markup=False)
         raise typer.Exit(code=2)
+    try:
+        plans = load_tracking_plans(p.root, {s.name for s in p.config.sources})
+    except DefinitionError as e:
+        raise _fail(e) from None
     with Engine(p.engine_url) as engine:
         r = replay_failed(
             engine,
             list(p.config.sources),
+            plans=plans,
             source=source,
             reason=reason,
             failure_ids=failure_id,

@@ -19,6 +19,7 @@ from typing import Any
 
 from closedloop.collect.loader import Intake
 from closedloop.collect.messages import AcceptedMessage, check_message
+from closedloop.collect.tracking_plan import Mode, TrackingPlan
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import Source
 from closedloop.core.engine import Engine
@@ -64,12 +65,15 @@ def replay_failed(
     failure_ids: list[str] | None = None,
     to_source: str | None = None,
     clock: Clock | None = None,
+    plans: dict[str, TrackingPlan] | None = None,
 ) -> ReplayResult:
     """Replay the failed events selected by source, reason code and/or ids.
 
     ``to_source`` replays rows kept under an unknown source (a bad write key) as that
-    source; without it such rows are skipped.
+    source; without it such rows are skipped. ``plans`` are the sources' tracking plans as
+    they are now: a message that still breaks an enforced plan stays failed.
     """
+    plans = plans or {}
     clock = clock or Clock()
     by_name = {s.name: s for s in sources}
     t = engine.table("failed_events")
@@ -97,6 +101,13 @@ def replay_failed(
         verdicts = [check_message(m, target, now) for m in messages]
         if not all(isinstance(v, AcceptedMessage) for v in verdicts):
             continue
+        plan = plans.get(target.name)
+        if (
+            plan is not None
+            and plan.mode is not Mode.ALLOW
+            and any(isinstance(m, dict) and plan.violation(m) for m in messages)
+        ):
+            continue  # still breaks the source's plan
         intake = intakes.get(target.name)
         if intake is None:
             intake = Intake(
