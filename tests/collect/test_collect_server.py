@@ -272,9 +272,13 @@ def test_a_retried_request_loads_once(live: LiveCollector) -> None:
         assert ids.count(m["messageId"]) == 1
 
 
-def test_message_id_generated_when_absent(live: LiveCollector) -> None:
+def test_message_id_generated_when_absent_and_stable_across_retries(live: LiveCollector) -> None:
     m = {"userId": "u-no-id", "event": "No Id", "writeKey": KEY, "properties": {"k": mid()}}
     assert live.post("/v1/track", m).status == 200
+    time.sleep(0.01)  # a later receivedAt must not make the retry a new message
+    assert (
+        live.post("/v1/batch", {"batch": [{**m, "type": "track"}], "writeKey": KEY}).status == 200
+    )
     rows = [r for r in events_by_id(live).values() if r["event"] == "No Id"]
     assert len(rows) == 1 and rows[0]["message_id"].startswith("cl-")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -143,6 +144,18 @@ class SpoolLoader:
         return result
 
     def _load(self, records: list[Record]) -> list[LoadResult]:
+        # The collector judged these messages with a serialiser of its own, at whatever stack
+        # depth its worker had; here the gate re-encodes nested properties with the standard
+        # library. A higher recursion limit for the pass makes sure nesting the collector
+        # accepted (its decoder stops near 1,000 levels) is never refused here instead.
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 20_000))
+        try:
+            return self._load_records(records)
+        finally:
+            sys.setrecursionlimit(limit)
+
+    def _load_records(self, records: list[Record]) -> list[LoadResult]:
         intakes: dict[str, tuple[Intake, ChunkBuilder]] = {}
         with gc_paused():
             for rec in records:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import itertools
 import json
 import secrets
@@ -40,6 +41,7 @@ from closedloop.collect.messages import (
     Reason,
     Refusal,
     check_message,
+    derived_message_id,
     encode_json,
 )
 from closedloop.collect.spool import encode_record
@@ -331,6 +333,14 @@ class Collector:
                 continue
             m = dict(msg)
             m.pop("writeKey", None)
+            if m.get("messageId") in (None, ""):
+                # Derived from what the client sent, before the server adds receivedAt and
+                # context.ip: a retry of a message without an id gets the same id.
+                # (An integer too long to print, nesting too deep: the gate refuses those.)
+                with contextlib.suppress(ValueError, RecursionError):
+                    m["messageId"] = derived_message_id(
+                        m if forced_type is None else {**m, "type": forced_type}, source
+                    )
             if forced_type is not None:
                 m["type"] = forced_type
             if batch_sent_at is not None and m.get("sentAt") is None:
