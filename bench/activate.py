@@ -2,10 +2,13 @@
 
 Run as ``python bench/activate.py [--audience N] [--campaigns K]``:
 
-* throughput — an audience of N customers (default 1,000,000) through ``run_campaign``
-  (holdout by hashing, sandboxed templates, delivery log, fsynced outbox), beside a baseline
-  measured in the same run: one ``json.dumps`` and write per person, with no decisions,
-  templates or delivery log — the floor for a Python outbox writer;
+* throughput — an audience of N customers (default 1,000,000) through ``run_campaign`` and
+  the contact policy engine (consent and opt-outs, holdout by hashing, frequency caps across
+  campaigns counted in each person's local days against a delivery log already holding
+  N/2 messages of the past week, quiet hours in 6 time zones, a holiday period; sandboxed
+  templates, delivery log, fsynced outbox), beside a baseline measured in the same run: one
+  ``json.dumps`` and write per person, with no decisions, templates or delivery log — the
+  floor for a Python outbox writer;
 * false-positive rate — K simulated A/A campaigns (no true effect; 10,000 people, 20% held
   out, 5% base rate): the share declared significant at 5% must be 5% within its sampling
   error, and the 95% interval must cover 0 about 95% of the time;
@@ -26,13 +29,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 import closedloop.activate.tables
 import closedloop.measure.tables  # noqa: F401
 from closedloop.activate.campaign import run_campaign
 from closedloop.core.clock import Clock
-from closedloop.core.definitions import CampaignDef
+from closedloop.core.definitions import CampaignDef, ContactPolicy
 from closedloop.core.engine import Engine
 from closedloop.measure.stats import lift
 from closedloop.portrait.tables import PROFILES
@@ -54,14 +58,72 @@ CAMPAIGN = CampaignDef.model_validate(
 )
 
 
-def throughput(n: int, root: Path) -> dict[str, float]:
+POLICY = ContactPolicy.model_validate(
+    {
+        "require_consent": True,
+        "caps": [
+            {"max": 1, "days": 1},
+            {"max": 3, "days": 7},
+            {"max": 2, "days": 7, "channel": "sms"},
+        ],
+        "quiet_hours": {"start": "21:00", "end": "09:00", "action": "postpone"},
+        "do_not_disturb": [{"name": "Golden Week", "start": "2026-10-01", "end": "2026-10-07"}],
+        "default_timezone": "Asia/Shanghai",
+    }
+)
+# 06:00 UTC: 14:00 in Shanghai, 15:00 in Tokyo, 07:00 in London, 01:00 in New York and
+# 22:00 in Los Angeles (quiet: postponed), 11:30 in Kolkata.
+ZONES = [
+    "Asia/Shanghai",
+    "Asia/Tokyo",
+    "Europe/London",
+    "America/New_York",
+    "America/Los_Angeles",
+    "Asia/Kolkata",
+]
+SEND_AT = datetime(2026, 11, 20, 6, tzinfo=UTC)
+
+
+def throughput(n: int, root: Path) -> dict[str, object]:
     with Engine(f"duckdb:///{root / 'w.duckdb'}") as engine:
+        rng = np.random.default_rng(7)
         ids = [f"c{i:08d}" for i in range(n)]
         cols = {c: pa.nulls(n, type=PROFILES.schema[c].to_pyarrow()) for c in PROFILES.columns}
         cols["customer_id"] = pa.array(ids)
         cols["name"] = pa.array([f"Name {i % 977}" for i in range(n)])
         cols["email"] = pa.array([f"p{i}@example.cn" for i in range(n)])
+        # 90% consent, 5% refused, 5% never stated; 2% opted out of e-mail.
+        u = rng.random(n)
+        consent = np.where(u < 0.9, True, np.where(u < 0.95, False, None))
+        cols["consent_marketing"] = pa.array(consent.tolist(), pa.bool_())
+        cols["email_opt_out"] = pa.array(rng.random(n) < 0.02)
+        zones = np.array([*ZONES, None], dtype=object)
+        cols["timezone"] = pa.array(zones[rng.integers(0, len(zones), n)].tolist(), pa.string())
         engine.replace("profiles", pa.table(cols))
+        # The past week of other campaigns: n/2 messages on random days and channels.
+        k = n // 2
+        who = rng.integers(0, n, k)
+        when = SEND_AT - pd.to_timedelta(rng.integers(0, 7 * 24 * 60, k), unit="m")
+        engine.append(
+            "deliveries",
+            pa.table(
+                {
+                    "delivery_id": pa.array([f"h{i}" for i in range(k)]),
+                    "campaign": pa.array(["earlier"] * k),
+                    "occasion": pa.array(["w47"] * k),
+                    "customer_id": pa.array([ids[i] for i in who]),
+                    "group": pa.array(["treatment"] * k),
+                    "status": pa.array(["sent"] * k),
+                    "reason": pa.nulls(k, pa.string()),
+                    "channel": pa.array(np.where(rng.random(k) < 0.7, "email", "sms").tolist()),
+                    "address": pa.nulls(k, pa.string()),
+                    "message_id": pa.array([f"mh{i}" for i in range(k)]),
+                    "decided_at": pa.array(when, pa.timestamp("us", tz="UTC")),
+                    "send_at": pa.array(when, pa.timestamp("us", tz="UTC")),
+                    "policy_verdict": pa.nulls(k, pa.string()),
+                }
+            ),
+        )
         engine.replace(
             "segment_membership",
             pa.table(
@@ -73,9 +135,16 @@ def throughput(n: int, root: Path) -> dict[str, float]:
                 }
             ),
         )
+        marks: dict[str, float] = {}
         t = time.perf_counter()
         run = run_campaign(
-            engine, CAMPAIGN, outbox_dir=root / "outbox", occasion="o1", clock=Clock(NOW)
+            engine,
+            CAMPAIGN,
+            outbox_dir=root / "outbox",
+            occasion="o1",
+            clock=Clock(SEND_AT),
+            policy=POLICY,
+            checkpoint=lambda point: marks.setdefault(point, time.perf_counter() - t),
         )
         campaign_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -88,7 +157,13 @@ def throughput(n: int, root: Path) -> dict[str, float]:
         "audience": n,
         "sent": run.sent,
         "held_out": run.held_out,
+        "suppressed": run.suppressed,
+        "postponed": run.postponed,
+        "suppressed_by": dict(sorted((run.reasons or {}).items())),
         "campaign_s": round(campaign_s, 2),
+        "read_and_policy_s": round(marks["decided"], 2),
+        "content_and_outbox_s": round(marks["outbox_written"] - marks["decided"], 2),
+        "delivery_log_s": round(marks["logged"] - marks["outbox_written"], 2),
         "people_per_s": round(n / campaign_s),
         "bare_write_s": round(bare_s, 2),
         "ratio_to_bare_write": round(campaign_s / bare_s, 1),
