@@ -140,6 +140,11 @@ def _cors(request: Request) -> dict[str, str]:
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str]) -> Response:
+    if "error" in body:
+        # Segment's and RudderStack's libraries read `code` and `message` from an error
+        # answer (and fail on a KeyError without them).
+        body.setdefault("code", body.get("reason_code", "error"))
+        body.setdefault("message", body["error"])
     return Response(
         json.dumps(body, separators=(",", ":")).encode(),
         status_code=status,
