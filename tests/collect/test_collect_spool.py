@@ -181,3 +181,13 @@ def test_dedup_window(tmp_path: Path) -> None:
         r = SpoolLoader(engine, [WEB], spool, clock=later, dedup_window=timedelta(days=1))
         assert r.run_once().accepted == 2  # older than the window: not recognised
         assert len(rows(engine, "events")) == 4
+
+
+def test_loader_removes_unnamed_orphans(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    orphan = spool / "00000000000000000001-1-abcd.seg.new"
+    orphan.write_bytes(b"")
+    with Engine(f"duckdb:///{tmp_path / 'w.duckdb'}") as engine:
+        SpoolLoader(engine, [WEB], spool)
+    assert not orphan.exists()

@@ -78,6 +78,11 @@ class SpoolLoader:
         self.clock = clock or Clock()
         self.dedup_window = dedup_window
         self.offsets = Offsets(self.folder)
+        # A writer killed between creating its segment and naming it leaves an empty
+        # ``.seg.new`` that nothing will ever write to again: remove those left unlocked.
+        for orphan in self.folder.glob("*.seg.new"):
+            if writer_gone(orphan):
+                orphan.unlink(missing_ok=True)
         present = set(segment_names(self.folder))
         for stale in [name for name in self.offsets.positions if name not in present]:
             del self.offsets.positions[stale]
