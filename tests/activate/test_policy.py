@@ -386,3 +386,27 @@ def test_a_delivery_log_from_before_the_policy_is_upgraded(engine: Engine, tmp_p
     new = d[d.campaign == "promo"].set_index("customer_id")
     assert new.loc[first, "reason"] == "frequency_cap"
     assert (new.drop(index=first).reason != "frequency_cap").all()
+
+
+def test_a_dry_run_shows_every_decision_and_writes_nothing(engine: Engine, tmp_path: Path) -> None:
+    people(
+        engine,
+        [{"customer_id": f"c{i:03d}", "timezone": "Asia/Shanghai"} for i in range(30)]
+        + [{"customer_id": "never", "consent_marketing": None}],
+    )
+    night = ContactPolicy.model_validate({"quiet_hours": {"start": "21:00", "end": "09:00"}})
+    args: dict[str, Any] = {
+        "outbox_dir": tmp_path,
+        "occasion": "o",
+        "clock": Clock(NOW),
+        "policy": night,
+    }
+    dry = run_campaign(engine, campaign(), dry_run=True, **args)
+    assert dry.decisions is not None and dry.outbox is None
+    assert engine.count("deliveries") == 0 and not (tmp_path / "promo").exists()
+    real = run_campaign(engine, campaign(), **args)
+    cols = ["customer_id", "group", "status", "reason", "send_at"]
+    got = dry.decisions.to_pandas()[cols].sort_values("customer_id").reset_index(drop=True)
+    want = engine.table("deliveries").to_pandas()[cols].sort_values("customer_id")
+    pd.testing.assert_frame_equal(got, want.reset_index(drop=True), check_dtype=False)
+    assert (dry.sent, dry.held_out, dry.suppressed) == (real.sent, real.held_out, real.suppressed)

@@ -73,6 +73,7 @@ class CampaignRun:
     postponed: int = 0
     recovered: int = 0
     reasons: dict[str, int] | None = None
+    decisions: pa.Table | None = None  # every decision of a dry run (nothing was written)
 
 
 def assign_group(campaign: str, customer_id: str, holdout: float) -> str:
@@ -107,12 +108,17 @@ def run_campaign(
     policy: ContactPolicy | None = None,
     timezone: str | None = None,
     checkpoint: Checkpoint | None = None,
+    dry_run: bool = False,
 ) -> CampaignRun:
     """Decide and write this occasion's messages for everyone in the audience not yet decided.
 
     ``policy`` is the project's contact policy (the campaign's ``policy:`` keys override it;
     a project loaded with ``load_project`` has already merged them); ``timezone`` is the
     fallback for people with no known time zone (default: the policy's, else UTC).
+
+    ``dry_run`` decides and renders exactly as a real run (so a template that fails for some
+    person fails here too) but writes no outbox and no log; the decisions come back in
+    ``CampaignRun.decisions`` — who would be messaged, held out, or stopped and by which rule.
     """
     now = (clock or Clock()).now()
     pol = effective_policy(campaign, policy)
@@ -120,7 +126,7 @@ def run_campaign(
     hook = checkpoint or (lambda _: None)
     folder = outbox_dir / campaign.name
     upgrade_deliveries(engine)
-    recovered = _recover(engine, campaign, occasion, folder)
+    recovered = 0 if dry_run else _recover(engine, campaign, occasion, folder)
 
     address_field = ADDRESS_FIELD[campaign.channel]
     opt_field = OPT_OUT_FIELD[campaign.channel]
@@ -223,8 +229,9 @@ def run_campaign(
                 default=str,
             )
         )
-    outbox = _write_outbox(folder, occasion, lines) if lines else None
+    outbox = _write_outbox(folder, occasion, lines) if lines and not dry_run else None
     hook("outbox_written")
+    decisions: pa.Table | None = None
     if n:
         decisions = pa.table(
             {
@@ -243,6 +250,7 @@ def run_campaign(
                 "policy_verdict": pa.array(verdict, pa.string()),
             }
         )
+    if decisions is not None and not dry_run:
         engine.append("deliveries", decisions)
     hook("logged")
     count = {s: status.count(s) for s in ("sent", "held_out", "suppressed")}
@@ -262,6 +270,7 @@ def run_campaign(
         postponed=sum(1 for s, r in zip(status, reason, strict=True) if s == "sent" and r),
         recovered=recovered,
         reasons=reasons,
+        decisions=decisions if dry_run else None,
     )
 
 
