@@ -191,3 +191,29 @@ def test_loader_removes_unnamed_orphans(tmp_path: Path) -> None:
     with Engine(f"duckdb:///{tmp_path / 'w.duckdb'}") as engine:
         SpoolLoader(engine, [WEB], spool)
     assert not orphan.exists()
+
+
+def test_rotation_under_concurrent_appends_keeps_every_record_once(tmp_path: Path) -> None:
+    """Appends that arrive while the next segment is being made land in one or the other."""
+
+    async def go() -> None:
+        w = SpoolWriter(tmp_path, segment_bytes=3000)
+
+        async def later(i: int) -> None:  # spread out: appends land mid-fsync and mid-rotation
+            await asyncio.sleep(i * 0.001)
+            await w.append(record(i))
+
+        await asyncio.gather(*(later(i) for i in range(300)))
+        assert not writer_gone(w.path)
+        w.close()
+
+    asyncio.run(go())
+    names = segment_names(tmp_path)
+    assert len(names) > 3 and all(writer_gone(tmp_path / n) for n in names)
+    lines = [
+        ln
+        for n in names
+        for r in read_records(tmp_path / n, 0, 1 << 20)[0]
+        for ln in decode_body(r.body)[1]
+    ]
+    assert sorted(lines) == sorted(line(i) for i in range(300))

@@ -86,7 +86,8 @@ class SpoolWriter:
         self._broken: BaseException | None = None
         self._open()
 
-    def _open(self) -> None:
+    def _create(self) -> tuple[int, Path]:
+        """A new segment, locked and named; touches no state (runs in a thread)."""
         name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}{SEGMENT_SUFFIX}"
         path = self.folder / name
         # Created and locked under a name the loader ignores, then renamed: a segment the
@@ -95,10 +96,18 @@ class SpoolWriter:
         # finished and delete it just before the writer locked it and wrote to it.)
         hidden = path.with_name(name + ".new")
         fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.rename(hidden, path)
-        _fsync_dir(self.folder)  # the new name itself must survive a crash
-        self._fd, self._size, self.path = fd, 0, path
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(hidden, path)
+            _fsync_dir(self.folder)  # the new name itself must survive a crash
+        except OSError:
+            os.close(fd)
+            raise
+        return fd, path
+
+    def _open(self) -> None:
+        self._fd, self.path = self._create()
+        self._size = 0
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -143,16 +152,31 @@ class SpoolWriter:
     async def _sync_loop(self) -> None:
         try:
             while self._synced < self._written:
+                rotate = self._size >= self.segment_bytes
+                if rotate:
+                    # The next segment is made off the event loop (its folder fsync can take
+                    # a while); requests keep writing to the current one meanwhile.
+                    try:
+                        new_fd, new_path = await asyncio.to_thread(self._create)
+                    except OSError:
+                        rotate = False  # keep appending here; a later pass tries again
                 target, fd = self._written, self._fd
+                if rotate:
+                    self._fd, self.path, self._size = new_fd, new_path, 0
                 try:
                     await asyncio.to_thread(os.fsync, fd)
                 except OSError as e:
                     self._broken = e
+                    if rotate:  # the old segment is given up: let the loader finish it
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
                     waiters, self._waiters = self._waiters, []
                     for _, fut in waiters:
                         if not fut.done():
                             fut.set_exception(SpoolUnavailable(f"spool fsync failed: {e}"))
                     return
+                if rotate:
+                    os.close(fd)  # releases its lock: the loader may now finish it
                 self._synced = target
                 keep: list[tuple[int, asyncio.Future[None]]] = []
                 for seq, fut in self._waiters:
@@ -162,10 +186,6 @@ class SpoolWriter:
                     else:
                         keep.append((seq, fut))
                 self._waiters = keep
-            if self._size >= self.segment_bytes and not self._waiters:
-                self.close()
-                self._written = self._synced = 0
-                self._open()
         finally:
             self._syncing = False
 
