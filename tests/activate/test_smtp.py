@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
@@ -198,3 +199,17 @@ def test_give_up_after_max_attempts(
     run = deliver_email(sent, tmp_path, settings, clock=Clock(late), max_attempts=2)
     assert run.delivered == 0 and run.gave_up == len(outbox_sent(sent))
     assert inbox.messages == []
+
+
+def test_a_send_rate_limit_paces_the_hand_overs(
+    sent: Engine, tmp_path: Path, smtp: tuple[Inbox, SmtpSettings]
+) -> None:
+    inbox, settings = smtp
+    due = sum(1 for r in outbox_sent(sent).values() if r.send_at <= NOW)
+    started = time.monotonic()
+    run = deliver_email(sent, tmp_path, settings, clock=Clock(NOW), max_per_second=40)
+    took = time.monotonic() - started
+    assert run.delivered == len(inbox.messages) == due > 10
+    assert took >= (due - 1) / 40
+    with pytest.raises(ValueError, match="positive"):
+        deliver_email(sent, tmp_path, settings, clock=Clock(NOW), max_per_second=0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import smtplib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -86,10 +87,16 @@ def deliver_email(
     *,
     clock: Clock | None = None,
     max_attempts: int = 5,
+    max_per_second: float | None = None,
     checkpoint: Callable[[str], None] | None = None,
 ) -> SmtpRun:
-    """Send every due, not yet delivered e-mail in the outbox; record each attempt."""
+    """Send every due, not yet delivered e-mail in the outbox; record each attempt.
+
+    ``max_per_second`` paces the hand-overs (a provider's send-rate limit, or a warm-up for
+    a new sending domain): attempt k starts no earlier than k / rate seconds after the first.
+    """
     now = (clock or Clock()).now()
+    pace = _Pacer(max_per_second)
     hook = checkpoint or (lambda _: None)
     attempts = engine.table("message_attempts")
     history = attempts.select("message_id", "status").to_pyarrow().to_pylist()
@@ -112,6 +119,7 @@ def deliver_email(
                 counts["gave_up"] += 1
                 continue
             status, error = "delivered", None
+            pace.wait()
             try:
                 if client is None:
                     client = _connect(settings)
@@ -147,6 +155,24 @@ def deliver_email(
         not_due=counts["not_due"],
         gave_up=counts["gave_up"],
     )
+
+
+class _Pacer:
+    """Spaces calls evenly at a given rate (monotonic clock; no burst beyond one call)."""
+
+    def __init__(self, per_second: float | None) -> None:
+        if per_second is not None and per_second <= 0:
+            raise ValueError("max_per_second must be positive")
+        self.interval = 1.0 / per_second if per_second else 0.0
+        self.next = 0.0
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        now = time.monotonic()
+        if self.next > now:
+            time.sleep(self.next - now)
+        self.next = max(now, self.next) + self.interval
 
 
 def _connect(settings: SmtpSettings) -> smtplib.SMTP:
