@@ -43,6 +43,18 @@ def _path_values(engine: Engine, events: ir.Table, t: IdentifierType, path: str)
     )
 
 
+def prepare(engine: Engine, expr: ir.Table) -> ir.Table:
+    """Register the functions ``expr`` needs before it is cached (Ibis 12 on Spark).
+
+    Ibis registers its JSON-unwrapping functions with Spark only on execute; a cached table
+    (the engine's scratch on Spark) skips that step and fails with UNRESOLVED_ROUTINE.
+    """
+    register = getattr(engine.con, "_register_udfs", None)
+    if register is not None and not engine.can("temp_tables"):
+        register(expr)
+    return expr
+
+
 def identifier_occurrences(engine: Engine, config: IdentityConfig) -> ir.Table:
     """Every (message_id, id_type, raw_value, ts) found in the event log, non-empty values only."""
     events = engine.table("events")
@@ -51,4 +63,4 @@ def identifier_occurrences(engine: Engine, config: IdentityConfig) -> ir.Table:
     for p in parts[1:]:
         union = union.union(p, distinct=False)
     raw = union.raw_value.strip()
-    return union.filter(raw.notnull() & (raw != "")).distinct()
+    return prepare(engine, union.filter(raw.notnull() & (raw != "")).distinct())

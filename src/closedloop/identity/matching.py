@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from closedloop.core.definitions import IdentityConfig, MatchingConfig
 from closedloop.core.engine import Engine
+from closedloop.identity.extract import prepare
 
 MISSING = -1
 # Comparisons and their number of levels (level 0 = disagree; MISSING = a value is absent).
@@ -120,7 +121,7 @@ def records(
         ibis.literal(0),
     )
     one = ibis.row_number().over(group_by=rec.anchor, order_by=[ibis.desc(filled), rec.message_id])
-    return rec.mutate(r=one).filter(lambda t: t.r == 0).drop("r")
+    return prepare(engine, rec.mutate(r=one).filter(lambda t: t.r == 0).drop("r"))
 
 
 def _level(name: str, t: ir.Table) -> ir.IntegerValue:

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from closedloop.core.definitions import IdentityConfig
 from closedloop.core.engine import Engine
+from closedloop.identity.extract import prepare
 
 DEFAULT_NAMES = 3  # listed (not quarantined) above this many names when a type sets no limit
 
@@ -45,7 +46,7 @@ def suspects(engine: Engine, config: IdentityConfig, node_occ: ir.Table) -> ir.T
     named = named.filter(named.name.notnull() & (named.name != ""))
     strong = [t.name for t in config.types if t.strong]
     occ = node_occ.filter(node_occ.id_type.isin(strong))
-    j = occ.join(named, "message_id")
+    j = prepare(engine, occ.join(named, "message_id"))
     per = j.group_by(id_type=j.id_type, id_value=j.value, node=j.node).aggregate(
         names=j.name.nunique(), messages=j.message_id.nunique()
     )
