@@ -58,6 +58,8 @@ def test_phone_on_unrelated_names_is_quarantined_and_listed(engine: Engine) -> N
     assert q.suspects.num_rows == 1
     reasons = {(r["id_type"], r["reason"]) for r in q.issues.to_pylist()}
     assert ("phone", "invalid phone") in reasons and ("phone", "quarantined") in reasons
+    detail = engine.table("identifier_issues").to_pandas().set_index("raw_value")["reason"]
+    assert detail["+86" + CLERK] == "quarantined: seen under too many unrelated names"
 
 
 def test_without_a_limit_suspects_are_listed_but_still_link(engine: Engine) -> None:

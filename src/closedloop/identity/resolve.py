@@ -192,7 +192,8 @@ def resolve(
     pairs = engine.scratch("id_pairs", pairs)
     blocked = engine.scratch("id_blocked", _blocked_pairs(engine, pairs))
     unblocked = pairs.anti_join(blocked, ["a", "b"])
-    # Only identifiers seen together count towards quarantine, not scored profile matches.
+    # Quarantined: values over their type's name limit, and values seen with too many
+    # strong identifiers (only identifiers seen together count, not scored profile matches).
     suspect = suspects(engine, config, node_occ)
     limited = [t.name for t in config.types if t.max_names is not None]
     on_many_names = suspect.filter(suspect.id_type.isin(limited)).select("node")
@@ -309,10 +310,16 @@ def resolve(
             "identity_dropped_links",
             dropped_t.mutate(a_value=dropped_t.a.split(SEP)[1], b_value=dropped_t.b.split(SEP)[1]),
         )
-        quarantined_issues = nodes.filter(nodes.node.isin(q_nodes)).select(
+        q = nodes.filter(nodes.node.isin(q_nodes))
+        by_name = q.node.isin(on_many_names.node)
+        quarantined_issues = q.select(
             id_type="id_type",
             raw_value="value",
-            reason=ibis.literal("quarantined: seen with too many strong identifiers"),
+            reason=ibis.ifelse(
+                by_name,
+                "quarantined: seen under too many unrelated names",
+                "quarantined: seen with too many strong identifiers",
+            ),
             messages="messages",
         )
         engine.replace(
