@@ -57,17 +57,17 @@ def serve(
     """
     import uvicorn
 
-    from closedloop.cli.main import _project
+    from closedloop.cli.common import project_or_exit
 
-    p = _project(project)
-    from closedloop.cli.main import _fail
+    p = project_or_exit(project)
+    from closedloop.cli.common import fail
     from closedloop.collect.tracking_plan import load_tracking_plans
     from closedloop.core.errors import DefinitionError
 
     try:  # refuse to start on a broken plan rather than fail in every worker
         load_tracking_plans(p.root, {s.name for s in p.config.sources})
     except DefinitionError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     folder = (spool or p.root / "spool").resolve()
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["CLOSEDLOOP_PROJECT"] = str(p.root)
@@ -128,11 +128,11 @@ def failed_list(
 
     from rich.table import Table
 
-    from closedloop.cli.main import _project
+    from closedloop.cli.common import project_or_exit
     from closedloop.collect.loader import list_failed
     from closedloop.core.engine import Engine
 
-    p = _project(project)
+    p = project_or_exit(project)
     with Engine(p.engine_url) as engine:
         rows = list_failed(engine, source=source, reason=reason, limit=limit)
     if as_json:
@@ -159,10 +159,10 @@ def failed_show(
     """Show one failed event whole: its reason, where it came from, and its payload."""
     import json
 
-    from closedloop.cli.main import _project
+    from closedloop.cli.common import project_or_exit
     from closedloop.core.engine import Engine
 
-    p = _project(project)
+    p = project_or_exit(project)
     with Engine(p.engine_url) as engine:
         t = engine.table("failed_events")
         rows = engine.to_arrow(t.filter(t.failure_id == failure_id)).to_pylist()
@@ -197,20 +197,20 @@ def failed_replay(
     Accepted messages go into `events` (a message already there is a duplicate, not a
     copy) and leave the failed events; the rest stay with their reason.
     """
-    from closedloop.cli.main import _fail, _project
+    from closedloop.cli.common import fail, project_or_exit
     from closedloop.collect.replay import replay_failed
     from closedloop.collect.tracking_plan import load_tracking_plans
     from closedloop.core.engine import Engine
     from closedloop.core.errors import DefinitionError
 
-    p = _project(project)
+    p = project_or_exit(project)
     if to_source is not None and to_source not in {s.name for s in p.config.sources}:
         err.print(f"unknown source {to_source!r}", markup=False)
         raise typer.Exit(code=2)
     try:
         plans = load_tracking_plans(p.root, {s.name for s in p.config.sources})
     except DefinitionError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     with Engine(p.engine_url) as engine:
         r = replay_failed(
             engine,
@@ -246,9 +246,9 @@ def sql(
     import pyarrow.parquet as pq
     from rich.table import Table
 
-    from closedloop.cli.main import _project
+    from closedloop.cli.common import project_or_exit
 
-    p = _project(project)
+    p = project_or_exit(project)
     url = p.engine_url
     if not url.startswith("duckdb:///"):
         err.print(
@@ -310,14 +310,14 @@ def import_cmd(
     from pydantic import ValidationError
     from rich.progress import Progress
 
-    from closedloop.cli.main import _fail, _project
+    from closedloop.cli.common import fail, project_or_exit
     from closedloop.collect.importer import import_table
     from closedloop.core.definitions import ImportFormat, ImportMapping, ImportSpec
     from closedloop.core.engine import Engine
     from closedloop.core.errors import ClosedloopError, DefinitionError, Problem
     from closedloop.core.yamlfile import load_yaml
 
-    p = _project(project)
+    p = project_or_exit(project)
     if source not in {s.name for s in p.config.sources}:
         err.print(f"unknown source {source!r}", markup=False)
         raise typer.Exit(code=2)
@@ -357,7 +357,7 @@ def import_cmd(
                 progress=lambda n: bar.advance(task, n),
             )
     except ClosedloopError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(
         f"{import_name}: received {r.received:,}, accepted {r.accepted:,}, "
         f"failed {r.failed:,}, duplicate {r.duplicate:,}"

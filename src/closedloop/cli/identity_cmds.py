@@ -7,39 +7,16 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
-from closedloop.core.definitions import Project, load_project
+from closedloop.cli.common import ProjectDir, fail, project_or_exit
 from closedloop.core.engine import Engine
-from closedloop.core.errors import ClosedloopError, DefinitionError
+from closedloop.core.errors import ClosedloopError
 
 identity_app = typer.Typer(
     help="Identity: why identifiers are one customer (explain), and taking them apart (split).",
     no_args_is_help=True,
 )
 console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-ProjectDir = Annotated[
-    Path, typer.Option("--project", "-p", help="project folder (holds closedloop.yaml)")
-]
-
-
-def _fail(e: ClosedloopError) -> typer.Exit:
-    if isinstance(e, DefinitionError):
-        err.print(f"[red]{len(e.problems)} problem(s) in the project:[/red]")
-        for p in e.problems:
-            err.print(f"  {p}", markup=False, highlight=False)
-    else:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-    return typer.Exit(code=2)
-
-
-def _project(path: Path) -> Project:
-    try:
-        return load_project(path)
-    except ClosedloopError as e:
-        raise _fail(e) from None
 
 
 @identity_app.command("explain")
@@ -54,12 +31,12 @@ def explain_cmd(
     """Show the path of evidence between a customer's identifiers (message ids per hop)."""
     from closedloop.identity.explain import explain
 
-    p = _project(project)
+    p = project_or_exit(project)
     with Engine(p.engine_url) as engine:
         try:
             ex = explain(engine, p.identity, customer, frm, to)
         except ClosedloopError as e:
-            raise _fail(e) from None
+            raise fail(e) from None
     alias = "" if ex.customer_id == customer else f" (alias {customer})"
     console.print(
         f"customer {ex.customer_id}{alias}: {len(ex.identifiers)} identifiers",
@@ -103,14 +80,14 @@ def split_cmd(
     """Remove an identifier's links or one link, re-partition, record it in the ledger."""
     from closedloop.identity.explain import split
 
-    p = _project(project)
+    p = project_or_exit(project)
     with Engine(p.engine_url) as engine:
         try:
             r = split(
                 engine, p.identity, identifier=identifier, edge=edge, block=block, reason=reason
             )
         except ClosedloopError as e:
-            raise _fail(e) from None
+            raise fail(e) from None
     console.print(
         f"split: {r.splits} customer(s) split, {r.customers:,} customers now; "
         "rebuild downstream stages with `closedloop build`",
@@ -129,7 +106,7 @@ def quality_cmd(
 
     from closedloop.identity.quality import report
 
-    p = _project(project)
+    p = project_or_exit(project)
     with Engine(p.engine_url) as engine:
         q = report(engine, limit)
     t = Table("type", "reason", "identifiers", "messages", title="refused identifiers")

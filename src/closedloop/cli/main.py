@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from closedloop.cli import collect_cmds, identity_cmds, segment_cmds
-from closedloop.core.definitions import Project, load_project
+from closedloop.cli.common import ProjectDir, console, fail, project_or_exit
 from closedloop.core.errors import ClosedloopError, DefinitionError
 
 app = typer.Typer(
@@ -21,30 +19,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-console = Console()
-err = Console(stderr=True)
-
-ProjectDir = Annotated[
-    Path, typer.Option("--project", "-p", help="project folder (holds closedloop.yaml)")
-]
-
-
-def _fail(e: ClosedloopError) -> typer.Exit:
-    if isinstance(e, DefinitionError):
-        err.print(f"[red]{len(e.problems)} problem(s) in the project:[/red]")
-        for p in e.problems:
-            err.print(f"  {p}", markup=False, highlight=False, soft_wrap=True)
-    else:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
-
-
-def _project(path: Path) -> Project:
-    try:
-        return load_project(path)
-    except ClosedloopError as e:
-        raise _fail(e) from None
 
 
 @app.command()
@@ -57,7 +31,7 @@ def init(
     try:
         files = init_project(directory)
     except ClosedloopError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     console.print(
         f"created {len(files)} files in {directory}; next: `closedloop validate -p {directory}`"
     )
@@ -68,10 +42,10 @@ def validate(project: ProjectDir = Path(".")) -> None:
     """Check every definition (schema, references, fields, templates) without writing anything."""
     from closedloop.pipeline import check_project
 
-    p = _project(project)
+    p = project_or_exit(project)
     problems = check_project(p)
     if problems:
-        raise _fail(DefinitionError(problems))
+        raise fail(DefinitionError(problems))
     console.print(
         f"[green]ok[/green]: {len(p.config.sources)} sources, {len(p.identity.types)} identifier types, "
         f"{len(p.traits)} traits, {len(p.tags)} tags, {len(p.segments)} segments, {len(p.campaigns)} campaigns"
@@ -83,7 +57,7 @@ def sources(
     project: ProjectDir = Path("."), as_json: Annotated[bool, typer.Option("--json")] = False
 ) -> None:
     """List the project's sources with their channel, data class and write key."""
-    p = _project(project)
+    p = project_or_exit(project)
     rows = [s.model_dump(mode="json") for s in p.config.sources]
     if as_json:
         console.print_json(json.dumps(rows))
@@ -122,7 +96,7 @@ def build(project: ProjectDir = Path(".")) -> None:
     from closedloop.core.engine import Engine
     from closedloop.pipeline import build as run
 
-    p = _project(project)
+    p = project_or_exit(project)
     try:
         with Engine(p.engine_url) as engine, Progress(console=console) as progress:
             tasks: dict[str, TaskID] = {}
@@ -134,7 +108,7 @@ def build(project: ProjectDir = Path(".")) -> None:
 
             report = run(engine, p, progress=tick)
     except ClosedloopError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     for name, r in report.loads.items():
         console.print(
             f"{name}: received {r.received:,}, accepted {r.accepted:,}, failed {r.failed:,}, duplicate {r.duplicate:,}"
@@ -158,7 +132,7 @@ def demo(
     try:
         run_demo(persons, out, seed=seed, console=console)
     except ClosedloopError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
 
 
 # Stage command groups live in their own modules so stages can grow their CLI independently.

@@ -27,15 +27,15 @@ AsOf = Annotated[
 
 
 def _members(project_dir: Path, name: str, as_of: datetime | None) -> tuple[Engine, ir.Table]:
-    from closedloop.cli.main import _fail, _project
+    from closedloop.cli.common import fail, project_or_exit
     from closedloop.core.clock import Clock
     from closedloop.core.errors import ClosedloopError
     from closedloop.pipeline import project_fields
     from closedloop.segments.audience import preview_expr
 
-    project = _project(project_dir)
+    project = project_or_exit(project_dir)
     if name not in project.segments:
-        raise _fail(
+        raise fail(
             ClosedloopError(f"no segment {name!r}; known: {', '.join(sorted(project.segments))}")
         )
     when = Clock(as_of).now()
@@ -90,11 +90,11 @@ def export(
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from closedloop.cli.main import _fail
+    from closedloop.cli.common import fail
     from closedloop.core.errors import ClosedloopError
 
     if out.suffix not in (".csv", ".parquet"):
-        raise _fail(ClosedloopError(f"{out}: export writes .csv or .parquet files"))
+        raise fail(ClosedloopError(f"{out}: export writes .csv or .parquet files"))
     engine, expr = _members(project, name, as_of)
     with engine:
         profiles = engine.table("profiles")

@@ -68,12 +68,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class FieldCondition(_Strict):
-    """``{trait: NAME, op: OP, value: V}`` — compare one profile field (a trait or a tag)."""
-
-    trait: str = Field(min_length=1)
-    op: Op
-    value: Scalar | list[Scalar] | None = None
+class _Compared(_Strict):
+    """A leaf with an operator: accepts the friendly spellings (``>=``, ``!=`` ...)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -81,6 +77,14 @@ class FieldCondition(_Strict):
         if isinstance(data, dict) and isinstance(data.get("op"), str):
             data = {**data, "op": OP_ALIASES.get(data["op"], data["op"])}
         return data
+
+
+class FieldCondition(_Compared):
+    """``{trait: NAME, op: OP, value: V}`` — compare one profile field (a trait or a tag)."""
+
+    trait: str = Field(min_length=1)
+    op: Op
+    value: Scalar | list[Scalar] | None = None
 
     @model_validator(mode="after")
     def _check_value(self) -> FieldCondition:
@@ -111,19 +115,12 @@ class CountBound(_Strict):
     value: int = Field(1, ge=0)
 
 
-class PropertyFilter(_Strict):
+class PropertyFilter(_Compared):
     """``{property: P, op: OP, value: V}`` on an event (promoted column or ``properties.P``)."""
 
     property: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     op: Op
     value: Scalar | list[Scalar] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _alias_op(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("op"), str):
-            data = {**data, "op": OP_ALIASES.get(data["op"], data["op"])}
-        return data
 
     @model_validator(mode="after")
     def _check_value(self) -> PropertyFilter:
