@@ -247,6 +247,7 @@ def _facts(r: DemoResult) -> list[tuple[str, str]]:
         ("customers resolved", f"{r.build.customers:,}"),
         ("identity precision (pairwise)", f"{r.accuracy.precision:.4f}"),
         ("identity recall (pairwise)", f"{r.accuracy.recall:.4f}"),
+        ("identity recall of linkable pairs", f"{r.accuracy.linkable_recall:.4f}"),
         ("persons resolved exactly", f"{r.accuracy.exact_persons:.1%}"),
         *[(f"segment {n}", f"{s.size:,}") for n, s in r.build.segments.items()],
         ("campaign audience", f"{r.campaign.audience:,}"),
