@@ -83,8 +83,8 @@ def lift_chart(outcome: CampaignOutcome, true_effect: float | None = None) -> Ch
         r = x / n if n else 0.0
         lo, hi = wilson(x, n)
         rates.append(r * 100)
-        lows.append((r - lo) * 100)
-        highs.append((hi - r) * 100)
+        lows.append(max(0.0, r - lo) * 100)
+        highs.append(max(0.0, hi - r) * 100)
     left.bar(
         [g for g, _, _ in groups],
         rates,
@@ -98,7 +98,10 @@ def lift_chart(outcome: CampaignOutcome, true_effect: float | None = None) -> Ch
     right.errorbar(
         [lf.absolute * 100],
         [0],
-        xerr=[[(lf.absolute - lf.absolute_low) * 100], [(lf.absolute_high - lf.absolute) * 100]],
+        xerr=[
+            [max(0.0, lf.absolute - lf.absolute_low) * 100],
+            [max(0.0, lf.absolute_high - lf.absolute) * 100],
+        ],
         fmt="o",
         color="#2b7bba",
         capsize=6,
