@@ -55,12 +55,23 @@ def serve(
     warehouse and moves spooled messages into `events`. If the loader dies it is restarted;
     acknowledged messages wait in the spool meanwhile.
     """
-    import uvicorn
+    from closedloop.cli.common import fail, project_or_exit
+    from closedloop.core.errors import ClosedloopError
 
-    from closedloop.cli.common import project_or_exit
+    try:
+        import fastapi  # noqa: F401
+        import fastjsonschema  # noqa: F401
+        import msgspec  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise fail(
+            ClosedloopError(
+                f"the HTTP collector needs the server extra ({e.name} is missing): "
+                "pip install 'closedloop[server]'"
+            )
+        ) from None
 
     p = project_or_exit(project)
-    from closedloop.cli.common import fail
     from closedloop.collect.tracking_plan import load_tracking_plans
     from closedloop.core.errors import DefinitionError
 
