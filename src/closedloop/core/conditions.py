@@ -25,11 +25,12 @@ import json
 from collections.abc import Iterator, Mapping
 from datetime import date, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import ibis
-import ibis.expr.types as ir
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+if TYPE_CHECKING:  # Ibis is imported where conditions are compiled, not where they are read:
+    import ibis.expr.types as ir  # the collector's workers load definitions but never compile.
 
 Scalar = str | int | float | bool | date | datetime
 
@@ -284,6 +285,8 @@ def compile_condition(cond: Condition, table: ir.Table) -> ir.BooleanValue:
 
 
 def _compile_field(cond: FieldCondition, table: ir.Table) -> ir.BooleanValue:
+    import ibis
+
     col = table[cond.trait]
     v = cond.value
     op = cond.op
