@@ -36,7 +36,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from closedloop.core.clock import Clock
-from closedloop.core.definitions import load_project
+from closedloop.core.definitions import Project, load_project
 from closedloop.core.engine import Engine
 from closedloop.demo.accuracy import identity_accuracy, matching_accuracy
 from closedloop.demo.generator import generate
@@ -76,18 +76,25 @@ def accuracy(persons: int, root: Path) -> dict[str, Any]:
         m = matching_accuracy(engine, root / "brand" / "truth")
         fig.update({f"matching_{k}": round(v, 5) for k, v in m.items()})
         # Matching alone, timed: the resolve above left its node occurrences in scratch.
-        node_occ = engine.con.table("_scratch_id_node_occ")
         crm = int(engine.table("events").filter(lambda e: e.source == "crm").count().execute())
         fig["crm_rows"] = crm
-        t = time.perf_counter()
-        links, model = probabilistic_pairs(engine, project.identity, node_occ)
-        if links is not None:
-            links.count().execute()
-        fig["matching_s"] = round(time.perf_counter() - t, 2)
-        if model is not None:
-            fig["matching_pairs_compared"] = model.pairs
-            fig["matching_prior"] = round(model.lam, 5)
+        fig.update(time_matching(engine, project))
     return fig
+
+
+def time_matching(engine: Engine, project: Project) -> dict[str, Any]:
+    """Matching alone, timed, over the node occurrences the last resolve left in scratch."""
+    node_occ = engine.con.table("_scratch_id_node_occ")
+    out: dict[str, Any] = {}
+    t = time.perf_counter()
+    links, model = probabilistic_pairs(engine, project.identity, node_occ)
+    if links is not None:
+        links.count().execute()
+    out["matching_s"] = round(time.perf_counter() - t, 2)
+    if model is not None:
+        out["matching_pairs_compared"] = model.pairs
+        out["matching_prior"] = round(model.lam, 5)
+    return out
 
 
 def matching_at_scale(persons: int, root: Path) -> dict[str, Any]:
@@ -117,15 +124,7 @@ def matching_at_scale(persons: int, root: Path) -> dict[str, Any]:
         fig["probabilistic_links"] = r.probabilistic
         m = matching_accuracy(engine, root / "brand" / "truth")
         fig.update({f"matching_{k}": round(v, 5) for k, v in m.items()})
-        node_occ = engine.con.table("_scratch_id_node_occ")
-        t = time.perf_counter()
-        links, model = probabilistic_pairs(engine, project.identity, node_occ)
-        if links is not None:
-            links.count().execute()
-        fig["matching_s"] = round(time.perf_counter() - t, 2)
-        if model is not None:
-            fig["matching_pairs_compared"] = model.pairs
-            fig["matching_prior"] = round(model.lam, 5)
+        fig.update(time_matching(engine, project))
     return fig
 
 
