@@ -1,5 +1,19 @@
 """Campaign outcomes: who converted within the goal window after the decision, by group.
 
+The estimand is **intent-to-treat** (ITT): everyone *assigned* to the treatment group —
+messaged, or stopped after the split by a timing rule of the contact policy (a frequency cap,
+quiet hours or a holiday that drops) — against everyone assigned to the holdout group. The
+split is random (a hash), so the two groups are exchangeable and the difference is an unbiased
+estimate of the effect of running the campaign on this audience, with its policy as it is.
+
+The older comparison, *as sent* (messaged people against held-out people not stopped by a
+rule), is reported beside it but is not the headline: frequency caps count messages really
+sent, so on a later occasion the treatment group's recent recipients are capped while their
+held-out twins, never messaged, are not — ``policy_verdict`` mirrors a rule's verdict onto the
+holdout only where the rule would stop them *given what they really received*. The as-sent
+groups then differ in who they contain, and their difference is biased (``tests/measure``
+simulates it). When nobody is stopped after the split the two estimands coincide.
+
 Conversions are goal events of the customer (through ``event_customers``), counted once per
 customer, between the decision time and the end of the attribution window. Customers merged
 since the campaign are followed through their aliases, so a merge never loses a conversion.
@@ -10,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import ibis
+import ibis.expr.types as ir
 import pyarrow as pa
 
 from closedloop.core.clock import Clock
@@ -18,19 +33,51 @@ from closedloop.core.engine import Engine
 from closedloop.measure import tables as _tables  # noqa: F401  (declares campaign_results)
 from closedloop.measure.stats import Lift, lift, sample_ratio_p
 
+ESTIMAND = (
+    "intent-to-treat: all assigned to treatment (messaged or stopped by the policy) vs all held out"
+)
+
 
 @dataclass(frozen=True)
 class CampaignOutcome:
+    """One campaign occasion's outcome; the headline numbers are intent-to-treat."""
+
     campaign: str
     occasion: str
-    treated: int
-    held_out: int
+    treated: int  # assigned to treatment
+    held_out: int  # assigned to the holdout
     treated_conversions: int
     held_out_conversions: int
     treated_revenue: float
     held_out_revenue: float
-    lift: Lift
+    lift: Lift  # intent-to-treat
     sample_ratio_p: float
+    estimand: str = ESTIMAND
+    reached: int | None = None  # of the treatment group, messaged (status sent)
+    treated_stopped: int = 0  # of the treatment group, stopped by a timing rule
+    held_out_stopped: int = 0  # of the holdout, a timing rule would have stopped them
+    as_sent: Lift | None = None  # messaged vs not-stopped held out: biased when caps bite
+
+    @property
+    def reach_share(self) -> float:
+        """Share of the treatment group actually messaged."""
+        r = self.treated if self.reached is None else self.reached
+        return r / self.treated if self.treated else 0.0
+
+
+def survivor_ids(engine: Engine, t: ir.Table, column: str = "customer_id") -> ir.Table:
+    """``t`` with ``column`` replaced by the surviving customer of any later merge."""
+    a = engine.table("customer_aliases").select(alias_id="alias_id", survivor="customer_id")
+    j = t.left_join(a, t[column] == a.alias_id)
+    return j.mutate(**{column: ibis.coalesce(j.survivor, j[column])}).drop("alias_id", "survivor")
+
+
+def goal_events(engine: Engine, event: str) -> ir.Table:
+    """Goal events with their customer: message_id, revenue, goal_customer, goal_at."""
+    ev = engine.table("events")
+    ec = engine.table("event_customers")
+    goals = ev.filter(ev.event == event).join(ec, "message_id")
+    return goals.select("message_id", "revenue", goal_customer="customer_id", goal_at="timestamp")
 
 
 def measure_campaign(
@@ -41,14 +88,11 @@ def measure_campaign(
     d = d.filter(
         (d.campaign == campaign.name)
         & (d.occasion == occasion)
-        & d.status.isin(["sent", "held_out"])
+        & d.group.isin(["treatment", "holdout"])
     )
     a = engine.table("customer_aliases")
     a = a.select(alias_id="alias_id", survivor="customer_id")
-    ev = engine.table("events")
-    ec = engine.table("event_customers")
-    goals = ev.filter(ev.event == campaign.goal.event).join(ec, "message_id")
-    goals = goals.select("message_id", "revenue", goal_customer="customer_id", goal_at="timestamp")
+    goals = goal_events(engine, campaign.goal.event)
     window = ibis.interval(days=campaign.goal.window_days)
     # One join chain: Ibis cannot join onto a projection of a join with computed columns.
     customer = ibis.coalesce(a.survivor, d.customer_id)
@@ -60,26 +104,43 @@ def measure_campaign(
             goals.goal_at < d.decided_at + window,
         ],
     )
-    j = j.select(customer_id=customer, group=d.group, goal=goals.message_id, revenue=goals.revenue)
-    per_customer = j.group_by("customer_id", "group").aggregate(
-        converted=j.goal.count() > 0, revenue=j.revenue.sum().fill_null(0.0)
+    j = j.select(
+        customer_id=customer,
+        group=d.group,
+        stopped=(d.status == "suppressed").cast("int8"),
+        goal=goals.message_id,
+        revenue=goals.revenue,
     )
-    per_group = per_customer.group_by("group").aggregate(
+    per_customer = j.group_by("customer_id", "group").aggregate(
+        converted=j.goal.count() > 0,
+        revenue=j.revenue.sum().fill_null(0.0),
+        stopped=j.stopped.max() > 0,
+    )
+    per_cell = per_customer.group_by("group", "stopped").aggregate(
         customers=per_customer.count(),
-        conversions=per_customer.converted.sum().cast("int64"),
+        conversions=per_customer.converted.cast("int64").sum(),
         revenue=per_customer.revenue.sum(),
     )
-    rows = {r["group"]: r for r in per_group.to_pyarrow().to_pylist()}
-    empty = {"customers": 0, "conversions": 0, "revenue": 0.0}
-    t, c = rows.get("treatment", empty), rows.get("holdout", empty)
+    cells = {(r["group"], bool(r["stopped"])): r for r in per_cell.to_pyarrow().to_pylist()}
+
+    def cell(group: str, stopped: bool) -> tuple[int, int, float]:
+        r = cells.get((group, stopped))
+        if r is None:
+            return (0, 0, 0.0)
+        return (int(r["customers"]), int(r["conversions"] or 0), float(r["revenue"] or 0.0))
+
+    t_ok, t_stop = cell("treatment", False), cell("treatment", True)
+    c_ok, c_stop = cell("holdout", False), cell("holdout", True)
+    t = tuple(x + y for x, y in zip(t_ok, t_stop, strict=True))
+    c = tuple(x + y for x, y in zip(c_ok, c_stop, strict=True))
     results = [
         {
             "campaign": campaign.name,
             "occasion": occasion,
             "group": g,
-            "customers": r["customers"],
-            "conversions": r["conversions"],
-            "revenue": float(r["revenue"] or 0.0),
+            "customers": int(r[0]),
+            "conversions": int(r[1]),
+            "revenue": float(r[2]),
             "computed_at": now,
         }
         for g, r in (("treatment", t), ("holdout", c))
@@ -88,17 +149,23 @@ def measure_campaign(
     keep = old.filter(~((old.campaign == campaign.name) & (old.occasion == occasion)))
     with engine.temporary(pa.Table.from_pylist(results)) as new:
         engine.replace("campaign_results", keep.union(new.cast(old.schema()), distinct=False))
+    tn, tx, cn, cx = int(t[0]), int(t[1]), int(c[0]), int(c[1])
+    as_sent = None
+    if t_ok[0] > 0 and c_ok[0] > 0:
+        as_sent = lift(t_ok[1], t_ok[0], c_ok[1], c_ok[0])
     return CampaignOutcome(
         campaign=campaign.name,
         occasion=occasion,
-        treated=int(t["customers"]),
-        held_out=int(c["customers"]),
-        treated_conversions=int(t["conversions"]),
-        held_out_conversions=int(c["conversions"]),
-        treated_revenue=float(t["revenue"] or 0.0),
-        held_out_revenue=float(c["revenue"] or 0.0),
-        lift=lift(
-            int(t["conversions"]), int(t["customers"]), int(c["conversions"]), int(c["customers"])
-        ),
-        sample_ratio_p=sample_ratio_p(int(t["customers"]), int(c["customers"]), campaign.holdout),
+        treated=tn,
+        held_out=cn,
+        treated_conversions=tx,
+        held_out_conversions=cx,
+        treated_revenue=float(t[2]),
+        held_out_revenue=float(c[2]),
+        lift=lift(tx, tn, cx, cn),
+        sample_ratio_p=sample_ratio_p(tn, cn, campaign.holdout),
+        reached=t_ok[0],
+        treated_stopped=t_stop[0],
+        held_out_stopped=c_stop[0],
+        as_sent=as_sent,
     )
