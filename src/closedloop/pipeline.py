@@ -157,7 +157,7 @@ def build(
 
     report.identity = resolve(engine, project.identity, clock)
     step("identity")
-    report.customers = build_profiles(engine, clock)
+    report.customers = build_profiles(engine, clock, default_tz=project.config.timezone)
     step("portrait")
     report.traits = build_traits(engine, project.traits, clock)
     step("traits")

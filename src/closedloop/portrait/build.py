@@ -7,18 +7,22 @@ points. Everything is O(events) with a group-by per customer.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 import ibis
 import ibis.expr.types as ir
 
 from closedloop.core.clock import Clock
 from closedloop.core.engine import Engine
-from closedloop.portrait import tables  # noqa: F401  (declares `profiles`)
+from closedloop.portrait import (
+    localtime,
+    tables,  # noqa: F401  (declares `profiles`)
+)
+from closedloop.portrait.extras import active_times, age_band, region, relationships, top_list
 from closedloop.portrait.lifecycle import ladder_stage, lifecycle_stage, rfm_group, score
 
 ORDER_EVENT = "Order Completed"
-DEMOGRAPHIC_TRAITS = ("name", "gender", "birthday", "city", "tier", "member_id")
+DEMOGRAPHIC_TRAITS = ("name", "gender", "birthday", "city", "region", "tier", "member_id", "points")
 
 
 def customer_events(engine: Engine) -> ir.Table:
@@ -28,11 +32,19 @@ def customer_events(engine: Engine) -> ir.Table:
     return ev.join(ec, "message_id")
 
 
+def json_text(v: ir.JSONValue) -> ir.StringValue:
+    """A JSON string, integer or number as trimmed text (null for empty, objects, arrays)."""
+    text = v.unwrap_as("string").strip().nullif("")
+    return text.fill_null(v.unwrap_as("int64").cast("string")).fill_null(
+        v.unwrap_as("float64").cast("string")
+    )
+
+
 def _latest_traits(events: ir.Table) -> ir.Table:
     """Per customer, the most recent non-empty value of each demographic trait."""
     ident = events.filter(events.traits.notnull())
     j = ident.traits.cast("json")
-    cols = {name: j[name].unwrap_as("string").strip().nullif("") for name in DEMOGRAPHIC_TRAITS}
+    cols = {name: json_text(j[name]) for name in DEMOGRAPHIC_TRAITS}
     t = ident.select("customer_id", "timestamp", **cols)
     return t.group_by("customer_id").aggregate(
         **{n: t[n].argmax(t.timestamp, where=t[n].notnull()) for n in DEMOGRAPHIC_TRAITS}
@@ -89,6 +101,7 @@ def _behaviour(events: ir.Table) -> ir.Table:
         product_views=(e.event == "Product Viewed").sum().cast("int64"),
         cart_adds=(e.event == "Product Added").sum().cast("int64"),
         favourites=(e.event == "Product Added to Wishlist").sum().cast("int64"),
+        searches=(e.event == "Products Searched").sum().cast("int64"),
         orders=e.order_id.nunique(where=is_order),
         revenue=e.revenue.sum(where=is_order).fill_null(0.0),
         coupon_orders=e.order_id.nunique(where=is_order & e.coupon.notnull() & (e.coupon != "")),
@@ -121,43 +134,98 @@ def _age(birthday: ir.DateValue, as_of: datetime) -> ir.IntegerValue:
     return (as_of.year - birthday.year() - ibis.ifelse(before_birthday, 1, 0)).cast("int32")
 
 
-def profile_expr(engine: Engine, as_of: datetime) -> ir.Table:
-    """The ``profiles`` table as one Ibis expression, evaluated as of ``as_of``."""
+def zones_in_use(engine: Engine, events: ir.Table, default_tz: str) -> tuple[list[str], datetime]:
+    """The valid time zones the events state (plus the default) and the earliest event time."""
+    tz = events.context.cast("json")["timezone"].unwrap_as("string")
+    names = {
+        str(z) for z in events.select(z=tz).distinct().to_pyarrow().column("z").to_pylist() if z
+    }
+    names.add(default_tz)
+    lo = events.timestamp.min().to_pyarrow().as_py()
+    return sorted(z for z in names if localtime.zone(z) is not None), lo or datetime.now(UTC)
+
+
+def base_expr(
+    engine: Engine,
+    as_of: datetime,
+    offsets: ir.Table,
+    zones: list[str],
+    default_tz: str = "UTC",
+    customers: ir.Table | None = None,
+) -> ir.Table:
+    """Per customer, everything the events and identify calls say (nothing that ages).
+
+    ``customers`` (a table with a ``customer_id`` column) limits the work to those customers:
+    an incremental refresh passes the customers whose events changed.
+    """
     ev = customer_events(engine)
     ev = ev.filter(ev.timestamp <= as_of)
-    customers = engine.table("customers").select("customer_id")
+    cust = engine.table("customers").select("customer_id")
+    if customers is not None:
+        cust = cust.semi_join(customers, "customer_id")
+        ev = ev.semi_join(customers, "customer_id")
     b = _behaviour(ev)
-    t = customers.left_join(b, "customer_id").drop("customer_id_right")
-    t = t.left_join(most_frequent(ev, "channel", "preferred_channel"), "customer_id")
-    t = t.drop("customer_id_right")
-    top_category = most_frequent(ev, "category", "top_category", ev.event == ORDER_EVENT)
-    t = t.left_join(top_category, "customer_id").drop("customer_id_right")
-    t = t.left_join(_latest_traits(ev), "customer_id").drop("customer_id_right")
-    t = t.left_join(_contacts(engine), "customer_id").drop("customer_id_right")
-    t = t.left_join(_preferences(ev), "customer_id").drop("customer_id_right")
-
-    as_of_date = ibis.literal(as_of.date())
+    t = cust.left_join(b, "customer_id").drop("customer_id_right")
+    prefs = _preferences(ev)
+    tz = prefs.select(
+        "customer_id",
+        tz=ibis.ifelse(prefs.timezone.isin(zones), prefs.timezone, ibis.literal(default_tz)),
+    )
+    is_order = ev.event == ORDER_EVENT
+    style = ev.properties.cast("json")["style"].unwrap_as("string")
+    parts = [
+        most_frequent(ev, "channel", "preferred_channel"),
+        most_frequent(ev, "source", "preferred_touchpoint"),
+        most_frequent(ev, "category", "top_category", is_order),
+        top_list(ev, ev.category, "top_categories"),
+        top_list(ev, style, "top_styles"),
+        _latest_traits(ev),
+        _contacts(engine),
+        prefs,
+        active_times(ev, tz, offsets),
+        relationships(ev, engine.table("identity_map")),
+    ]
+    for part in parts:
+        t = t.left_join(part, "customer_id").drop("customer_id_right")
     orders = t.orders.fill_null(0)
-    recency = as_of_date.delta(t.last_order_at.date(), unit="day").cast("int32")
-    since_first = as_of_date.delta(t.first_order_at.date(), unit="day").cast("int32")
-    birthday = t.birthday.cast("date")
-    has_orders = orders > 0
-    t = t.mutate(
+    span_days = (t.last_order_at.epoch_seconds() - t.first_order_at.epoch_seconds()) / 86400.0
+    return t.mutate(
         orders=orders,
         events=t.events.fill_null(0),
         product_views=t.product_views.fill_null(0),
         cart_adds=t.cart_adds.fill_null(0),
         favourites=t.favourites.fill_null(0),
+        searches=t.searches.fill_null(0),
+        referrals_made=t.referrals_made.fill_null(0),
+        shares=t.shares.fill_null(0),
+        network_first=t.network_first.fill_null(0),
+        network_second=t.network_second.fill_null(0),
         revenue=t.revenue.fill_null(0.0),
         member_id=t.member_id.fill_null(t.member_id_seen),
         email_opt_out=t.email_opt_out.fill_null(False),
         sms_opt_out=t.sms_opt_out.fill_null(False),
-        birthday=birthday,
-        age=_age(birthday, as_of),
-        avg_order_value=ibis.ifelse(has_orders, t.revenue / orders, ibis.null("float64")),
-        coupon_share=ibis.ifelse(has_orders, t.coupon_orders / orders, ibis.null("float64")),
-        recency_days=recency,
-        days_since_first=since_first,
+        birthday=t.birthday.cast("date"),
+        region=region(t.region, t.city),
+        points=t.points.cast("float64").round().cast("int64"),
+        avg_order_value=ibis.ifelse(orders > 0, t.revenue / orders, ibis.null("float64")),
+        coupon_share=ibis.ifelse(orders > 0, t.coupon_orders / orders, ibis.null("float64")),
+        order_interval_days=ibis.ifelse(orders > 1, span_days / (orders - 1), ibis.null("float64")),
+    )
+
+
+def finish(base: ir.Table, as_of: datetime) -> ir.Table:
+    """What depends on the clock or on all customers: age, recency, RFM, lifecycle.
+
+    Computed from the stored per-customer columns alone (no events), so a refresh can redo it
+    for everyone cheaply: windows roll forward and RFM ranks stay relative to all customers.
+    """
+    t = base
+    as_of_date = ibis.literal(as_of.date())
+    recency = as_of_date.delta(t.last_order_at.date(), unit="day").cast("int32")
+    since_first = as_of_date.delta(t.first_order_at.date(), unit="day").cast("int32")
+    age = _age(t.birthday, as_of)
+    t = t.mutate(
+        age=age, age_band=age_band(age), recency_days=recency, days_since_first=since_first
     )
     has_orders = t.orders > 0  # rebound: windows must read the mutated relation
     t = t.mutate(
@@ -173,8 +241,28 @@ def profile_expr(engine: Engine, as_of: datetime) -> ir.Table:
     )
 
 
-def build_profiles(engine: Engine, clock: Clock | None = None) -> int:
-    """Rebuild ``profiles`` as of the clock's now; returns the number of customers."""
+def profile_expr(engine: Engine, as_of: datetime, default_tz: str = "UTC") -> ir.Table:
+    """The ``profiles`` table as one Ibis expression, evaluated as of ``as_of``.
+
+    Time-zone offsets are a small in-memory table; use ``build_profiles`` to write the
+    result (it releases that table afterwards).
+    """
+    ev = customer_events(engine)
+    zones, lo = zones_in_use(engine, ev.filter(ev.timestamp <= as_of), default_tz)
+    offsets = ibis.memtable(localtime.offsets_table(zones, lo, as_of))
+    return finish(base_expr(engine, as_of, offsets, zones, default_tz), as_of)
+
+
+def build_profiles(engine: Engine, clock: Clock | None = None, default_tz: str = "UTC") -> int:
+    """Rebuild ``profiles`` as of the clock's now; returns the number of customers.
+
+    ``default_tz`` is the time zone of people whose events state none (the project's).
+    """
     as_of = (clock or Clock()).now()
-    engine.replace("profiles", profile_expr(engine, as_of))
+    ev = customer_events(engine)
+    zones, lo = zones_in_use(engine, ev.filter(ev.timestamp <= as_of), default_tz)
+    with engine.temporary(localtime.offsets_table(zones, lo, as_of)) as offsets:
+        engine.replace(
+            "profiles", finish(base_expr(engine, as_of, offsets, zones, default_tz), as_of)
+        )
     return engine.count("profiles")

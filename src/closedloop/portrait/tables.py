@@ -18,8 +18,12 @@ PROFILES = declare(
             "gender": "string",
             "birthday": "date",
             "age": "int32",
+            "age_band": "string",
             "city": "string",
+            "region": "string",
+            # membership (identify traits)
             "tier": "string",
+            "points": "int64",
             "member_id": "string",
             "email": "string",
             "phone": "string",
@@ -35,16 +39,31 @@ PROFILES = declare(
             "product_views": "int64",
             "cart_adds": "int64",
             "favourites": "int64",
+            "searches": "int64",
             "preferred_channel": "string",
-            "top_category": "string",
+            "preferred_touchpoint": "string",  # the source (web, app, pos, …) used most
+            "top_category": "string",  # most frequent category among orders
+            "top_categories": "string",  # top 3 categories of all events, comma-separated
+            "top_styles": "string",  # top 3 properties.style values, comma-separated
+            # when, in the person's time zone (the project's when events state none)
+            "active_hours": "string",  # 24 comma-separated event counts, local hour 0 first
+            "active_hour": "int32",
+            "active_weekday": "string",
             # transactions
             "orders": "int64",
             "revenue": "float64",
             "avg_order_value": "float64",
             "coupon_share": "float64",
+            "order_interval_days": "float64",  # mean days between orders (2+ orders)
             "first_order_at": TS,
             "last_order_at": TS,
             "recency_days": "int32",
+            "days_since_first": "int32",
+            # relationships: referrals and shares naming a member, as an undirected network
+            "referrals_made": "int64",
+            "shares": "int64",
+            "network_first": "int64",
+            "network_second": "int64",
             # RFM and lifecycle
             "r_score": "int32",
             "f_score": "int32",

@@ -1,0 +1,167 @@
+"""The rest of the built-in portrait: when people are active, what they prefer, whom they reach.
+
+Each function returns one row per customer (only customers with matching events) for
+``build.profile_expr`` to left-join. Lists are stored as comma-separated text, most frequent
+first (ties by value), so they export to CSV, compare equal on every engine and can be
+matched with ``contains`` in segment conditions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import ibis
+import ibis.expr.types as ir
+
+TOP_N = 3
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+RELATION_EVENTS = ("Referral Sent", "Product Shared")
+# Properties of a relation event that name the other person (a member id); the generator's
+# referrals carry ``referred_member_id``; a share to a known person may carry the second.
+RELATION_PROPERTIES = ("referred_member_id", "shared_with_member_id")
+
+# Age bands (lower bound inclusive); the last band is open-ended.
+AGE_BANDS = (
+    (0, "under_18"),
+    (18, "18-24"),
+    (25, "25-34"),
+    (35, "35-44"),
+    (45, "45-54"),
+    (55, "55+"),
+)
+
+# City → region of China (the National Bureau of Statistics' seven geographic regions), used
+# when identify calls give no ``region`` of their own.
+REGIONS: dict[str, tuple[str, ...]] = {
+    "east": (
+        "Shanghai",
+        "Hangzhou",
+        "Nanjing",
+        "Suzhou",
+        "Ningbo",
+        "Hefei",
+        "Fuzhou",
+        "Xiamen",
+        "Jinan",
+        "Qingdao",
+        "Wuxi",
+        "Nanchang",
+    ),
+    "north": ("Beijing", "Tianjin", "Shijiazhuang", "Taiyuan", "Hohhot"),
+    "south": ("Guangzhou", "Shenzhen", "Dongguan", "Foshan", "Nanning", "Haikou"),
+    "central": ("Wuhan", "Changsha", "Zhengzhou"),
+    "southwest": ("Chengdu", "Chongqing", "Kunming", "Guiyang", "Lhasa"),
+    "northwest": ("Xian", "Xi'an", "Lanzhou", "Urumqi", "Yinchuan", "Xining"),
+    "northeast": ("Shenyang", "Dalian", "Harbin", "Changchun"),
+}
+
+
+def age_band(age: ir.IntegerValue) -> ir.StringValue:
+    cases = [(age >= lo, name) for lo, name in reversed(AGE_BANDS)]
+    return ibis.cases(*cases, else_=ibis.null("string"))
+
+
+def region(stated: ir.StringValue, city: ir.StringValue) -> ir.StringValue:
+    """The stated region, else the region of the city (null for a city not in the table)."""
+    by_city = ibis.cases(
+        *[(city.isin(list(cities)), name) for name, cities in REGIONS.items()],
+        else_=ibis.null("string"),
+    )
+    return stated.fill_null(by_city)
+
+
+def top_list(e: ir.Table, value: ir.StringValue, name: str, n: int = TOP_N) -> ir.Table:
+    """Per customer, the ``n`` most frequent non-empty values of ``value``, comma-separated."""
+    t = e.select("customer_id", v=value.strip().nullif(""))
+    t = t.filter(t.v.notnull())
+    counts = t.group_by("customer_id", "v").aggregate(k=t.count())
+    rank = ibis.row_number().over(
+        group_by=counts.customer_id, order_by=[ibis.desc(counts.k), counts.v]
+    )
+    top = counts.mutate(rank=rank).filter(lambda x: x.rank < n)
+    return top.group_by("customer_id").aggregate(
+        **{name: top.v.collect(order_by=top.rank).join(",")}
+    )
+
+
+def active_times(e: ir.Table, tz: ir.Table, offsets: ir.Table) -> ir.Table:
+    """Active hours (24 counts, local hour 0 first), the top hour and the top weekday.
+
+    ``e`` holds the customer's events; ``tz`` the time zone of each customer (column ``tz``);
+    ``offsets`` the UTC offsets of those zones (``localtime.offsets_table``). Identify calls
+    are left out: they are records arriving, not the person acting. Ties go to the earlier
+    hour or weekday.
+    """
+    e = e.filter(e.type != "identify").select("customer_id", "timestamp")
+    e = e.join(tz, "customer_id")
+    j = e.join(
+        offsets,
+        [e.tz == offsets.tz, e.timestamp >= offsets.valid_from, e.timestamp < offsets.valid_to],
+    )
+    local = j.timestamp + j.offset_s.as_interval("s")
+    t = j.select("customer_id", hour=local.hour().cast("int32"), dow=local.day_of_week.index())
+    hours = t.group_by("customer_id", "hour").aggregate(k=t.count())
+    hist = hours.group_by("customer_id").aggregate(
+        **{f"h{h}": hours.k.sum(where=hours.hour == h).fill_null(0) for h in range(24)}
+    )
+    text = functools.reduce(
+        lambda a, b: a.concat(",", b), [hist[f"h{h}"].cast("string") for h in range(24)]
+    )
+    hist = hist.select("customer_id", active_hours=text)
+    rank = ibis.row_number().over(
+        group_by=hours.customer_id, order_by=[ibis.desc(hours.k), hours.hour]
+    )
+    top_hour = hours.mutate(r=rank).filter(lambda x: x.r == 0)
+    top_hour = top_hour.select("customer_id", active_hour=top_hour.hour)
+    days = t.group_by("customer_id", "dow").aggregate(k=t.count())
+    rank = ibis.row_number().over(group_by=days.customer_id, order_by=[ibis.desc(days.k), days.dow])
+    top_day = days.mutate(r=rank).filter(lambda x: x.r == 0)
+    weekday = ibis.cases(*[(top_day.dow == i, d) for i, d in enumerate(WEEKDAYS)])
+    top_day = top_day.select("customer_id", active_weekday=weekday)
+    out = hist.join(top_hour, "customer_id").join(top_day, "customer_id")
+    return out.select("customer_id", "active_hours", "active_hour", "active_weekday")
+
+
+def relationships(e: ir.Table, identity_map: ir.Table) -> ir.Table:
+    """Referrals made, and first- and second-degree network size.
+
+    The network is undirected: a referral (or a share naming a person) links the sender and
+    the member it names, resolved to a customer through the identity map. First degree =
+    distinct customers linked to the person; second degree = distinct customers two links
+    away that are neither the person nor first degree. Members not (yet) resolved to a
+    customer are not counted in the network (referrals_made still counts the event).
+    """
+    rel = e.filter(e.event.isin(list(RELATION_EVENTS)))
+    made = rel.group_by("customer_id").aggregate(
+        referrals_made=(rel.event == "Referral Sent").sum().cast("int64"),
+        shares=(rel.event == "Product Shared").sum().cast("int64"),
+    )
+    props = rel.properties.cast("json")
+    named = functools.reduce(
+        lambda a, b: a.fill_null(b),
+        [props[p].unwrap_as("string").strip().nullif("") for p in RELATION_PROPERTIES],
+    )
+    out = rel.select(a="customer_id", member=named).filter(lambda x: x.member.notnull())
+    m = identity_map.filter((identity_map.id_type == "member_id") & ~identity_map.quarantined)
+    m = m.select(member=m.id_value, b=m.customer_id)
+    directed = out.join(m, "member").select("a", "b")
+    reverse = directed.select(a=directed.b, b=directed.a)
+    edges = directed.union(reverse, distinct=True)
+    edges = edges.filter(edges.a != edges.b)
+    first = edges.group_by("a").aggregate(network_first=edges.count())
+    e2 = edges.view()
+    two = edges.join(e2, edges.b == e2.a).select(a=edges.a, c=e2.b)
+    two = two.filter(two.a != two.c).distinct()
+    two = two.anti_join(edges, [two.a == edges.a, two.c == edges.b])
+    second = two.group_by("a").aggregate(network_second=two.count())
+    net = first.left_join(second, "a").select(
+        customer_id=first.a, network_first=first.network_first, network_second=second.network_second
+    )
+    res = made.outer_join(net, "customer_id")
+    return res.select(
+        customer_id=res.customer_id.fill_null(res.customer_id_right),
+        referrals_made=res.referrals_made,
+        shares=res.shares,
+        network_first=res.network_first,
+        network_second=res.network_second,
+    )
