@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -109,6 +109,7 @@ def run_campaign(
     timezone: str | None = None,
     checkpoint: Checkpoint | None = None,
     dry_run: bool = False,
+    customers: Sequence[str] | None = None,
 ) -> CampaignRun:
     """Decide and write this occasion's messages for everyone in the audience not yet decided.
 
@@ -119,6 +120,8 @@ def run_campaign(
     ``dry_run`` decides and renders exactly as a real run (so a template that fails for some
     person fails here too) but writes no outbox and no log; the decisions come back in
     ``CampaignRun.decisions`` — who would be messaged, held out, or stopped and by which rule.
+
+    ``customers`` limits the run to those audience members (a journey's send step).
     """
     now = (clock or Clock()).now()
     pol = effective_policy(campaign, policy)
@@ -133,6 +136,8 @@ def run_campaign(
     members = current_members(engine, campaign.audience)
     profiles = engine.table("profiles")
     audience = members.select("customer_id").distinct().join(profiles, "customer_id")
+    if customers is not None:  # a journey step: only the people at that step
+        audience = audience.filter(audience.customer_id.isin(list(customers)))
     d = engine.table("deliveries")
     done = d.filter((d.campaign == campaign.name) & (d.occasion == occasion))
     todo = audience.filter(~audience.customer_id.isin(done.customer_id))
