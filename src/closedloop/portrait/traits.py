@@ -13,10 +13,11 @@ import ibis.expr.types as ir
 
 from closedloop.collect.tables import EVENTS
 from closedloop.core.clock import Clock
-from closedloop.core.definitions import Aggregation, TraitDef
+from closedloop.core.definitions.traits import Aggregation, TraitDef, TraitKind, ValueType
 from closedloop.core.engine import Engine
 from closedloop.core.errors import Problem
 from closedloop.portrait.build import customer_events, most_frequent
+from closedloop.portrait.profile_traits import profile_trait_values
 from closedloop.portrait.tables import COMPUTED_TRAITS, PROFILES
 
 NUMERIC = {
@@ -32,6 +33,8 @@ NUMBER_COLUMNS = {c for c, t in EVENTS.columns.items() if t in ("float64", "int6
 
 
 def trait_dtype(t: TraitDef) -> str:
+    if t.kind is TraitKind.PROFILE:
+        return "float64" if t.type is ValueType.NUMBER else "string"
     return "float64" if t.aggregation in NUMERIC else "string"
 
 
@@ -43,6 +46,8 @@ def check_trait(t: TraitDef) -> list[Problem]:
                 where, f"trait name {t.name!r} clashes with a built-in profile field", key="name"
             )
         ]
+    if t.kind is TraitKind.PROFILE:
+        return []
     if t.column is not None and t.column not in EVENTS.columns:
         return [
             Problem(
@@ -82,9 +87,20 @@ def _aggregate(t: TraitDef, e: ir.Table) -> ir.Value:
     return col.argmax(e.timestamp, where=col.notnull()).cast("string")  # LAST
 
 
-def trait_values(engine: Engine, t: TraitDef, as_of: ibis.Value) -> ir.Table:
+def trait_values(
+    engine: Engine, t: TraitDef, as_of: ibis.Value, customers: ir.Table | None = None
+) -> ir.Table:
+    """(customer_id, trait, number_value, text_value) of one trait.
+
+    ``customers`` (a table with ``customer_id``) limits the work to those customers.
+    """
+    if t.kind is TraitKind.PROFILE:
+        agg = profile_trait_values(engine, t, as_of, customers)
+        return _long(t, agg)
     e = customer_events(engine)
     e = e.filter(e.timestamp <= as_of)
+    if customers is not None:
+        e = e.semi_join(customers, "customer_id")
     if t.event:
         e = e.filter(e.event == t.event)
     if t.window_days:
@@ -97,8 +113,14 @@ def trait_values(engine: Engine, t: TraitDef, as_of: ibis.Value) -> ir.Table:
         agg = e.group_by("customer_id").aggregate(v=_aggregate(t, e))
     if t.aggregation in (Aggregation.COUNT, Aggregation.DISTINCT_COUNT):
         # "No orders in 30 days" is a count of 0, not unknown: every customer gets a value.
-        customers = engine.table("customers").select("customer_id")
-        agg = customers.left_join(agg, "customer_id").select("customer_id", v=agg.v.fill_null(0.0))
+        everyone = engine.table("customers").select("customer_id")
+        if customers is not None:
+            everyone = everyone.semi_join(customers, "customer_id")
+        agg = everyone.left_join(agg, "customer_id").select("customer_id", v=agg.v.fill_null(0.0))
+    return _long(t, agg)
+
+
+def _long(t: TraitDef, agg: ir.Table) -> ir.Table:
     numeric = trait_dtype(t) == "float64"
     return agg.select(
         "customer_id",
