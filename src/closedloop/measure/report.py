@@ -16,11 +16,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 from jinja2 import Environment, select_autoescape
 from matplotlib.figure import Figure
 
 from closedloop.measure.campaign import CampaignOutcome
-from closedloop.measure.stats import wilson
+from closedloop.measure.cohorts import Cohort
+from closedloop.measure.funnels import Funnel
+from closedloop.measure.programme import ProgrammeOutcome
+from closedloop.measure.stats import Lift, wilson
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -36,6 +40,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums} img{max-width:100%}
 {% for section in sections %}
 <h2>{{ section.title }}</h2>
 {% if section.rows %}<table>{% for k, v in section.rows %}<tr><th>{{ k }}</th><td class="num">{{ v }}</td></tr>{% endfor %}</table>{% endif %}
+{% if section.table %}<table><tr>{% for h in section.header %}<th>{{ h }}</th>{% endfor %}</tr>{% for row in section.table %}<tr>{% for v in row %}<td class="num">{{ v }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 {% if section.note %}<p class="note">{{ section.note }}</p>{% endif %}
 {% for chart in section.charts %}<p><img alt="{{ chart.title }}" src="data:image/png;base64,{{ chart.data }}"></p>{% endfor %}
 {% endfor %}
@@ -60,6 +65,8 @@ class Section:
     rows: list[tuple[str, str]] = field(default_factory=list)
     charts: list[Chart] = field(default_factory=list)
     note: str = ""
+    header: list[str] = field(default_factory=list)
+    table: list[list[str]] = field(default_factory=list)
 
 
 def _png(fig: Figure) -> bytes:
@@ -105,7 +112,7 @@ def lift_chart(outcome: CampaignOutcome, true_effect: float | None = None) -> Ch
         fmt="o",
         color="#2b7bba",
         capsize=6,
-        label="measured lift, 95% CI",
+        label="measured lift (intent-to-treat), 95% CI",
     )
     if true_effect is not None:
         right.axvline(
@@ -147,3 +154,148 @@ def write_report(out: Path, title: str, subtitle: str, sections: list[Section]) 
     path = out / "report.html"
     path.write_text(html, encoding="utf-8")
     return path
+
+
+COLOURS = ["#2b7bba", "#aaaaaa", "#f0a30a", "#5cb85c", "#d9534f", "#8e6bbf"]
+
+
+def funnel_chart(f: Funnel, name: str = "funnel") -> Chart:
+    """Customers reaching each step, one bar series per group, with the step-to-step rate."""
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / max(1, len(f.groups))
+    for gi, g in enumerate(f.groups):
+        xs = [k + gi * width for k in range(len(f.steps))]
+        # Share of those who entered, so groups of different sizes compare.
+        ys = [g.overall(k) * 100 for k in range(len(f.steps))]
+        ax.bar(xs, ys, width=width, color=COLOURS[gi % len(COLOURS)], label=g.group)
+        for k, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            ax.text(x, y, f"{g.reached[k]:,}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(f.steps))], f.steps)
+    ax.set_ylabel("% of those who entered")
+    ax.set_ylim(0, 110)
+    ax.set_title(f"Funnel within {f.within_days} days (labels: customers)")
+    if len(f.groups) > 1:
+        ax.legend(fontsize=8)
+    return Chart(name, "Funnel", _png(fig))
+
+
+def funnel_table(f: Funnel) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per group and step, customers, step rate, rate of the whole group."""
+    header = ["group", "step", "customers", "of previous step", "of group (95% CI)"]
+    rows: list[list[str]] = []
+    for g in f.groups:
+        for k, step in enumerate(f.steps):
+            prev = "" if k == 0 and g.size is None else f"{g.step_rate(k):.1%}"
+            rate, lo, hi = g.of_group(k)
+            rows.append(
+                [g.group, step, f"{g.reached[k]:,}", prev, f"{rate:.1%} [{lo:.1%}, {hi:.1%}]"]
+            )
+    return header, rows
+
+
+def cohort_chart(found: list[Cohort], name: str = "cohorts") -> Chart:
+    """Retention heatmap: cohort month × months since, the share of the cohort active."""
+    labels = [
+        c.month.strftime("%Y-%m") + ("" if c.split == "all" else f" {c.split}") for c in found
+    ]
+    span = max((len(c.active) for c in found), default=1)
+    grid = np.full((max(1, len(found)), span), np.nan)
+    for i, c in enumerate(found):
+        for m in range(len(c.active)):
+            grid[i, m] = c.retention(m) * 100
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.7 * span), 1.2 + 0.35 * max(1, len(found))))
+    im = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=100)
+    for i in range(grid.shape[0]):
+        for m in range(span):
+            if not np.isnan(grid[i, m]):
+                colour = "white" if grid[i, m] > 60 else "#222"
+                ax.text(
+                    m, i, f"{grid[i, m]:.0f}", ha="center", va="center", fontsize=7, color=colour
+                )
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xticks(range(span))
+    ax.set_xlabel("months since first")
+    ax.set_title("Retention (% of cohort active)")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    return Chart(name, "Cohort retention", _png(fig))
+
+
+def cohort_table(found: list[Cohort]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per cohort, its size, then retention and cumulative revenue per month."""
+    span = max((len(c.active) for c in found), default=0)
+    header = ["cohort", "split", "customers", *[f"M{m}" for m in range(span)]]
+    rows = []
+    for c in found:
+        cells = [
+            f"{c.retention(m):.0%} · {c.revenue_per_customer(m):,.0f}" for m in range(len(c.active))
+        ]
+        rows.append(
+            [c.month.strftime("%Y-%m"), c.split, f"{c.size:,}", *cells, *[""] * (span - len(cells))]
+        )
+    return header, rows
+
+
+def lift_rows(lf: Lift) -> list[tuple[str, str]]:
+    """Rates, absolute and relative lift with intervals, and the p-value, as report rows."""
+    rows = [
+        ("conversion rate", f"{lf.treated_rate:.2%} / {lf.control_rate:.2%}"),
+        (
+            "absolute lift, 95% CI",
+            f"{lf.absolute * 100:+.2f} pp [{lf.absolute_low * 100:+.2f}, {lf.absolute_high * 100:+.2f}]",
+        ),
+    ]
+    if lf.relative is not None and lf.relative_low is not None and lf.relative_high is not None:
+        rows.append(
+            (
+                "relative lift, 95% CI",
+                f"{lf.relative:+.1%} [{lf.relative_low:+.1%}, {lf.relative_high:+.1%}]",
+            )
+        )
+    rows.append(("p-value", f"{lf.p_value:.3g}" + (" (significant)" if lf.significant else "")))
+    return rows
+
+
+def campaign_rows(o: CampaignOutcome) -> list[tuple[str, str]]:
+    """A campaign outcome as report rows: intent-to-treat first, the as-sent view after it."""
+    rows = [
+        ("estimand", o.estimand),
+        ("assigned treatment / holdout", f"{o.treated:,} / {o.held_out:,}"),
+        (
+            "of them stopped by the policy",
+            f"{o.treated_stopped:,} / {o.held_out_stopped:,} (treatment messaged: {o.reach_share:.1%})",
+        ),
+        ("conversions", f"{o.treated_conversions:,} / {o.held_out_conversions:,}"),
+        ("revenue", f"{o.treated_revenue:,.2f} / {o.held_out_revenue:,.2f}"),
+        *lift_rows(o.lift),
+        ("sample-ratio check p", f"{o.sample_ratio_p:.3f}"),
+    ]
+    if o.as_sent is not None and (o.treated_stopped or o.held_out_stopped):
+        a = o.as_sent
+        rows.append(
+            (
+                "as sent (messaged vs not-stopped held out; biased when caps stop people)",
+                f"{a.absolute * 100:+.2f} pp [{a.absolute_low * 100:+.2f}, {a.absolute_high * 100:+.2f}]",
+            )
+        )
+    return rows
+
+
+def programme_rows(p: ProgrammeOutcome) -> list[tuple[str, str]]:
+    r = p.revenue
+    return [
+        ("estimand", p.estimand),
+        ("period", f"{p.start:%Y-%m-%d} to {p.end:%Y-%m-%d}, goal {p.goal}"),
+        ("programme / global control", f"{p.exposed:,} / {p.control:,}"),
+        ("messaged in the period", f"{p.exposed_messaged:,} / {p.control_messaged:,}"),
+        ("conversions", f"{p.exposed_conversions:,} / {p.control_conversions:,}"),
+        *lift_rows(p.lift),
+        (
+            "revenue per customer, 95% CI",
+            f"{r.treated_mean:,.2f} / {r.control_mean:,.2f}: {r.difference:+,.2f} [{r.low:+,.2f}, {r.high:+,.2f}]",
+        ),
+        ("incremental revenue (programme)", f"{p.incremental_revenue:+,.0f}"),
+        (
+            "sample-ratio check p",
+            "—" if p.sample_ratio_p is None else f"{p.sample_ratio_p:.3f}",
+        ),
+    ]
