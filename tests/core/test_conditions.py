@@ -85,7 +85,7 @@ def test_compiled_condition_matches_python_reference(
         ({"trait": "orders", "op": "in", "value": 1}, "non-empty list"),
         ({"trait": "orders", "op": "is_null", "value": 1}, "takes no value"),
         ({"trait": "orders", "op": "between", "value": [1]}, "two values"),
-        ({"oops": 1}, "all, any, not, trait, event or in_segment"),
+        ({"oops": 1}, "all, any, not, trait, event, sequence or in_segment"),
         ({"all": []}, "at least 1"),
     ],
 )

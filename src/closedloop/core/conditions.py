@@ -11,9 +11,12 @@ Leaves:
 * ``{event: NAME, where: [...], count: {op: gte, value: 2}, within_days: 30}`` — "did NAME
   (with these properties) at least / at most / exactly N times in the last D days or between
   two dates";
+* ``{sequence: [{event: A}, {event: B, where: [...]}], within: 2h}`` — "did A then B (then
+  ...) within T", optionally only in the last D days or between dates; a last step with
+  ``absent: true`` reads "A then *not* B within T";
 * ``{in_segment: NAME}`` — membership of another segment.
 
-Event and segment leaves are *derived columns*: core only names them
+Event, sequence and segment leaves are *derived columns*: core only names them
 (``derived_column``); the segments stage computes them (a count per customer, a membership
 flag) and joins them onto the table before compiling, so core never reads events itself.
 """
@@ -21,13 +24,23 @@ flag) and joins them onto the table before compiling, so core never reads events
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Iterator, Mapping
-from datetime import date, datetime
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import date, datetime, time, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 if TYPE_CHECKING:  # Ibis is imported where conditions are compiled, not where they are read:
     import ibis.expr.types as ir  # the collector's workers load definitions but never compile.
@@ -156,6 +169,139 @@ class EventCondition(_Strict):
         return "__event_" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
+_DURATION = re.compile(r"(\d+)\s*(d|h|m|s)")
+_UNIT = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+
+
+def parse_duration(value: Any) -> Any:
+    """``"30m"``, ``"2h"``, ``"7d"``, ``"1d 12h"`` → timedelta; a bare number is refused.
+
+    A bare ``within: 7`` could mean seconds or days, so it must carry a unit. ISO 8601
+    (``PT2H``) and timedelta values pass through to pydantic unchanged.
+    """
+    if isinstance(value, int | float):  # bool is an int too
+        raise ValueError("a duration needs a unit, such as 30m, 2h or 7d")
+    if not isinstance(value, str) or value.startswith(("P", "-P")):
+        return value
+    text = value.strip().lower()
+    parts = _DURATION.findall(text)
+    if not parts or _DURATION.sub("", text).strip():
+        raise ValueError(f"{value!r} is not a duration such as 90s, 30m, 2h, 7d or 1d 12h")
+    total = timedelta()
+    for amount, unit in parts:
+        total += timedelta(**{_UNIT[unit]: int(amount)})
+    return total
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class SequenceStep(_Strict):
+    """One step of a sequence: an event (with property filters); ``absent`` = must not happen."""
+
+    event: str = Field(min_length=1)
+    where: list[PropertyFilter] = Field(default_factory=list)
+    absent: bool = False
+
+
+class SequenceCondition(_Strict):
+    """Did the customer do step 1, then step 2 (then ...), the whole chain within ``within``?
+
+    "Then" is strict: each step's event is later than the previous step's (an event at the
+    same instant does not follow). Steps may name the same event. The positive steps must all
+    fall in the look-back window (``within_days`` / ``between``, as for event leaves). A last
+    step marked ``absent`` reads "... then not B within T": after the last positive step, no B
+    for ``within``, and that much time has passed by now (an open window is not yet a match).
+    """
+
+    sequence: list[SequenceStep] = Field(min_length=2)
+    within: Duration
+    within_days: int | None = Field(None, ge=1)
+    between: tuple[date, date] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SequenceCondition:
+        if self.within <= timedelta(0):
+            raise ValueError("`within` must be a positive duration")
+        for i, step in enumerate(self.sequence[:-1]):
+            if step.absent:
+                raise ValueError(
+                    f"sequence step {i + 1} ({step.event!r}) is absent: only the last step may be"
+                )
+        if self.within_days is not None and self.between is not None:
+            raise ValueError("use either `within_days` or `between`, not both")
+        if self.between is not None and self.between[0] > self.between[1]:
+            raise ValueError("`between` needs [first day, last day] in order")
+        return self
+
+    @property
+    def positive(self) -> list[SequenceStep]:
+        return [s for s in self.sequence if not s.absent]
+
+    @property
+    def absent_step(self) -> SequenceStep | None:
+        return self.sequence[-1] if self.sequence[-1].absent else None
+
+    @property
+    def derived_column(self) -> str:
+        """The column (true where the customer did the sequence) the segments stage provides."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return "__seq_" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+def window_bounds(
+    within_days: int | None, between: tuple[date, date] | None, as_of: datetime
+) -> tuple[datetime | None, datetime | None]:
+    """(exclusive start, exclusive end) of a look-back window; None = open on that side.
+
+    ``within_days`` is (as_of - D, as_of]; ``between`` is whole days in as_of's time zone.
+    """
+    if within_days is not None:
+        return as_of - timedelta(days=within_days), None
+    if between is not None:
+        first, last = between
+        start = datetime.combine(first, time.min, tzinfo=as_of.tzinfo) - timedelta(microseconds=1)
+        end = datetime.combine(last + timedelta(days=1), time.min, tzinfo=as_of.tzinfo)
+        return start, end
+    return None, None
+
+
+def _step_matches(step: SequenceStep, event: Mapping[str, Any]) -> bool:
+    if event.get("event") != step.event:
+        return False
+    return all(evaluate_python(f.as_field(f.property), event) for f in step.where)
+
+
+def sequence_matches(
+    seq: SequenceCondition, events: Iterable[Mapping[str, Any]], as_of: datetime
+) -> bool:
+    """The plain-Python reference for one customer's events (dicts with ``event``,
+    ``timestamp`` and the filtered properties): tries every chain, so keep inputs small."""
+    evs = [e for e in events if e["timestamp"] <= as_of]
+    lo, hi = window_bounds(seq.within_days, seq.between, as_of)
+    in_window = [
+        e
+        for e in evs
+        if (lo is None or e["timestamp"] > lo) and (hi is None or e["timestamp"] < hi)
+    ]
+    times = [
+        sorted({e["timestamp"] for e in in_window if _step_matches(s, e)}) for s in seq.positive
+    ]
+    absent = seq.absent_step
+    gone = [] if absent is None else [e["timestamp"] for e in evs if _step_matches(absent, e)]
+    for chain in itertools.product(*times):
+        if any(b <= a for a, b in itertools.pairwise(chain)):
+            continue
+        if chain[-1] - chain[0] > seq.within:
+            continue
+        if absent is None:
+            return True
+        end = chain[-1] + seq.within
+        if end <= as_of and not any(chain[-1] < t <= end for t in gone):
+            return True
+    return False
+
+
 class SegmentRef(_Strict):
     """``{in_segment: NAME}`` — currently a member of segment NAME."""
 
@@ -188,6 +334,7 @@ _TAGS = {
     "not": "not_of",
     "trait": "field",
     "event": "did_event",
+    "sequence": "did_sequence",
     "in_segment": "segment_ref",
 }
 _TAG_OF_TYPE: dict[type, str] = {
@@ -196,6 +343,7 @@ _TAG_OF_TYPE: dict[type, str] = {
     NotOf: "not_of",
     FieldCondition: "field",
     EventCondition: "did_event",
+    SequenceCondition: "did_sequence",
     SegmentRef: "segment_ref",
 }
 
@@ -215,11 +363,14 @@ Condition = Annotated[
     | Annotated[NotOf, Tag("not_of")]
     | Annotated[FieldCondition, Tag("field")]
     | Annotated[EventCondition, Tag("did_event")]
+    | Annotated[SequenceCondition, Tag("did_sequence")]
     | Annotated[SegmentRef, Tag("segment_ref")],
     Discriminator(
         _kind,
         custom_error_type="condition",
-        custom_error_message="a condition needs one of the keys all, any, not, trait, event or in_segment",
+        custom_error_message=(
+            "a condition needs one of the keys all, any, not, trait, event, sequence or in_segment"
+        ),
     ),
 ]
 
@@ -228,7 +379,10 @@ AnyOf.model_rebuild()
 NotOf.model_rebuild()
 
 
-def leaves(cond: Condition) -> Iterator[FieldCondition | EventCondition | SegmentRef]:
+Leaf = FieldCondition | EventCondition | SequenceCondition | SegmentRef
+
+
+def leaves(cond: Condition) -> Iterator[Leaf]:
     """Every leaf of a condition tree, depth first."""
     if isinstance(cond, AllOf):
         for c in cond.all:
@@ -279,7 +433,7 @@ def compile_condition(cond: Condition, table: ir.Table) -> ir.BooleanValue:
         if bound.op is CountOp.LTE:
             return n <= bound.value
         return n == bound.value
-    if isinstance(cond, SegmentRef):
+    if isinstance(cond, SegmentRef | SequenceCondition):
         return table[cond.derived_column].fill_null(False)
     return _compile_field(cond, table)
 
@@ -332,7 +486,7 @@ def evaluate_python(cond: Condition, row: Mapping[str, Any]) -> bool:
         return not evaluate_python(cond.not_, row)
     if isinstance(cond, EventCondition):
         return count_matches(cond.count, int(row.get(cond.derived_column) or 0))
-    if isinstance(cond, SegmentRef):
+    if isinstance(cond, SegmentRef | SequenceCondition):
         return bool(row.get(cond.derived_column))
     x = row.get(cond.trait)
     v = cond.value

@@ -26,6 +26,7 @@ from closedloop.core.conditions import (
     FieldCondition,
     NotOf,
     SegmentRef,
+    SequenceCondition,
     compile_condition,
     leaves,
 )
@@ -118,6 +119,14 @@ def check_segment(seg: SegmentDef, fields: Fields) -> list[Problem]:
                     problems.append(
                         Problem(where, "ordering needs a number or text", key=f"{path}.where.{i}")
                     )
+        elif isinstance(c, SequenceCondition):
+            for k, step in enumerate(c.sequence):
+                for i, f in enumerate(step.where):
+                    if f.op.value in ("gt", "gte", "lt", "lte", "between") and isinstance(
+                        f.value, bool
+                    ):
+                        key = f"{path}.sequence.{k}.where.{i}"
+                        problems.append(Problem(where, "ordering needs a number or text", key=key))
         else:
             problems.extend(_check_field(c, types, where, path))
 
@@ -213,6 +222,9 @@ def qualifying_columns(seg: SegmentDef, fields: Fields) -> dict[str, str]:
         if isinstance(leaf, EventCondition):
             window = f" in {leaf.within_days}d" if leaf.within_days else ""
             label = f"{leaf.event} count{window}"
+        elif isinstance(leaf, SequenceCondition):
+            steps = [("not " if s.absent else "") + s.event for s in leaf.sequence]
+            label = " then ".join(steps) + f" within {leaf.within}"
         else:
             label = f"in {leaf.in_segment}"
         while label in out and out[label] != leaf.derived_column:

@@ -2,13 +2,15 @@
 
 An event leaf ("did Order Completed with category = milk_tea at least twice in 30 days")
 becomes one grouped count over the customer's events; a segment leaf becomes a membership
-flag from ``segment_membership``. Both are left-joined onto the audience table under the
+flag from ``segment_membership``; a sequence leaf ("viewed, then bought within 2 hours")
+becomes a flag from window functions over the customer's step events (``sequence_flags``).
+All are left-joined onto the audience table under the
 leaf's ``derived_column`` name, so the compiled condition is one expression over one table.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, time, timedelta
+from datetime import datetime
 
 import ibis
 import ibis.expr.types as ir
@@ -17,9 +19,12 @@ from closedloop.collect.tables import EVENTS
 from closedloop.core.conditions import (
     Condition,
     EventCondition,
+    PropertyFilter,
     SegmentRef,
+    SequenceCondition,
     compile_condition,
     leaves,
+    window_bounds,
 )
 from closedloop.core.engine import Engine
 from closedloop.portrait.build import customer_events
@@ -39,39 +44,114 @@ def _property(events: ir.Table, name: str, numeric: bool) -> ir.Value:
     return ibis.coalesce(node.unwrap_as("float64"), text.try_cast("float64"))
 
 
-def event_counts(engine: Engine, leaf: EventCondition, as_of: datetime) -> ir.Table:
-    """(customer_id, count) of the customer's events matching ``leaf`` within its window."""
-    e = customer_events(engine)
-    e = e.filter((e.event == leaf.event) & (e.timestamp <= as_of))
-    if leaf.within_days is not None:
-        e = e.filter(e.timestamp > as_of - timedelta(days=leaf.within_days))
-    if leaf.between is not None:
-        first, last = leaf.between
-        start = datetime.combine(first, time.min, tzinfo=as_of.tzinfo)
-        end = datetime.combine(last + timedelta(days=1), time.min, tzinfo=as_of.tzinfo)
-        e = e.filter((e.timestamp >= start) & (e.timestamp < end))
+def _matching(
+    events: ir.Table,
+    event: str,
+    where: list[PropertyFilter],
+    as_of: datetime,
+    window: tuple[datetime | None, datetime | None] = (None, None),
+) -> ir.Table:
+    """Events named ``event`` passing ``where``, up to ``as_of`` and inside ``window``."""
+    e = events.filter((events.event == event) & (events.timestamp <= as_of))
+    lo, hi = window
+    if lo is not None:
+        e = e.filter(e.timestamp > lo)
+    if hi is not None:
+        e = e.filter(e.timestamp < hi)
     cols = {}
-    for i, f in enumerate(leaf.where):
+    for i, f in enumerate(where):
         sample = f.value[0] if isinstance(f.value, list) and f.value else f.value
         numeric = isinstance(sample, int | float) and not isinstance(sample, bool)
         cols[f"__p{i}"] = _property(e, f.property, numeric)
     if cols:
         e = e.mutate(**cols)
-        for i, f in enumerate(leaf.where):
+        for i, f in enumerate(where):
             e = e.filter(compile_condition(f.as_field(f"__p{i}"), e))
+    return e
+
+
+def event_counts(engine: Engine, leaf: EventCondition, as_of: datetime) -> ir.Table:
+    """(customer_id, count) of the customer's events matching ``leaf`` within its window."""
+    window = window_bounds(leaf.within_days, leaf.between, as_of)
+    e = _matching(customer_events(engine), leaf.event, leaf.where, as_of, window)
     return e.group_by("customer_id").aggregate(n=e.count())
 
 
+def sequence_flags(engine: Engine, leaf: SequenceCondition, as_of: datetime) -> ir.Table:
+    """(customer_id, ok) for customers who did the sequence — one pass of window functions.
+
+    Each step's matching events become rows tagged with the step number (an event matching
+    two steps gives two rows), ordered by time and, at equal times, later steps first, so an
+    event never "follows" one at the same instant. For step k the latest possible start of a
+    chain ending at a row is the running max of step k-1's chain starts before it (the latest
+    start is the best: it leaves the most room for ``within``). A chain ending at step n
+    matches when it spans at most ``within``; with an absent last step, the next absent-event
+    after the chain's end must be later than ``within`` (and that time must have passed).
+    """
+    events = customer_events(engine)
+    window = window_bounds(leaf.within_days, leaf.between, as_of)
+    ts_type = "timestamp('UTC', 6)"
+    parts = []
+    for k, step in enumerate(leaf.sequence, start=1):
+        e = _matching(
+            events, step.event, step.where, as_of, (None, None) if step.absent else window
+        )
+        parts.append(
+            e.select(
+                "customer_id",
+                ts=e.timestamp.cast(ts_type),
+                step=ibis.literal(k, "int16"),
+            )
+        )
+    rows = parts[0]
+    for p in parts[1:]:
+        rows = rows.union(p, distinct=False)
+    order = ibis.window(
+        group_by=rows.customer_id, order_by=[rows.ts, ibis.desc(rows.step)], rows=(None, 0)
+    )
+    null_ts = ibis.null(ts_type)
+    rows = rows.mutate(start=ibis.ifelse(rows.step == 1, rows.ts, null_ts))
+    last = len(leaf.positive)
+    for k in range(2, last + 1):
+        prev = ibis.ifelse(rows.step == k - 1, rows.start, null_ts).max().over(order)
+        rows = rows.mutate(start=ibis.ifelse(rows.step == k, prev, rows.start))
+        order = ibis.window(
+            group_by=rows.customer_id, order_by=[rows.ts, ibis.desc(rows.step)], rows=(None, 0)
+        )
+    ok = (rows.step == last) & rows.start.notnull() & (rows.ts <= rows.start + leaf.within)
+    if leaf.absent_step is not None:
+        after = ibis.window(
+            group_by=rows.customer_id, order_by=[rows.ts, ibis.desc(rows.step)], rows=(0, None)
+        )
+        next_gone = ibis.ifelse(rows.step == last + 1, rows.ts, null_ts).min().over(after)
+        rows = rows.mutate(next_gone=next_gone)
+        end = rows.ts + leaf.within
+        ok = (
+            (rows.step == last)
+            & rows.start.notnull()
+            & (rows.ts <= rows.start + leaf.within)
+            & (end <= as_of)
+            & (rows.next_gone.isnull() | (rows.next_gone > end))
+        )
+    hits = rows.filter(ok)
+    return hits.select("customer_id", ok=ibis.literal(True)).distinct()
+
+
 def with_derived(engine: Engine, table: ir.Table, cond: Condition, as_of: datetime) -> ir.Table:
-    """``table`` plus one column per event or segment leaf of ``cond``."""
+    """``table`` plus one column per event, sequence or segment leaf of ``cond``."""
     seen: set[str] = set()
     for leaf in leaves(cond):
-        if not isinstance(leaf, EventCondition | SegmentRef) or leaf.derived_column in seen:
+        if (
+            not isinstance(leaf, EventCondition | SequenceCondition | SegmentRef)
+            or leaf.derived_column in seen
+        ):
             continue
         seen.add(leaf.derived_column)
         name = leaf.derived_column
         if isinstance(leaf, EventCondition):
             counts = event_counts(engine, leaf, as_of).rename({name: "n"})
+        elif isinstance(leaf, SequenceCondition):
+            counts = sequence_flags(engine, leaf, as_of).rename({name: "ok"})
         else:
             m = engine.table("segment_membership")
             m = m.filter((m.segment == leaf.in_segment) & m.exited_at.isnull())
