@@ -1,13 +1,68 @@
-"""Campaign definitions (``campaigns/*.yaml``)."""
+"""Campaign definitions (``campaigns/*.yaml``): one-shot campaigns and journeys.
+
+A campaign without ``trigger`` runs once per occasion when asked (``campaign run``). With a
+``trigger`` it is a *journey*: the worker (``activate.worker``) enters people when the trigger
+fires, subject to the ``entry`` rule, and walks each through ``steps``::
+
+    trigger: {event: Product Added}
+    entry: {rule: once_per_occasion}
+    steps:
+      - id: wait_order
+        wait_for: {event: Order Completed, timeout: 2h}
+        on_event: done
+        on_timeout: remind
+      - id: remind
+        send: {template: "You left something in your cart"}
+      - id: done
+        exit: true
+
+A trigger or a step is recognised by its key (``event``, ``segment_entry``, ``date_trait``,
+``calendar``, ``schedule``; ``send``, ``wait``, ``wait_for``, ``branch``, ``exit``), as the
+condition language recognises its leaves. Checks that need the project (trait names and
+types, segments, templates) are in ``activate.journeys.check_journeys``.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import re
+from datetime import date as Date
+from datetime import time, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
 
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+
+from closedloop.core.conditions import FieldCondition, PropertyFilter
 from closedloop.core.definitions.base import NAME_PATTERN, Definition
 from closedloop.core.definitions.policy import Channel, ContactPolicy
+from closedloop.core.definitions.variants import Variant, check_weights
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+def parse_duration(value: Any) -> timedelta:
+    """``"90s"``, ``"30m"``, ``"2h"``, ``"3d"``, ``"1w"`` or a number of seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 30m, 2h, 3d or 1w, got {value!r}")
+    if seconds <= 0:
+        raise ValueError(f"a duration must be positive, got {value!r}")
+    return timedelta(seconds=seconds)
+
+
+def _clock(v: Any) -> Any:
+    if isinstance(v, int) and not isinstance(v, bool):
+        raise ValueError('write times of day in quotes, e.g. "10:00" (bare 10:00 is a number)')
+    return v
+
+
+# ---- goals and offers ---------------------------------------------------------------------
 class Goal(Definition):
     event: str = "Order Completed"
     window_days: int = Field(14, ge=1, le=365)
@@ -20,6 +75,330 @@ class Offer(Definition):
     expires_days: int = Field(14, ge=1)
 
 
+# ---- triggers -----------------------------------------------------------------------------
+class EventTrigger(Definition):
+    """An event arrives (``Product Added``, ``Order Completed`` with ``order_number: 1`` ...)."""
+
+    kind: ClassVar[str] = "event"
+
+    event: str = Field(min_length=1)
+    where: list[PropertyFilter] = Field(default_factory=list)
+
+
+class SegmentEntryTrigger(Definition):
+    """A person enters a segment (a new stay in ``segment_membership``)."""
+
+    kind: ClassVar[str] = "segment_entry"
+
+    segment_entry: str = Field(pattern=NAME_PATTERN)
+
+
+class DateTrigger(Definition):
+    """A date trait (birthday, membership date) plus ``offset_days``, at ``at`` local time.
+
+    ``yearly`` fires on every anniversary (29 February falls on 28 February in other years);
+    otherwise once, on the date itself.
+    """
+
+    kind: ClassVar[str] = "date_trait"
+
+    date_trait: str = Field(min_length=1)
+    offset_days: int = Field(0, ge=-366, le=366)
+    yearly: bool = True
+    at: time = time(10, 0)
+
+    _t = field_validator("at", mode="before")(_clock)
+
+
+class Moment(StrEnum):
+    """Calendar moments: shopping festivals, lunar festivals, the brand's own anniversary."""
+
+    M618 = "618"
+    DOUBLE_11 = "double_11"
+    DOUBLE_12 = "double_12"
+    SPRING_FESTIVAL = "spring_festival"
+    LANTERN = "lantern"
+    DRAGON_BOAT = "dragon_boat"
+    QIXI = "qixi"
+    MID_AUTUMN = "mid_autumn"
+    BRAND_ANNIVERSARY = "brand_anniversary"
+
+
+class Phase(Definition):
+    """A phase of a moment (pre-heat, deposit, final payment): days relative to the day."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    offset_days: int = Field(0, ge=-60, le=60)
+
+
+class CalendarTrigger(Definition):
+    """A calendar moment; entry at the first phase, later phases are ``wait: {until_phase}``."""
+
+    kind: ClassVar[str] = "calendar"
+
+    calendar: Moment
+    date: Date | None = Field(None, description="brand_anniversary only: the founding date")
+    phases: list[Phase] = Field(default_factory=lambda: [Phase(name="day")], min_length=1)
+    at: time = time(10, 0)
+
+    _t = field_validator("at", mode="before")(_clock)
+
+    @field_validator("calendar", mode="before")
+    @classmethod
+    def _number(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> CalendarTrigger:
+        if (self.calendar is Moment.BRAND_ANNIVERSARY) != (self.date is not None):
+            raise ValueError("`date` is needed by brand_anniversary, and only by it")
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique: {names}")
+        offsets = [p.offset_days for p in self.phases]
+        if offsets != sorted(offsets):
+            raise ValueError("phases must be listed in time order (offset_days ascending)")
+        return self
+
+
+class Every(StrEnum):
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+
+class Schedule(Definition):
+    every: Every
+    at: time = time(10, 0)
+    weekday: int | None = Field(None, ge=0, le=6, description="0 = Monday (every: week)")
+    day: int | None = Field(None, ge=1, le=28, description="day of month (every: month)")
+
+    _t = field_validator("at", mode="before")(_clock)
+
+    @model_validator(mode="after")
+    def _check(self) -> Schedule:
+        if (self.every is Every.WEEK) != (self.weekday is not None):
+            raise ValueError("`weekday` is needed by every: week, and only by it")
+        if (self.every is Every.MONTH) != (self.day is not None):
+            raise ValueError("`day` is needed by every: month, and only by it")
+        return self
+
+
+class ScheduleTrigger(Definition):
+    """A recurring schedule in each person's local time (every day / week / month at ``at``)."""
+
+    kind: ClassVar[str] = "schedule"
+
+    schedule: Schedule
+
+
+_TRIGGER_KEYS = ("event", "segment_entry", "date_trait", "calendar", "schedule")
+
+
+def _key_kind(keys: tuple[str, ...]) -> Any:
+    """The tag of a trigger or step: the one kind key present in its mapping."""
+
+    def kind(data: Any) -> str | None:
+        if isinstance(data, dict):
+            found = [k for k in keys if k in data]
+            return found[0] if len(found) == 1 else None
+        return getattr(type(data), "kind", None)
+
+    return kind
+
+
+Trigger = Annotated[
+    Annotated[EventTrigger, Tag("event")]
+    | Annotated[SegmentEntryTrigger, Tag("segment_entry")]
+    | Annotated[DateTrigger, Tag("date_trait")]
+    | Annotated[CalendarTrigger, Tag("calendar")]
+    | Annotated[ScheduleTrigger, Tag("schedule")],
+    Discriminator(
+        _key_kind(_TRIGGER_KEYS),
+        custom_error_type="trigger_kind",
+        custom_error_message="a trigger needs exactly one of: " + ", ".join(_TRIGGER_KEYS),
+    ),
+]
+
+
+# ---- entry rules --------------------------------------------------------------------------
+class EntryRule(StrEnum):
+    ONCE = "once"  # once in a lifetime
+    ONCE_PER_OCCASION = "once_per_occasion"  # once per birthday, per Double 11, per day ...
+    COOLDOWN = "cooldown"  # again once `cooldown` has passed since the last entry
+
+
+class Entry(Definition):
+    rule: EntryRule = EntryRule.ONCE_PER_OCCASION
+    cooldown: timedelta | None = None
+
+    _d = field_validator("cooldown", mode="before")(
+        lambda v: None if v is None else parse_duration(v)
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Entry:
+        if (self.rule is EntryRule.COOLDOWN) != (self.cooldown is not None):
+            raise ValueError("`cooldown` is needed by rule: cooldown, and only by it")
+        return self
+
+
+# ---- steps --------------------------------------------------------------------------------
+class SendSpec(Definition):
+    """A message; keys left out are the campaign's (channel, subject, template, offer)."""
+
+    channel: Channel | None = None
+    subject: str | None = None
+    template: str | None = Field(None, min_length=1)
+
+
+class WaitSpec(Definition):
+    duration: timedelta | None = None
+    until_phase: str | None = None
+
+    _d = field_validator("duration", mode="before")(
+        lambda v: None if v is None else parse_duration(v)
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> WaitSpec:
+        if (self.duration is None) == (self.until_phase is None):
+            raise ValueError("a wait needs exactly one of `duration` or `until_phase`")
+        return self
+
+
+class WaitForSpec(Definition):
+    event: str = Field(min_length=1)
+    where: list[PropertyFilter] = Field(default_factory=list)
+    timeout: timedelta | None = Field(None, validate_default=True)
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> timedelta:
+        if v is None:
+            raise ValueError(
+                "wait_for needs a `timeout` (e.g. 2h): a journey must not wait forever"
+            )
+        return parse_duration(v)
+
+
+class EventTest(Definition):
+    """Did the person do ``event`` (with these properties) since entering the journey?"""
+
+    event: str = Field(min_length=1)
+    where: list[PropertyFilter] = Field(default_factory=list)
+
+
+class VariantArm(Definition):
+    name: str = Field(pattern=NAME_PATTERN)
+    weight: float = Field(1.0, gt=0)
+    next: str
+
+
+class BranchSpec(Definition):
+    """One of: ``when`` (a trait condition), ``event`` (done since entry), ``variants``.
+
+    ``then``/``else`` name the steps for a trait or event test; each variant names its own.
+    A variant is drawn by a stable hash of (campaign, step, person), so it survives restarts.
+    """
+
+    when: FieldCondition | None = None
+    event: EventTest | None = None
+    variants: list[VariantArm] | None = None
+    then: str | None = None
+    else_: str | None = Field(None, alias="else")
+
+    @model_validator(mode="after")
+    def _check(self) -> BranchSpec:
+        given = [k for k in ("when", "event", "variants") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a branch needs exactly one of `when` (a trait), `event` or `variants`"
+            )
+        if self.variants is not None:
+            if self.then is not None or self.else_ is not None:
+                raise ValueError("a variant branch names its targets per variant, not then/else")
+            names = [v.name for v in self.variants]
+            if len(names) < 2 or len(set(names)) != len(names):
+                raise ValueError("a variant branch needs two or more uniquely named variants")
+        elif self.then is None or self.else_ is None:
+            raise ValueError("a trait or event branch needs both `then` and `else`")
+        return self
+
+    def targets(self) -> list[tuple[str, str]]:
+        """(key, step id) of every step this branch may go to."""
+        if self.variants is not None:
+            return [(f"variants.{i}.next", v.next) for i, v in enumerate(self.variants)]
+        return [("then", str(self.then)), ("else", str(self.else_))]
+
+
+class SendStep(Definition):
+    kind: ClassVar[str] = "send"
+    id: str = Field(pattern=NAME_PATTERN)
+    send: SendSpec
+    next: str | None = None
+
+
+class WaitStep(Definition):
+    kind: ClassVar[str] = "wait"
+    id: str = Field(pattern=NAME_PATTERN)
+    wait: WaitSpec
+    next: str | None = None
+
+    @field_validator("wait", mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return v if isinstance(v, dict) else {"duration": v}
+
+
+class WaitForStep(Definition):
+    kind: ClassVar[str] = "wait_for"
+    id: str = Field(pattern=NAME_PATTERN)
+    wait_for: WaitForSpec
+    on_event: str | None = None
+    on_timeout: str | None = None
+
+
+class BranchStep(Definition):
+    kind: ClassVar[str] = "branch"
+    id: str = Field(pattern=NAME_PATTERN)
+    branch: BranchSpec
+
+
+class ExitStep(Definition):
+    kind: ClassVar[str] = "exit"
+    id: str = Field(pattern=NAME_PATTERN)
+    exit: Literal[True] = True
+
+
+_STEP_KEYS = ("send", "wait_for", "wait", "branch", "exit")
+
+Step = Annotated[
+    Annotated[SendStep, Tag("send")]
+    | Annotated[WaitStep, Tag("wait")]
+    | Annotated[WaitForStep, Tag("wait_for")]
+    | Annotated[BranchStep, Tag("branch")]
+    | Annotated[ExitStep, Tag("exit")],
+    Discriminator(
+        _key_kind(_STEP_KEYS),
+        custom_error_type="step_kind",
+        custom_error_message="a step needs exactly one of: " + ", ".join(_STEP_KEYS),
+    ),
+]
+
+
+def step_targets(step: Any) -> list[tuple[str, str | None]]:
+    """(key, target) of each way out of ``step``; None = the next step in the list."""
+    if isinstance(step, SendStep | WaitStep):
+        return [("next", step.next)]
+    if isinstance(step, WaitForStep):
+        return [("on_event", step.on_event), ("on_timeout", step.on_timeout)]
+    if isinstance(step, BranchStep):
+        return [(f"branch.{k}", t) for k, t in step.branch.targets()]
+    return []
+
+
+# ---- the campaign -------------------------------------------------------------------------
 class CampaignDef(Definition):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
@@ -27,10 +406,70 @@ class CampaignDef(Definition):
     channel: Channel = Channel.EMAIL
     holdout: float = Field(0.2, gt=0.0, le=0.5, description="share held out as control")
     subject: str = ""
-    template: str = Field(min_length=1, description="Jinja2 (sandboxed) message body")
+    template: str = Field("", description="Jinja2 (sandboxed) message body (or `variants`)")
     offer: Offer | None = None
     goal: Goal = Field(default_factory=lambda: Goal())
     priority: int = 0
     policy: ContactPolicy | None = Field(
         None, description="keys given here override the project's contact_policy"
     )
+    trigger: Trigger | None = Field(None, description="absent: a one-shot campaign")
+    entry: Entry = Field(default_factory=lambda: Entry())
+    steps: list[Step] = Field(
+        default_factory=list, description="absent with a trigger: one send of the template"
+    )
+    variants: list[Variant] = Field(
+        default_factory=list,
+        description="A/B/n versions of the message (each its own subject and template)",
+    )
+
+    @model_validator(mode="after")
+    def _check_variants(self) -> CampaignDef:
+        if self.variants:
+            check_weights(self.variants)
+            if self.template or self.subject:
+                raise ValueError(
+                    "with `variants`, each variant has its own subject and template: "
+                    "remove the campaign's `subject`/`template`"
+                )
+        elif not self.template:
+            raise ValueError("a campaign needs a `template` (or `variants`)")
+        return self
+
+    @field_validator("steps")
+    @classmethod
+    def _targets(cls, steps: list[Any]) -> list[Any]:
+        ids = [s.id for s in steps]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"step ids must be unique; repeated: {dupes}")
+        for i, s in enumerate(steps):
+            for key, target in step_targets(s):
+                if target is not None and target not in ids:
+                    raise ValueError(
+                        f"step {i} ({s.id}) [{key}]: unknown step {target!r} (steps: {ids})"
+                    )
+        return steps
+
+    @model_validator(mode="after")
+    def _journey(self) -> CampaignDef:
+        if self.steps and self.trigger is None:
+            raise ValueError("steps need a `trigger` (a campaign without one runs once)")
+        if isinstance(self.trigger, CalendarTrigger):
+            phases = {p.name for p in self.trigger.phases}
+            for s in self.steps:
+                up = s.wait.until_phase if isinstance(s, WaitStep) else None
+                if up is not None and up not in phases:
+                    raise ValueError(
+                        f"step {s.id}: unknown phase {up!r} (phases: {sorted(phases)})"
+                    )
+        else:
+            for s in self.steps:
+                if isinstance(s, WaitStep) and s.wait.until_phase is not None:
+                    raise ValueError(f"step {s.id}: until_phase needs a calendar trigger")
+        return self
+
+    @property
+    def journey(self) -> list[Any]:
+        """The steps to walk: those given, or a single send of the campaign's own message."""
+        return list(self.steps) or [SendStep(id="send", send=SendSpec())]

@@ -81,6 +81,21 @@ class FrequencyCap(Definition):
     channel: Channel | None = None
 
 
+class NoResponse(Definition):
+    """The no-response rule: a sequence goes on only while the person answers it.
+
+    After a message with no response (one of ``responses``, carrying the message's id, or the
+    campaign's goal event) within ``within_hours``, the journey stops until the next occasion.
+    Checked before each later message of the same journey (see ``activate.journeys``).
+    """
+
+    within_hours: float = Field(gt=0, le=24 * 90)
+    responses: list[str] = Field(
+        default_factory=lambda: ["Email Opened", "Email Link Clicked", "SMS Clicked"],
+        description="events that count as a response when they carry the message_id",
+    )
+
+
 class ContactPolicy(Definition):
     """Rules every marketing message must pass at send time (see ``activate.policy``).
 
@@ -96,6 +111,9 @@ class ContactPolicy(Definition):
     do_not_disturb: list[DoNotDisturb] = Field(default_factory=list)
     default_timezone: str | None = Field(
         None, description="for people with no known time zone; omitted = the project's"
+    )
+    no_response: NoResponse | None = Field(
+        None, description="stop a journey after a message nobody answered (None: never stop)"
     )
 
     @field_validator("default_timezone")
