@@ -30,7 +30,10 @@ from closedloop.segments.audience import (
     evaluate_segment,
     segment_dependencies,
 )
-from closedloop.tags.rules import PROFILE_COLUMNS, build_tags, check_tag
+from closedloop.tags.build import build_tags
+from closedloop.tags.catalogue import record_tag_uses
+from closedloop.tags.check import check_tag
+from closedloop.tags.rules import PROFILE_COLUMNS
 
 Progress = Callable[[str, int, int | None], None]
 """progress(step, advance, total): advance a named step by ``advance`` units of ``total``."""
@@ -78,7 +81,8 @@ def check_project(project: Project) -> list[Problem]:
     for trait in project.traits.values():
         problems += check_trait(trait)
     for tag in project.tags.values():
-        problems += check_tag(tag, PROFILE_COLUMNS)
+        traits = {t.name: trait_dtype(t) for t in project.traits.values()}
+        problems += check_tag(tag, PROFILE_COLUMNS, traits)
     for seg in project.segments.values():
         problems += check_segment(seg, project_fields(project))
     problems += segment_order(project)[1]
@@ -161,10 +165,11 @@ def build(
     step("portrait")
     report.traits = build_traits(engine, project.traits, clock)
     step("traits")
-    report.tags = build_tags(engine, project.tags, clock)
+    report.tags = build_tags(engine, project.tags, clock, root=project.root)
     step("tags")
     fields = project_fields(project)
     for seg in segment_order(project)[0]:
         report.segments[seg.name] = evaluate_segment(engine, seg, fields, clock)
+    record_tag_uses(engine, project, [f"segment:{n}" for n in report.segments], clock)
     step("segments")
     return report

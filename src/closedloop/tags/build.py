@@ -1,0 +1,195 @@
+"""Building the tag catalogue: every tag's values in one replace of ``tag_values``.
+
+Each tag type gives a ``(customer_id, value)`` expression (``tags.values``; SQL tags from
+``tags.sqltag``, import tags from a checked file); they are unioned and written in one
+``replace``, so readers see the old tags or the new ones, never half a build. Then a row per
+tag goes to ``tag_runs``: when it was computed, how many customers hold it, how new its
+inputs were (newest event, file time, latest manual setting or score) and any note (bad
+import rows, "no scores yet").
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import ibis
+import ibis.expr.types as ir
+import pyarrow as pa
+
+from closedloop.core.clock import Clock
+from closedloop.core.definitions.tags import TagDef, TagType
+from closedloop.core.engine import Engine
+from closedloop.core.errors import DefinitionError, Problem
+from closedloop.tags import tables as _tables
+from closedloop.tags.imports import check_rows
+from closedloop.tags.sqltag import check_select
+from closedloop.tags.values import (
+    bucket_values,
+    first_last_values,
+    manual_values,
+    model_values,
+    rfm_values,
+    rule_values,
+    top_n_values,
+    with_default,
+)
+
+TS = "timestamp('UTC', 6)"
+
+
+@dataclass
+class TagPlan:
+    """One tag's values expression and what its run row will say."""
+
+    values: ir.Table
+    inputs_at: datetime | None
+    note: str = ""
+
+
+def _latest(
+    engine: Engine, table: str, column: str, where: ir.BooleanValue | None = None
+) -> datetime | None:
+    if not engine.exists(table):
+        return None
+    t = engine.table(table)
+    v = t[column].max() if where is None else t[column].max(where=where)
+    value = v.to_pyarrow().as_py()
+    return value if isinstance(value, datetime) else None
+
+
+def sql_values(engine: Engine, tag: TagDef) -> ir.Table:
+    """A SQL tag's rows, after the parser check, run as a subquery; one value per customer."""
+    assert tag.sql is not None  # noqa: S101 - checked by check_tag
+    check_select(tag.sql, tag.dialect)
+    t = engine.con.sql(tag.sql, dialect=tag.dialect)
+    missing = [c for c in ("customer_id", "value") if c not in t.columns]
+    if missing:
+        raise DefinitionError(
+            [
+                Problem(
+                    f"tags/{tag.name}.yaml",
+                    f"the query returns {', '.join(t.columns)}; missing {', '.join(missing)}",
+                    key="sql",
+                )
+            ]
+        )
+    t = t.select(customer_id=t.customer_id.cast("string"), value=t.value.cast("string"))
+    # Several rows for one customer: the smallest value, so every engine keeps the same one.
+    return t.group_by("customer_id").aggregate(value=t.value.min())
+
+
+def plan_tag(
+    engine: Engine,
+    tag: TagDef,
+    now: datetime,
+    root: Path,
+    stack: ExitStack,
+    events_at: datetime | None,
+) -> TagPlan:
+    t = tag.type
+    if t is TagType.RULE:
+        return TagPlan(rule_values(engine, tag), events_at)
+    if t is TagType.BUCKET:
+        return TagPlan(with_default(engine, bucket_values(engine, tag), tag.default), events_at)
+    if t in (TagType.FIRST, TagType.LAST):
+        v = first_last_values(engine, tag, now)
+        return TagPlan(with_default(engine, v, tag.default), events_at)
+    if t is TagType.TOP_N:
+        return TagPlan(top_n_values(engine, tag, now), events_at)
+    if t is TagType.RFM:
+        return TagPlan(rfm_values(engine, tag), events_at)
+    if t is TagType.SQL:
+        return TagPlan(sql_values(engine, tag), events_at)
+    if t is TagType.IMPORT:
+        assert tag.path is not None  # noqa: S101 - checked by check_tag
+        path = Path(tag.path) if Path(tag.path).is_absolute() else root / tag.path
+        imported = check_rows(engine, path, tag)
+        values = stack.enter_context(engine.temporary(imported.rows))
+        return TagPlan(values, imported.modified_at, imported.note())
+    if t is TagType.MANUAL:
+        m = engine.table("tag_manual")
+        return TagPlan(
+            manual_values(engine, tag), _latest(engine, "tag_manual", "set_at", m.tag == tag.name)
+        )
+    # MODEL
+    if not engine.exists("model_scores"):
+        return TagPlan(
+            _empty(engine), None, f"no scores yet: no model_scores table (model {tag.model!r})"
+        )
+    s = engine.table("model_scores")
+    at = _latest(engine, "model_scores", "scored_at", s.model == tag.model)
+    if int(s.filter(s.model == tag.model).count().execute()) == 0:
+        return TagPlan(_empty(engine), None, f"no scores yet for model {tag.model!r}")
+    return TagPlan(model_values(engine, tag), at)
+
+
+def _empty(engine: Engine) -> ir.Table:
+    tv = engine.table("tag_values")
+    return tv.select("customer_id", "value").limit(0)
+
+
+def build_tags(
+    engine: Engine,
+    tags: dict[str, TagDef],
+    clock: Clock | None = None,
+    *,
+    root: Path | None = None,
+) -> dict[str, int]:
+    """Recompute every tag; returns the number of customers holding a value, per tag.
+
+    ``root`` is the project folder import tags' paths are relative to.
+    """
+    now = (clock or Clock()).now()
+    root = root or Path()
+    computed_at = ibis.literal(now).cast(TS)
+    events_at = _latest(engine, "events", "received_at")
+    with ExitStack() as stack:
+        plans = {
+            name: plan_tag(engine, tag, now, root, stack, events_at) for name, tag in tags.items()
+        }
+        parts = []
+        for name, plan in plans.items():
+            v = plan.values
+            parts.append(
+                v.filter(v.value.notnull()).select(
+                    "customer_id",
+                    tag=ibis.literal(name),
+                    value=v.value.cast("string"),
+                    computed_at=computed_at,
+                )
+            )
+        if parts:
+            union = parts[0]
+            for p in parts[1:]:
+                union = union.union(p, distinct=False)
+            engine.replace("tag_values", union)
+        else:
+            engine.replace("tag_values", engine.table("tag_values").limit(0))
+    tv = engine.table("tag_values")
+    counts = tv.group_by("tag").aggregate(n=tv.count()).to_pyarrow().to_pylist()
+    got = {str(r["tag"]): int(r["n"]) for r in counts}
+    result = {name: got.get(name, 0) for name in tags}
+    if tags:
+        runs = pa.table(
+            {
+                "tag": list(tags),
+                "computed_at": [now] * len(tags),
+                "customers": [result[n] for n in tags],
+                "inputs_at": [plans[n].inputs_at for n in tags],
+                "note": [plans[n].note or None for n in tags],
+            },
+            schema=pa.schema(
+                [
+                    ("tag", pa.string()),
+                    ("computed_at", pa.timestamp("us", tz="UTC")),
+                    ("customers", pa.int64()),
+                    ("inputs_at", pa.timestamp("us", tz="UTC")),
+                    ("note", pa.string()),
+                ]
+            ),
+        )
+        engine.append(_tables.TAG_RUNS.name, runs)
+    return result
