@@ -105,11 +105,11 @@ def report_campaign(
     ] = None,
     as_of: AsOf = None,
 ) -> None:
-    """Conversions, lift with a 95% CI and the sample-ratio check, as HTML and PNG."""
+    """Intent-to-treat conversions and lift with 95% CIs and the sample-ratio check, as HTML and PNG."""
     from closedloop.core.clock import Clock
     from closedloop.core.engine import Engine
     from closedloop.measure.campaign import measure_campaign
-    from closedloop.measure.report import Section, lift_chart, write_report
+    from closedloop.measure.report import Section, campaign_rows, lift_chart, write_report
 
     p = project_or_exit(project)
     c = _campaign(p, name)
@@ -118,19 +118,7 @@ def report_campaign(
             o = measure_campaign(engine, c, occasion, Clock(as_of))
         except (ClosedloopError, ValueError) as e:
             raise fail(ClosedloopError(f"cannot measure {name} / {occasion}: {e}")) from None
-    lf = o.lift
-    rows = [
-        ("treated / held out", f"{o.treated:,} / {o.held_out:,}"),
-        ("conversions", f"{o.treated_conversions:,} / {o.held_out_conversions:,}"),
-        ("conversion rate", f"{lf.treated_rate:.2%} / {lf.control_rate:.2%}"),
-        ("revenue", f"{o.treated_revenue:,.2f} / {o.held_out_revenue:,.2f}"),
-        (
-            "absolute lift, 95% CI",
-            f"{lf.absolute * 100:+.2f} pp [{lf.absolute_low * 100:+.2f}, {lf.absolute_high * 100:+.2f}]",
-        ),
-        ("p-value", f"{lf.p_value:.3g}" + (" (significant)" if lf.significant else "")),
-        ("sample-ratio check p", f"{o.sample_ratio_p:.3f}"),
-    ]
+    rows = campaign_rows(o)
     folder = out or p.path(p.config.reports) / f"{name}-{occasion}"
     path = write_report(
         folder,
@@ -139,7 +127,7 @@ def report_campaign(
         [Section("Outcome", rows=rows, charts=[lift_chart(o)])],
     )
     for k, v in rows:
-        console.print(f"{k:>24}: {v}")
+        console.print(f"{k:>30}: {v}")
     console.print(f"report: {path}")
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from closedloop.cli import campaign_cmds, collect_cmds, identity_cmds, segment_cmds
+from closedloop.cli import campaign_cmds, collect_cmds, identity_cmds, report_cmds, segment_cmds
 from closedloop.cli.common import ProjectDir, console, fail, project_or_exit
 from closedloop.core.errors import ClosedloopError, DefinitionError
 
@@ -140,6 +140,7 @@ collect_cmds.register(app)
 identity_cmds.register(app)
 segment_cmds.register(app)
 campaign_cmds.register(app)
+report_cmds.register(app)
 
 if __name__ == "__main__":
     app()
