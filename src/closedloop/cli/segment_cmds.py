@@ -82,17 +82,33 @@ def preview(
 @segment_app.command("export")
 def export(
     name: str,
-    out: Annotated[Path, typer.Option(help="file to write: .csv or .parquet")],
+    out: Annotated[Path | None, typer.Option(help="file to write: .csv or .parquet")] = None,
+    webhook: Annotated[
+        str | None, typer.Option(help="POST the members to this URL in signed batches")
+    ] = None,
+    secret_env: Annotated[
+        str, typer.Option(help="environment variable holding the webhook signing secret")
+    ] = "CLOSEDLOOP_WEBHOOK_SECRET",  # noqa: S107 - a variable name, not a secret
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000)] = 500,
+    field: Annotated[
+        list[str] | None, typer.Option(help="profile field to send with each member (repeatable)")
+    ] = None,
     project: ProjectDir = Path("."),
     as_of: AsOf = None,
 ) -> None:
-    """Write the members with their profile to CSV or Parquet."""
+    """Write the members with their profile to CSV or Parquet, or POST them to a webhook."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     from closedloop.cli.common import fail
     from closedloop.core.errors import ClosedloopError
 
+    if (out is None) == (webhook is None):
+        raise fail(ClosedloopError("give either --out FILE or --webhook URL"))
+    if webhook is not None:
+        _export_webhook(name, webhook, secret_env, batch_size, field or [], project, as_of)
+        return
+    assert out is not None  # noqa: S101 - checked above
     if out.suffix not in (".csv", ".parquet"):
         raise fail(ClosedloopError(f"{out}: export writes .csv or .parquet files"))
     engine, expr = _members(project, name, as_of)
@@ -112,6 +128,54 @@ def export(
         pq.write_table(data, tmp)
     tmp.replace(out)
     console.print(f"{data.num_rows:,} members of {name} → {out}")
+
+
+def _export_webhook(
+    name: str,
+    url: str,
+    secret_env: str,
+    batch_size: int,
+    fields: list[str],
+    project: Path,
+    as_of: datetime | None,
+) -> None:
+    """Members (with the fields that qualified them, plus ``fields``) in signed batches."""
+    import os
+
+    from closedloop.cli.common import fail
+    from closedloop.core.clock import Clock
+    from closedloop.core.errors import ClosedloopError
+    from closedloop.core.signed_post import check_url
+    from closedloop.segments.export import ExportError, export_to_webhook
+
+    secret = os.environ.get(secret_env, "")
+    if not secret:
+        raise fail(
+            ClosedloopError(f"set the signing secret in the environment variable {secret_env}")
+        )
+    try:
+        check_url(url)
+    except ValueError as e:
+        raise fail(ClosedloopError(f"--webhook: {e}")) from None
+    when = Clock(as_of).now()
+    engine, expr = _members(project, name, when)
+    with engine:
+        profiles = engine.table("profiles")
+        unknown = [f for f in fields if f not in profiles.columns]
+        if unknown:
+            raise fail(ClosedloopError(f"--field: no profile field {', '.join(unknown)}"))
+        extra = [f for f in fields if f not in expr.columns]
+        if extra:
+            expr = expr.join(profiles.select("customer_id", *extra), "customer_id")
+        rows = expr.to_pyarrow()
+    try:
+        r = export_to_webhook(name, when, rows, url, secret.encode(), batch_size)
+    except ExportError as e:
+        raise fail(ClosedloopError(str(e))) from None
+    console.print(
+        f"{r.members:,} members of {name} → {url} in {r.batches} signed batch(es), "
+        f"{r.attempts} request(s), export id {r.export_id}"
+    )
 
 
 def register(app: typer.Typer) -> None:
