@@ -107,7 +107,7 @@ def measure_campaign(
     j = j.select(
         customer_id=customer,
         group=d.group,
-        stopped=(d.status == "suppressed").cast("int8"),
+        stopped=ibis.ifelse(d.status == "suppressed", 1, 0),  # PostgreSQL casts no bool to int
         goal=goals.message_id,
         revenue=goals.revenue,
     )
@@ -118,7 +118,7 @@ def measure_campaign(
     )
     per_cell = per_customer.group_by("group", "stopped").aggregate(
         customers=per_customer.count(),
-        conversions=per_customer.converted.cast("int64").sum(),
+        conversions=ibis.ifelse(per_customer.converted, 1, 0).sum(),
         revenue=per_customer.revenue.sum(),
     )
     cells = {(r["group"], bool(r["stopped"])): r for r in per_cell.to_pyarrow().to_pylist()}

@@ -75,9 +75,9 @@ def programme_expr(
     )
     j = j.select(
         "control",
-        converted=(j.goals.fill_null(0) > 0).cast("int64"),
+        converted=ibis.ifelse(j.goals.fill_null(0) > 0, 1, 0),  # PostgreSQL: no bool → int
         revenue=j.revenue.fill_null(0.0),
-        messaged=j.sent_customer.notnull().cast("int64"),
+        messaged=ibis.ifelse(j.sent_customer.notnull(), 1, 0),
     )
     return j.group_by("control").aggregate(
         customers=j.count(),

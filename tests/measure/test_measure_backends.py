@@ -1,0 +1,90 @@
+"""Funnels, cohorts and programme lift on PostgreSQL equal the same on DuckDB, row for row."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import ibis
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from closedloop.collect.tables import EVENTS
+from closedloop.core.engine import Engine
+from closedloop.measure.cohorts import cohort_expr
+from closedloop.measure.funnels import funnel_expr
+from closedloop.measure.programme import programme_lift
+from tests.conftest import event_rows
+from tests.test_backends import postgres_url  # noqa: F401  (the fixture)
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+END = datetime(2026, 7, 1, tzinfo=UTC)
+STEPS = ["Product Viewed", "Product Added", "Order Completed"]
+
+
+def history(seed: int = 11) -> list[dict[str, Any]]:
+    """Random shopping sessions of 300 customers over half a year."""
+    rng = np.random.default_rng(seed)
+    msgs: list[dict[str, Any]] = []
+    for c in range(300):
+        t = START + timedelta(days=float(rng.uniform(-20, 170)))
+        for _ in range(int(rng.integers(1, 12))):
+            t += timedelta(hours=float(rng.exponential(60)))
+            event = str(rng.choice([*STEPS, "Signed Up"], p=[0.5, 0.25, 0.2, 0.05]))
+            msgs.append(
+                {
+                    "message_id": f"m{len(msgs)}",
+                    "user_id": f"c{c:03d}",
+                    "event": event,
+                    "timestamp": t,
+                    "revenue": float(rng.integers(10, 500)) if event == STEPS[2] else None,
+                    "channel": str(rng.choice(["web", "app", "wechat"])),
+                }
+            )
+    return msgs
+
+
+def results(url: str, msgs: list[dict[str, Any]]) -> dict[str, Any]:
+    with Engine(url) as engine:
+        for t in ("events", "event_customers"):
+            if engine.exists(t):
+                engine.drop(t)
+        schema = ibis.schema(EVENTS.columns).to_pyarrow()  # no null-typed columns (PostgreSQL)
+        engine.append("events", event_rows(msgs).select(schema.names).cast(schema))
+        engine.append(
+            "event_customers",
+            pa.table(
+                {
+                    "message_id": [m["message_id"] for m in msgs],
+                    "customer_id": [m["user_id"] for m in msgs],
+                }
+            ),
+        )
+        ids = sorted({m["user_id"] for m in msgs})
+        groups = pa.table({"customer_id": ids, "group": [f"g{i % 3}" for i in range(len(ids))]})
+        control = pa.table({"customer_id": ids, "control": [i % 5 == 0 for i in range(len(ids))]})
+        with engine.temporary(groups) as g, engine.temporary(control) as pop:
+            f = funnel_expr(engine, STEPS, 7, START, END, g).to_pandas()
+            c = cohort_expr(engine, START, END, by="channel").to_pandas()
+            p = programme_lift(engine, pop, STEPS[2], START, END)
+    return {
+        "funnel": f.sort_values(["group", "step"]).reset_index(drop=True),
+        "cohorts": c.sort_values(["cohort_month", "split", "months_since"]).reset_index(drop=True),
+        "programme": (p.exposed, p.control, p.exposed_conversions, p.control_conversions),
+        "revenue": (p.exposed_revenue, p.control_revenue),
+    }
+
+
+@pytest.mark.postgres
+def test_measures_on_postgres_equal_duckdb(postgres_url: str) -> None:  # noqa: F811
+    import pandas as pd
+
+    msgs = history()
+    duck, pg = results("duckdb://", msgs), results(postgres_url, msgs)
+    assert len(duck["funnel"]) == 9 and duck["funnel"].customers.sum() > 100
+    assert len(duck["cohorts"]) > 20
+    pd.testing.assert_frame_equal(duck["funnel"], pg["funnel"], check_dtype=False)
+    pd.testing.assert_frame_equal(duck["cohorts"], pg["cohorts"], check_dtype=False)
+    assert duck["programme"] == pg["programme"]
+    assert duck["revenue"] == pytest.approx(pg["revenue"])
