@@ -36,6 +36,12 @@ import pyarrow as pa
 from jinja2 import meta
 
 from closedloop.activate import tables as _tables  # noqa: F401  (declares `deliveries`)
+from closedloop.activate.assignment import (
+    campaign_groups,
+    message_texts,
+    record_variants,
+    variant_renderers,
+)
 from closedloop.activate.policy import (
     OPT_OUT_FIELD,
     Reason,
@@ -46,15 +52,24 @@ from closedloop.activate.policy import (
     send_slot,
     zone,
 )
-from closedloop.activate.templates import ENV, renderer
+from closedloop.activate.templates import ENV
 from closedloop.core.clock import Clock
-from closedloop.core.definitions import CampaignDef, Channel, ContactPolicy
+from closedloop.core.definitions import CampaignDef, Channel, ContactPolicy, GlobalControl
 from closedloop.core.engine import Engine
 from closedloop.core.ids import stable_hash64, unit_interval
 from closedloop.portrait.tables import PROFILES
 from closedloop.segments.audience import current_members
 
-ADDRESS_FIELD = {Channel.EMAIL: "email", Channel.SMS: "phone", Channel.OUTBOX: "customer_id"}
+ADDRESS_FIELD = {
+    Channel.EMAIL: "email",
+    Channel.SMS: "phone",
+    Channel.OUTBOX: "customer_id",
+    # Resolved by the channel at send time (an openid from the identity map, the provider's
+    # device registry, the person's shopping guide): the message carries the customer id.
+    Channel.WECHAT: "customer_id",
+    Channel.PUSH: "customer_id",
+    Channel.STAFF_TASK: "customer_id",
+}
 
 Checkpoint = Callable[[str], None]
 """A test hook called at named points of a run ("decided", "outbox_written", "logged")."""
@@ -93,8 +108,9 @@ def effective_policy(campaign: CampaignDef, policy: ContactPolicy | None = None)
 def template_fields(campaign: CampaignDef) -> list[str]:
     """Profile columns the campaign's templates read: the only ones fetched per person."""
     names: set[str] = set()
-    for text in (campaign.subject, campaign.template):
-        names |= meta.find_undeclared_variables(ENV.parse(text))
+    for _, subject, template in message_texts(campaign):
+        for text in (subject, template):
+            names |= meta.find_undeclared_variables(ENV.parse(text))
     return sorted(names & set(PROFILES.columns))
 
 
@@ -110,6 +126,7 @@ def run_campaign(
     checkpoint: Checkpoint | None = None,
     dry_run: bool = False,
     customers: Sequence[str] | None = None,
+    global_control: GlobalControl | None = None,
 ) -> CampaignRun:
     """Decide and write this occasion's messages for everyone in the audience not yet decided.
 
@@ -122,6 +139,9 @@ def run_campaign(
     ``CampaignRun.decisions`` — who would be messaged, held out, or stopped and by which rule.
 
     ``customers`` limits the run to those audience members (a journey's send step).
+
+    ``global_control`` is the project's: its members are excluded (``held_out`` in group
+    ``global_control``); holdout and variants are drawn by ``activate.assignment``.
     """
     now = (clock or Clock()).now()
     pol = effective_policy(campaign, policy)
@@ -132,7 +152,7 @@ def run_campaign(
     recovered = 0 if dry_run else _recover(engine, campaign, occasion, folder)
 
     address_field = ADDRESS_FIELD[campaign.channel]
-    opt_field = OPT_OUT_FIELD[campaign.channel]
+    opt_field = OPT_OUT_FIELD.get(campaign.channel)
     members = current_members(engine, campaign.audience)
     profiles = engine.table("profiles")
     audience = members.select("customer_id").distinct().join(profiles, "customer_id")
@@ -160,19 +180,23 @@ def run_campaign(
     status: list[str] = ["suppressed"] * n
     group: list[str | None] = [None] * n
     reason: list[str | None] = [None] * n
+    variant: list[str | None] = [None] * n
+    eligible: list[int] = []
     for i in range(n):
         r = fixed_reason(pol, address=address[i], consent=consent[i], opted_out=opted[i])
         if r is not None:
             reason[i] = r.value
             continue
-        g = assign_group(campaign.name, cid[i], campaign.holdout)
-        group[i] = g
-        status[i] = "held_out" if g == "holdout" else "sent"
-        if g == "holdout":
-            reason[i] = "holdout"
+        eligible.append(i)
+    drawn = campaign_groups(engine, campaign, [cid[i] for i in eligible], global_control)
+    for i, g, v in zip(eligible, drawn.group, drawn.variant, strict=True):
+        group[i], variant[i] = g, v
+        status[i] = "sent" if g == "treatment" else "held_out"
+        if g != "treatment":
+            reason[i] = g  # holdout, or global_control (never messaged by any campaign)
 
     # 3. Timing rules for everyone assigned, held out or not (see the module docstring).
-    assigned = np.array([g is not None for g in group], dtype=bool)
+    assigned = np.array([g in ("treatment", "holdout") for g in group], dtype=bool)
     slots: dict[str, Slot] = {}
     send_at: list[datetime | None] = [None] * n
     verdict: list[str | None] = [None] * n
@@ -201,7 +225,7 @@ def run_campaign(
     delivery_ids = [_delivery_id(campaign.name, occasion, c) for c in cid]
     message_ids: list[str | None] = [None] * n
     lines: list[str] = []
-    subject, body = renderer(campaign.subject), renderer(campaign.template)
+    render = variant_renderers(campaign)
     offer = campaign.offer.model_dump() if campaign.offer else None
     offer_code = campaign.offer.code if campaign.offer else None
     columns = {f: data.column(f).to_pylist() for f in fields}
@@ -213,6 +237,7 @@ def run_campaign(
         ctx = {f: columns[f][i] for f in fields}
         ctx.update(offer=offer, campaign=campaign.name)
         at = send_at[i]
+        subject, body = render[variant[i]]
         lines.append(
             json.dumps(
                 {
@@ -229,11 +254,14 @@ def run_campaign(
                     "subject": subject(ctx),
                     "body": body(ctx),
                     "offer_code": offer_code,
+                    "variant": variant[i],
                 },
                 ensure_ascii=False,
                 default=str,
             )
         )
+    if not dry_run:  # before the outbox: a sent message always has its variant on record
+        record_variants(engine, campaign, occasion, delivery_ids, cid, variant)
     outbox = _write_outbox(folder, occasion, lines) if lines and not dry_run else None
     hook("outbox_written")
     decisions: pa.Table | None = None
@@ -253,6 +281,7 @@ def run_campaign(
                 "decided_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
                 "send_at": pa.array(send_at, pa.timestamp("us", tz="UTC")),
                 "policy_verdict": pa.array(verdict, pa.string()),
+                "variant": pa.array(variant, pa.string()),  # not in `deliveries`: see above
             }
         )
     if decisions is not None and not dry_run:

@@ -17,6 +17,7 @@ One module per kind of definition; import from this package.
 
 from closedloop.core.definitions.base import NAME_PATTERN, Definition, birthday_of
 from closedloop.core.definitions.campaigns import CampaignDef, Goal, Offer
+from closedloop.core.definitions.channels import ChannelConfig, Transport
 from closedloop.core.definitions.identity import (
     MATCH_FIELDS,
     IdentifierType,
@@ -44,6 +45,7 @@ from closedloop.core.definitions.project import (
 from closedloop.core.definitions.segments import SegmentDef
 from closedloop.core.definitions.tags import TagDef, TagRule
 from closedloop.core.definitions.traits import Aggregation, TraitDef
+from closedloop.core.definitions.variants import GlobalControl, Variant
 
 __all__ = [
     "MATCH_FIELDS",
@@ -51,11 +53,13 @@ __all__ = [
     "Aggregation",
     "CampaignDef",
     "Channel",
+    "ChannelConfig",
     "ContactPolicy",
     "DataClass",
     "Definition",
     "DoNotDisturb",
     "FrequencyCap",
+    "GlobalControl",
     "Goal",
     "IdentifierType",
     "IdentityConfig",
@@ -74,6 +78,8 @@ __all__ = [
     "TagDef",
     "TagRule",
     "TraitDef",
+    "Transport",
+    "Variant",
     "birthday_of",
     "load_project",
 ]

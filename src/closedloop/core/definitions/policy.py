@@ -15,6 +15,9 @@ from closedloop.core.definitions.base import Definition
 class Channel(StrEnum):
     EMAIL = "email"
     SMS = "sms"
+    WECHAT = "wechat"  # WeChat template messages (through a webhook)
+    PUSH = "push"  # app push (through a provider's webhook)
+    STAFF_TASK = "staff_task"  # a next best action for the person's shopping guide
     OUTBOX = "outbox"
 
 

@@ -9,7 +9,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, field_validator, model_validator
 
 from closedloop.core.definitions.base import NAME_PATTERN, Definition
-from closedloop.core.definitions.policy import ContactPolicy
+from closedloop.core.definitions.channels import ChannelConfig, check_channels
+from closedloop.core.definitions.policy import Channel, ContactPolicy
+from closedloop.core.definitions.variants import GlobalControl
 
 
 class DataClass(StrEnum):
@@ -92,6 +94,12 @@ class ProjectConfig(Definition):
         default_factory=lambda: ContactPolicy(),
         description="the project's default contact policy; a campaign's `policy:` overrides keys",
     )
+    channels: dict[Channel, ChannelConfig] = Field(
+        default_factory=dict, description="how each channel's messages leave (default: outbox)"
+    )
+    global_control: GlobalControl | None = Field(
+        None, description="a share of everyone that no campaign messages (programme lift)"
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -116,6 +124,7 @@ class ProjectConfig(Definition):
         for imp in self.imports:
             if imp.source not in names:
                 raise ValueError(f"import {imp.name!r} names unknown source {imp.source!r}")
+        check_channels(self.channels)
         return self
 
     def source(self, name: str) -> Source:
