@@ -237,6 +237,12 @@ def _counts(engine: Engine, column: str) -> dict[str, int]:
     return {str(r[column]): int(r["n"]) for r in rows}
 
 
+def _true_itt(r: DemoResult) -> float:
+    """The generator's effect as the report estimates it: intent-to-treat, so people of the
+    treatment group the policy stopped count with no effect (see ``measure.campaign``)."""
+    return r.world.true_effect * r.outcome.reach_share
+
+
 def _facts(r: DemoResult) -> list[tuple[str, str]]:
     lf = r.outcome.lift
     return [
@@ -272,13 +278,17 @@ def _facts(r: DemoResult) -> list[tuple[str, str]]:
         ),
         ("conversion rate (treated / held out)", f"{lf.treated_rate:.1%} / {lf.control_rate:.1%}"),
         (
-            "lift, 95% CI",
+            "intent-to-treat lift, 95% CI",
             f"{lf.absolute * 100:+.1f} pp [{lf.absolute_low * 100:+.1f}, {lf.absolute_high * 100:+.1f}], p={lf.p_value:.3g}",
         ),
-        ("true effect (generator)", f"{r.world.true_effect * 100:+.1f} pp"),
+        ("true effect on the messaged (generator)", f"{r.world.true_effect * 100:+.1f} pp"),
+        (
+            "true intent-to-treat effect (× share of treatment messaged)",
+            f"{_true_itt(r) * 100:+.1f} pp ({r.outcome.reach_share:.1%} messaged)",
+        ),
         (
             "CI covers true effect",
-            "yes" if lf.absolute_low <= r.world.true_effect <= lf.absolute_high else "no",
+            "yes" if lf.absolute_low <= _true_itt(r) <= lf.absolute_high else "no",
         ),
         ("sample-ratio check p", f"{r.outcome.sample_ratio_p:.3f}"),
         ("run time", f"{r.seconds:.1f} s"),
@@ -301,9 +311,11 @@ def _write(folder: Path, r: DemoResult) -> Path:
         Section("Summary", rows=_facts(r)),
         Section(
             f"Campaign {r.outcome.campaign}",
-            charts=[lift_chart(r.outcome, r.world.true_effect)],
-            note="Bars: conversion rate with 95% Wilson intervals. Right: absolute lift with its 95% "
-            "Newcombe interval; the dashed line is the true average effect known to the generator.",
+            charts=[lift_chart(r.outcome, _true_itt(r))],
+            note="Intent-to-treat: everyone assigned to treatment (messaged or stopped by the "
+            "contact policy) against everyone held out. Bars: conversion rate with 95% Wilson "
+            "intervals. Right: absolute lift with its 95% Newcombe interval; the dashed line is "
+            "the true intent-to-treat effect known to the generator.",
         ),
         Section(
             "Customers",
