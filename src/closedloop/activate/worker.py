@@ -53,6 +53,7 @@ from closedloop.activate.triggers import (
     fire_schedule,
     fire_segment_entry,
 )
+from closedloop.core.clock import Clock
 from closedloop.core.definitions import CampaignDef, Project
 from closedloop.core.definitions.campaigns import (
     CalendarTrigger,
@@ -210,6 +211,7 @@ def run_worker(
     spool: Path | None = None,
     stop: threading.Event | None = None,
     on_tick: Checkpoint | None = None,
+    clock: Clock | None = None,
 ) -> TickResult:
     """Tick every ``interval`` seconds until ``stop`` is set (or once); returns the last tick.
 
@@ -224,7 +226,7 @@ def run_worker(
         while True:
             if loader is not None:
                 loader.run_once()
-            last = tick(engine, project, datetime.now().astimezone())
+            last = tick(engine, project, (clock or Clock()).now())
             if on_tick is not None:
                 on_tick(f"entered={last.entered} sent={last.sent} waiting={last.waiting}")
             if once or halt.wait(interval):

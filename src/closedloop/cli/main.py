@@ -9,7 +9,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from closedloop.cli import campaign_cmds, collect_cmds, identity_cmds, report_cmds, segment_cmds
+from closedloop.cli import (
+    campaign_cmds,
+    collect_cmds,
+    identity_cmds,
+    journey_cmds,
+    report_cmds,
+    segment_cmds,
+)
 from closedloop.cli.common import ProjectDir, console, fail, project_or_exit
 from closedloop.core.errors import ClosedloopError, DefinitionError
 
@@ -40,10 +47,11 @@ def init(
 @app.command()
 def validate(project: ProjectDir = Path(".")) -> None:
     """Check every definition (schema, references, fields, templates) without writing anything."""
+    from closedloop.activate.journeys import check_journeys
     from closedloop.pipeline import check_project
 
     p = project_or_exit(project)
-    problems = check_project(p)
+    problems = check_project(p) + check_journeys(p)
     if problems:
         raise fail(DefinitionError(problems))
     console.print(
@@ -141,6 +149,7 @@ identity_cmds.register(app)
 segment_cmds.register(app)
 campaign_cmds.register(app)
 report_cmds.register(app)
+journey_cmds.register(app)
 
 if __name__ == "__main__":
     app()
