@@ -18,7 +18,14 @@ from closedloop.portrait import (
     localtime,
     tables,  # noqa: F401  (declares `profiles`)
 )
-from closedloop.portrait.extras import active_times, age_band, region, relationships, top_list
+from closedloop.portrait.extras import (
+    RELATIONSHIP_COLUMNS,
+    active_times,
+    age_band,
+    region,
+    relationships,
+    top_list,
+)
 from closedloop.portrait.lifecycle import ladder_stage, lifecycle_stage, rfm_group, score
 
 ORDER_EVENT = "Order Completed"
@@ -152,11 +159,13 @@ def base_expr(
     zones: list[str],
     default_tz: str = "UTC",
     customers: ir.Table | None = None,
+    with_relationships: bool = True,
 ) -> ir.Table:
     """Per customer, everything the events and identify calls say (nothing that ages).
 
     ``customers`` (a table with a ``customer_id`` column) limits the work to those customers:
-    an incremental refresh passes the customers whose events changed.
+    an incremental refresh passes the customers whose events changed. Relationships depend on
+    other customers' events too, so a refresh leaves them out here and recomputes them for all.
     """
     ev = customer_events(engine)
     ev = ev.filter(ev.timestamp <= as_of)
@@ -183,23 +192,20 @@ def base_expr(
         _contacts(engine),
         prefs,
         active_times(ev, tz, offsets),
-        relationships(ev, engine.table("identity_map")),
     ]
+    if with_relationships:
+        parts.append(relationships(ev, engine.table("identity_map")))
     for part in parts:
         t = t.left_join(part, "customer_id").drop("customer_id_right")
     orders = t.orders.fill_null(0)
     span_days = (t.last_order_at.epoch_seconds() - t.first_order_at.epoch_seconds()) / 86400.0
-    return t.mutate(
+    t = t.mutate(
         orders=orders,
         events=t.events.fill_null(0),
         product_views=t.product_views.fill_null(0),
         cart_adds=t.cart_adds.fill_null(0),
         favourites=t.favourites.fill_null(0),
         searches=t.searches.fill_null(0),
-        referrals_made=t.referrals_made.fill_null(0),
-        shares=t.shares.fill_null(0),
-        network_first=t.network_first.fill_null(0),
-        network_second=t.network_second.fill_null(0),
         revenue=t.revenue.fill_null(0.0),
         member_id=t.member_id.fill_null(t.member_id_seen),
         email_opt_out=t.email_opt_out.fill_null(False),
@@ -211,6 +217,12 @@ def base_expr(
         coupon_share=ibis.ifelse(orders > 0, t.coupon_orders / orders, ibis.null("float64")),
         order_interval_days=ibis.ifelse(orders > 1, span_days / (orders - 1), ibis.null("float64")),
     )
+    return fill_relationships(t) if with_relationships else t
+
+
+def fill_relationships(t: ir.Table) -> ir.Table:
+    """No referral or share is a count of 0, not unknown."""
+    return t.mutate(**{c: t[c].fill_null(0) for c in RELATIONSHIP_COLUMNS})
 
 
 def finish(base: ir.Table, as_of: datetime) -> ir.Table:
@@ -227,18 +239,41 @@ def finish(base: ir.Table, as_of: datetime) -> ir.Table:
     t = t.mutate(
         age=age, age_band=age_band(age), recency_days=recency, days_since_first=since_first
     )
-    has_orders = t.orders > 0  # rebound: windows must read the mutated relation
-    t = t.mutate(
-        r_score=score(t.recency_days, has_orders, descending=True),
-        f_score=score(t.orders, has_orders),
-        m_score=score(t.revenue, has_orders),
-    )
+    t = rfm_scores(t)
     return t.mutate(
         rfm_group=rfm_group(t.r_score, t.f_score),
         lifecycle_stage=lifecycle_stage(t.orders, t.recency_days, t.days_since_first),
         ladder_stage=ladder_stage(t.orders, t.member_id),
         computed_at=ibis.literal(as_of).cast("timestamp('UTC', 6)"),
     )
+
+
+def rfm_scores(t: ir.Table) -> ir.Table:
+    """``t`` (with recency_days, orders, revenue) plus 1–5 R, F and M scores among buyers."""
+    has_orders = t.orders > 0  # read from `t` as given: windows must see this relation
+    return t.mutate(
+        r_score=score(t.recency_days, has_orders, descending=True),
+        f_score=score(t.orders, has_orders),
+        m_score=score(t.revenue, has_orders),
+    )
+
+
+def rfm_expr(engine: Engine, as_of: datetime) -> ir.Table:
+    """RFM alone, for customers with orders: recency_days, orders, revenue and the scores.
+
+    The same numbers as the profile's (``finish`` uses ``rfm_scores`` too) without the rest of
+    the portrait, for tags, exports and the benchmark against hand-written SQL.
+    """
+    ev = customer_events(engine)
+    o = ev.filter((ev.event == ORDER_EVENT) & (ev.timestamp <= as_of))
+    t = o.group_by("customer_id").aggregate(
+        last_order_at=o.timestamp.max(),
+        orders=o.order_id.nunique(),
+        revenue=o.revenue.sum().fill_null(0.0),
+    )
+    t = t.filter(t.orders > 0)
+    recency = ibis.literal(as_of.date()).delta(t.last_order_at.date(), unit="day").cast("int32")
+    return rfm_scores(t.mutate(recency_days=recency))
 
 
 def profile_expr(engine: Engine, as_of: datetime, default_tz: str = "UTC") -> ir.Table:

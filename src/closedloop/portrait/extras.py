@@ -14,6 +14,7 @@ import ibis
 import ibis.expr.types as ir
 
 TOP_N = 3
+RELATIONSHIP_COLUMNS = ("referrals_made", "shares", "network_first", "network_second")
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 RELATION_EVENTS = ("Referral Sent", "Product Shared")
 # Properties of a relation event that name the other person (a member id); the generator's

@@ -96,3 +96,36 @@ COMPUTED_TRAITS = declare(
         erasure_column="customer_id",
     )
 )
+
+PORTRAIT_SEEN = declare(
+    TableSpec(
+        name="portrait_seen",
+        stage="portrait",
+        description="The event → customer attribution the last portrait build read; a refresh "
+        "compares event_customers with it to find the customers whose events changed.",
+        columns={"message_id": "string", "customer_id": "string"},
+        key=("message_id",),
+        erasure=Erasure.DELETE_BY_CUSTOMER,
+        erasure_column="customer_id",
+    )
+)
+
+PORTRAIT_RUNS = declare(
+    TableSpec(
+        name="portrait_runs",
+        stage="portrait",
+        description="One row per portrait build or refresh: its clock (the watermark of the "
+        "next refresh), mode, how many customers it recomputed, and the traits it used.",
+        columns={
+            "finished_at": TS,
+            "as_of": TS,
+            "mode": "string",  # 'full' or 'incremental'
+            "customers": "int64",
+            "recomputed": "int64",
+            "traits_digest": "string",
+            "seconds": "float64",
+        },
+        key=("finished_at",),
+        erasure=Erasure.NONE,
+    )
+)

@@ -1,0 +1,217 @@
+"""Freshness: recompute only the customers whose portrait can have changed.
+
+A refresh compares the state now with the state the last build read and recomputes the
+per-customer part of the portrait (``build.base_expr``) and the traits only for the customers
+it touches:
+
+* events attributed differently — new messages, erased ones, or messages moved by an
+  identity merge or split (``event_customers`` against the ``portrait_seen`` snapshot);
+* events that the clock moved into view (timestamp between the last build's clock and now)
+  or out of a trait's window (timestamp between the last clock and now, minus the window);
+* customers without a profile yet.
+
+What depends on the clock or on everyone — age, recency, lifecycle, RFM ranks, and the
+referral network — is then recomputed for all customers from the stored per-customer rows
+(one row per customer, no events), so "no order in 30 days" becomes true on a scheduled
+refresh with no new events at all.
+
+Writes are whole-table swaps (``Engine.replace``): a crash leaves each table as it was or as
+new, never half-written; the snapshot and the run record are written last, so after a crash
+the next refresh sees the same changes again and redoes them (recomputing is idempotent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import ibis
+import ibis.expr.types as ir
+import pyarrow as pa
+
+from closedloop.core.clock import Clock
+from closedloop.core.definitions.traits import TraitDef
+from closedloop.core.engine import Engine
+from closedloop.portrait import localtime
+from closedloop.portrait.build import (
+    base_expr,
+    build_profiles,
+    customer_events,
+    fill_relationships,
+    finish,
+    zones_in_use,
+)
+from closedloop.portrait.extras import RELATIONSHIP_COLUMNS, relationships
+from closedloop.portrait.tables import COMPUTED_TRAITS, PORTRAIT_RUNS, PORTRAIT_SEEN, PROFILES
+from closedloop.portrait.traits import build_traits, trait_values
+
+TS = "timestamp('UTC', 6)"
+# Profile columns recomputed for everyone on every refresh (see ``build.finish``).
+FINISH_COLUMNS = (
+    "age",
+    "age_band",
+    "recency_days",
+    "days_since_first",
+    "r_score",
+    "f_score",
+    "m_score",
+    "rfm_group",
+    "lifecycle_stage",
+    "ladder_stage",
+    "computed_at",
+)
+BASE_COLUMNS = tuple(
+    c for c in PROFILES.columns if c not in FINISH_COLUMNS and c not in RELATIONSHIP_COLUMNS
+)
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    mode: str  # 'full' or 'incremental'
+    customers: int
+    recomputed: int  # customers whose per-customer portrait and traits were recomputed
+    traits: int  # rows in computed_traits
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LastRun:
+    as_of: datetime
+    traits_digest: str
+
+
+def traits_digest(traits: dict[str, TraitDef]) -> str:
+    """A fingerprint of the trait definitions: a changed definition needs a full trait build."""
+    text = json.dumps(
+        [t.model_dump(mode="json") for _, t in sorted(traits.items())], sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def last_run(engine: Engine) -> LastRun | None:
+    if not engine.exists(PORTRAIT_RUNS.name) or not engine.exists(PROFILES.name):
+        return None
+    runs = engine.table(PORTRAIT_RUNS.name)
+    rows = runs.order_by(ibis.desc(runs.finished_at)).limit(1).to_pyarrow().to_pylist()
+    if not rows:
+        return None
+    as_of = rows[0]["as_of"]
+    return LastRun(as_of.astimezone(UTC), str(rows[0]["traits_digest"]))
+
+
+def affected_customers(
+    engine: Engine, since: datetime, as_of: datetime, windows: set[int]
+) -> ir.Table:
+    """Customers whose per-customer portrait or traits may differ from the last build's."""
+    ec = engine.table("event_customers").select("message_id", "customer_id")
+    seen = engine.table(PORTRAIT_SEEN.name)
+    parts = [
+        ec.anti_join(seen, ["message_id", "customer_id"]).select("customer_id"),
+        seen.anti_join(ec, ["message_id", "customer_id"]).select("customer_id"),
+        engine.table("customers")
+        .anti_join(engine.table(PROFILES.name), "customer_id")
+        .select("customer_id"),
+    ]
+    ev = customer_events(engine)
+    lo, hi = ibis.literal(since).cast(TS), ibis.literal(as_of).cast(TS)
+    moved = (ev.timestamp > lo) & (ev.timestamp <= hi)
+    for days in sorted(windows):
+        w = ibis.interval(days=days)
+        moved |= (ev.timestamp > lo - w) & (ev.timestamp <= hi - w)
+    parts.append(ev.filter(moved).select("customer_id"))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.union(p, distinct=True)
+    return out.distinct()
+
+
+def _base_columns(t: ir.Table) -> ir.Table:
+    return t.select(*[t[c].cast(PROFILES.columns[c]).name(c) for c in BASE_COLUMNS])
+
+
+def _record(
+    engine: Engine, as_of: datetime, mode: str, recomputed: int, digest: str, started: float
+) -> RefreshResult:
+    """Write the snapshot and the run record (last: they make the next refresh incremental)."""
+    ec = engine.table("event_customers").select("message_id", "customer_id")
+    engine.replace(PORTRAIT_SEEN.name, ec)
+    customers = engine.count(PROFILES.name)
+    seconds = time.perf_counter() - started
+    row = {
+        "finished_at": [datetime.now(UTC)],
+        "as_of": [as_of],
+        "mode": [mode],
+        "customers": [customers],
+        "recomputed": [recomputed],
+        "traits_digest": [digest],
+        "seconds": [seconds],
+    }
+    engine.append(PORTRAIT_RUNS.name, pa.table(row))
+    return RefreshResult(mode, customers, recomputed, engine.count(COMPUTED_TRAITS.name), seconds)
+
+
+def full_build(
+    engine: Engine, traits: dict[str, TraitDef], clock: Clock | None = None, default_tz: str = "UTC"
+) -> RefreshResult:
+    """Rebuild profiles and traits for everyone, and record the state a refresh starts from."""
+    started = time.perf_counter()
+    clock = clock or Clock()
+    as_of = clock.now()
+    n = build_profiles(engine, clock, default_tz)
+    build_traits(engine, traits, clock)
+    return _record(engine, as_of, "full", n, traits_digest(traits), started)
+
+
+def refresh(
+    engine: Engine,
+    traits: dict[str, TraitDef],
+    clock: Clock | None = None,
+    default_tz: str = "UTC",
+    *,
+    full: bool = False,
+) -> RefreshResult:
+    """Bring profiles and traits up to the clock, recomputing only affected customers.
+
+    Falls back to a full build when there is no previous run, when asked, when the clock went
+    backwards, or when the trait definitions changed.
+    """
+    clock = clock or Clock()
+    as_of = clock.now()
+    last = last_run(engine)
+    digest = traits_digest(traits)
+    if full or last is None or as_of < last.as_of or last.traits_digest != digest:
+        return full_build(engine, traits, clock, default_tz)
+    started = time.perf_counter()
+    windows = {t.window_days for t in traits.values() if t.window_days}
+    affected = engine.scratch(
+        "refresh_affected", affected_customers(engine, last.as_of, as_of, windows)
+    )
+    recomputed = int(affected.count().execute())
+    customers = engine.table("customers").select("customer_id")
+
+    ev = customer_events(engine)
+    ev = ev.filter(ev.timestamp <= as_of)
+    zones, lo = zones_in_use(engine, ev.semi_join(affected, "customer_id"), default_tz)
+    with engine.temporary(localtime.offsets_table(zones, lo, as_of)) as offsets:
+        fresh = base_expr(
+            engine, as_of, offsets, zones, default_tz, customers=affected, with_relationships=False
+        )
+        old = engine.table(PROFILES.name)
+        keep = old.anti_join(affected, "customer_id").semi_join(customers, "customer_id")
+        base = _base_columns(keep).union(_base_columns(fresh), distinct=False)
+        rel = relationships(ev, engine.table("identity_map"))
+        base = base.left_join(rel, "customer_id").drop("customer_id_right")
+        engine.replace(PROFILES.name, finish(fill_relationships(base), as_of))
+
+    as_of_lit = ibis.literal(as_of).cast(TS)
+    ct = engine.table(COMPUTED_TRAITS.name)
+    kept = ct.anti_join(affected, "customer_id").semi_join(customers, "customer_id")
+    union = kept
+    for t in traits.values():
+        part = trait_values(engine, t, as_of_lit, customers=affected)
+        union = union.union(part.mutate(computed_at=as_of_lit), distinct=False)
+    engine.replace(COMPUTED_TRAITS.name, union)
+    return _record(engine, as_of, "incremental", recomputed, digest, started)
