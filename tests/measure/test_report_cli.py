@@ -117,3 +117,23 @@ def test_cohorts_and_programme(built: Path, tmp_path: Path) -> None:
         str(tmp_path / "p"),
     )
     assert "programme / global control" in out and "global-control customers were messaged" in out
+    # With a global control configured, a later run keeps it out, and the report is clean.
+    with (built / "closedloop.yaml").open("a") as f:
+        f.write("\nglobal_control:\n  share: 0.1\n")
+    later = ["--as-of", "2026-11-25T10:00:00+00:00", "--occasion", "o2"]
+    ok("campaign", "run", "winback", "-p", str(built), *later)
+    out = ok(
+        "report",
+        "programme",
+        "-p",
+        str(built),
+        "--since",
+        "2026-11-25T09:00:00",
+        "--until",
+        "2026-12-09T00:00:00",
+        "--out",
+        str(tmp_path / "q"),
+    )
+    assert "were messaged" not in out
+    messaged = next(line for line in out.splitlines() if "messaged in the period" in line)
+    assert messaged.rstrip().endswith("/ 0") and not messaged.rstrip().endswith(": 0 / 0")

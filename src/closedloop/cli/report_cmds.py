@@ -6,10 +6,9 @@ The commands join the ``report`` group declared beside ``report campaign`` in
 
 from __future__ import annotations
 
-import importlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -180,16 +179,6 @@ def report_cohorts(
     console.print(f"report: {path}")
 
 
-def _assignment() -> Any:
-    """The project's global-control assignment (``activate.assignment``), or a clear error."""
-    try:
-        return importlib.import_module("closedloop.activate.assignment")
-    except ImportError:
-        raise fail(
-            ClosedloopError("this build has no global control assignment (activate.assignment)")
-        ) from None
-
-
 @report_app.command("programme")
 def report_programme(
     goal: Annotated[str, typer.Option(help="the goal event")] = "Order Completed",
@@ -206,14 +195,15 @@ def report_programme(
     """All campaigns together against the persistent global control group, over a period."""
     import pyarrow as pa
 
+    from closedloop.activate.assignment import global_control_salt, in_global_control
     from closedloop.core.engine import Engine
     from closedloop.measure.programme import programme_lift
     from closedloop.measure.report import Section, write_report
     from closedloop.measure.report import programme_rows as rows_of
 
     p = project_or_exit(project)
-    configured = getattr(p.config, "global_control", None)
-    control_share = share if share is not None else getattr(configured, "share", None)
+    configured = p.config.global_control
+    control_share = share if share is not None else (configured.share if configured else None)
     if not control_share or not 0 < control_share < 1:
         raise fail(
             ClosedloopError(
@@ -222,10 +212,9 @@ def report_programme(
             )
         )
     start, end = _period(since, until, days)
-    a = _assignment()
     with Engine(p.engine_url) as engine:
         ids = engine.table("customers").customer_id.to_pyarrow().to_pylist()
-        flags = a.in_global_control(ids, a.global_control_salt(engine), control_share)
+        flags = in_global_control(ids, global_control_salt(engine), control_share)
         population = pa.table({"customer_id": ids, "control": pa.array(flags.tolist(), pa.bool_())})
         try:
             with engine.temporary(population) as pop:
