@@ -147,3 +147,54 @@ def test_funnel_matches_reference_and_never_increases(
     assert got == want
     for g in f.groups:
         assert all(a >= b for a, b in zip(g.reached, g.reached[1:], strict=False))
+
+
+def test_groups_from_a_campaign_and_from_segments(engine: Engine) -> None:
+    from closedloop.activate.tables import DELIVERIES
+    from closedloop.measure.funnels import campaign_groups, segment_groups
+
+    put(engine, [("a", V, 1), ("a", A, 2), ("b2", V, 1), ("c", V, 0.5), ("c", V, 3), ("d", V, 3)])
+    decided = T0 + timedelta(days=1)
+    rows = [
+        {**dict.fromkeys(DELIVERIES.columns), "delivery_id": c, "campaign": "w", "occasion": "o1",
+         "customer_id": c, "group": g, "status": s, "decided_at": decided}
+        for c, g, s in [
+            ("a", "treatment", "sent"),
+            ("b", "holdout", "held_out"),  # merged into b2 since: followed
+            ("c", "treatment", "suppressed"),  # stopped by a cap: still in the treatment group
+            ("d", "global_control", "held_out"),  # not part of this campaign's comparison
+            ("e", None, "suppressed"),  # no consent: never assigned
+        ]
+    ]  # fmt: skip
+    engine.append("deliveries", pa.Table.from_pylist(rows))
+    engine.append(
+        "customer_aliases",
+        pa.table({"alias_id": ["b"], "customer_id": ["b2"], "merged_at": [decided]}),
+    )
+    f = funnel(engine, [V, A], 7, T0, END, campaign_groups(engine, "w", "o1"))
+    # c's view before the decision does not count, the later one does.
+    assert f.group("treatment").reached == [2, 1] and f.group("treatment").size == 2
+    assert f.group("holdout").reached == [1, 0] and f.group("holdout").size == 1
+    assert [g.group for g in f.groups] == ["holdout", "treatment"]
+    engine.append(
+        "segment_membership",
+        pa.table(
+            {
+                "segment": ["s1", "s1", "s2", "s2"],
+                "customer_id": ["a", "d", "a", "c"],
+                "entered_at": [T0] * 4,
+                "exited_at": [None, None, None, T0],  # c has left s2
+            },
+            schema=pa.schema(
+                [
+                    ("segment", pa.string()),
+                    ("customer_id", pa.string()),
+                    ("entered_at", pa.timestamp("us", tz="UTC")),
+                    ("exited_at", pa.timestamp("us", tz="UTC")),
+                ]
+            ),
+        ),
+    )
+    s = funnel(engine, [V, A], 7, T0, END, segment_groups(engine, ["s1", "s2"]))
+    assert s.group("s1").reached == [2, 1] and s.group("s2").reached == [1, 1]
+    assert s.group("s2").size == 1
