@@ -14,8 +14,10 @@ from closedloop.cli import (
     collect_cmds,
     identity_cmds,
     journey_cmds,
+    portrait_cmds,
     report_cmds,
     segment_cmds,
+    tag_cmds,
 )
 from closedloop.cli.common import ProjectDir, console, fail, project_or_exit
 from closedloop.core.errors import ClosedloopError, DefinitionError
@@ -150,6 +152,8 @@ segment_cmds.register(app)
 campaign_cmds.register(app)
 report_cmds.register(app)
 journey_cmds.register(app)
+portrait_cmds.register(app)
+tag_cmds.register(app)
 
 if __name__ == "__main__":
     app()
