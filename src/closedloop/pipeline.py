@@ -21,8 +21,8 @@ from closedloop.core.engine import Engine
 from closedloop.core.errors import DefinitionError, InputError, Problem
 from closedloop.core.yamlfile import load_yaml, locate
 from closedloop.identity.resolve import ResolveResult, resolve
-from closedloop.portrait.build import build_profiles
-from closedloop.portrait.traits import build_traits, check_trait, trait_dtype
+from closedloop.portrait.refresh import RefreshResult, refresh
+from closedloop.portrait.traits import check_trait, trait_dtype
 from closedloop.segments.audience import (
     Fields,
     SegmentResult,
@@ -47,6 +47,7 @@ class BuildReport:
     traits: int = 0
     tags: dict[str, int] = field(default_factory=dict)
     segments: dict[str, SegmentResult] = field(default_factory=dict)
+    refresh: RefreshResult | None = None  # how the portrait was brought up to date
 
 
 def project_fields(project: Project) -> Fields:
@@ -145,8 +146,14 @@ def build(
     clock: Clock | None = None,
     progress: Progress | None = None,
     load: bool = True,
+    incremental: bool = False,
 ) -> BuildReport:
-    """Validate, then run collect → identity → portrait (profiles, traits) → tags → segments."""
+    """Validate, then run collect → identity → portrait (profiles, traits) → tags → segments.
+
+    ``incremental`` recomputes the portrait and traits only for customers whose events,
+    attribution or windows changed since the last build (``portrait.refresh``); a full build
+    also records the state an incremental one starts from.
+    """
     problems = check_project(project)
     if problems:
         raise DefinitionError(problems)
@@ -161,9 +168,11 @@ def build(
 
     report.identity = resolve(engine, project.identity, clock)
     step("identity")
-    report.customers = build_profiles(engine, clock, default_tz=project.config.timezone)
+    tz = project.config.timezone
+    refreshed = refresh(engine, project.traits, clock, tz, full=not incremental)
+    report.customers, report.traits = refreshed.customers, refreshed.traits
+    report.refresh = refreshed
     step("portrait")
-    report.traits = build_traits(engine, project.traits, clock)
     step("traits")
     report.tags = build_tags(engine, project.tags, clock, root=project.root)
     step("tags")
