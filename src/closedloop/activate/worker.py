@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 
 CATCH_UP = timedelta(days=1)  # how far back a journey's first tick looks
 LATE = timedelta(minutes=10)  # event windows overlap by this much: loads may lag receipt
+MARK_EVERY = timedelta(minutes=5)  # an idle trigger's watermark is written at most this often
 
 
 @dataclass
@@ -138,7 +139,9 @@ def tick(
     for c in todo:
         mine = states.get(c.name, [])
         fired = fire(engine, project, c, marks.get(c.name, now - CATCH_UP), now)
-        new_marks[c.name] = fired.watermark
+        old = marks.get(c.name)
+        if old is None or fired.candidates or fired.watermark - old >= MARK_EVERY:
+            new_marks[c.name] = fired.watermark  # else re-reading a little more costs less
         entries = _admitted(engine, c, fired.candidates, mine)
         hook("fired")
         fresh = [new_instance(c, e) for e in entries]
