@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,12 @@ from closedloop.activate.assignment import (
     reshuffle,
     salt_history,
 )
-from closedloop.activate.campaign import assign_group
-from closedloop.core.definitions import CampaignDef, Variant
+from closedloop.activate.campaign import assign_group, run_campaign
+from closedloop.core.clock import Clock
+from closedloop.core.definitions import CampaignDef, GlobalControl, SegmentDef, Variant
 from closedloop.core.engine import Engine
+from closedloop.segments.audience import Fields, evaluate_segment
+from tests.segments.test_audience import set_profiles
 
 IDS = [f"c_{i:07d}" for i in range(40_000)]
 ABC = [
@@ -221,3 +225,98 @@ def test_variant_templates_are_checked_for_fields() -> None:
     assert any("[variants.1.template]" in t and "offer" in t for t in text), text
     assert any("[variants.2.template]" in t and "template error" in t for t in text), text
     assert len(problems) == 3
+
+
+# ---- in a campaign run ---------------------------------------------------------------------
+NOW = datetime(2026, 11, 20, 4, 0, tzinfo=UTC)
+EVERYONE = SegmentDef.model_validate(
+    {"name": "everyone", "where": {"trait": "customer_id", "op": "not_null"}}
+)
+AB = CampaignDef.model_validate(
+    {
+        "name": "ab",
+        "audience": "everyone",
+        "holdout": 0.2,
+        "variants": [
+            {"name": "short", "weight": 0.7, "subject": "S {{ name }}", "template": "short"},
+            {
+                "name": "long",
+                "weight": 0.3,
+                "subject": "L {{ city }}",
+                "template": "long {{ name }}",
+            },
+        ],
+    }
+)
+
+
+@pytest.fixture
+def audience(engine: Engine) -> Engine:
+    rows: list[dict[str, object]] = [
+        {
+            "customer_id": f"c{i:04d}",
+            "name": f"N{i}",
+            "city": "Hangzhou",
+            "email": f"p{i}@x.cn",
+            "consent_marketing": True,
+        }
+        for i in range(2000)
+    ]
+    set_profiles(engine, rows)
+    evaluate_segment(engine, EVERYONE, Fields(), Clock(NOW))
+    return engine
+
+
+def test_run_sends_each_variant_its_message_and_excludes_global_control(
+    audience: Engine, tmp_path: Path
+) -> None:
+    gc = GlobalControl(share=0.1)
+    run = run_campaign(
+        audience, AB, outbox_dir=tmp_path, occasion="o1", clock=Clock(NOW), global_control=gc
+    )
+    ids = [f"c{i:04d}" for i in range(2000)]
+    in_gc = dict(zip(ids, in_global_control(ids, "global", 0.1).tolist(), strict=True))
+    assert run.outbox is not None
+    lines = [json.loads(x) for x in run.outbox.read_text().splitlines()]
+    assert len(lines) == run.sent
+    for m in lines:
+        assert not in_gc[m["customer_id"]]  # nobody of the global control is messaged
+        if m["variant"] == "short":
+            assert m["subject"].startswith("S N") and m["body"] == "short"
+        else:
+            assert m["variant"] == "long" and m["subject"] == "L Hangzhou"
+            assert m["body"].startswith("long N")
+    d = audience.table("deliveries").to_pyarrow().to_pylist()
+    gc_rows = [r for r in d if r["group"] == "global_control"]
+    assert {r["customer_id"] for r in gc_rows} == {c for c, x in in_gc.items() if x}
+    assert all(r["status"] == "held_out" and r["reason"] == "global_control" for r in gc_rows)
+    assert stats.binomtest(len(gc_rows), 2000, 0.1).pvalue > 0.001
+    # The variant of every sent message is on record, and matches the outbox.
+    recorded = {
+        r["delivery_id"]: r["variant"]
+        for r in audience.table("delivery_variants").to_pyarrow().to_pylist()
+    }
+    assert recorded == {m["delivery_id"]: m["variant"] for m in lines}
+    names = [m["variant"] for m in lines]
+    assert _chi2_p(names, list(AB.variants)) > 0.001
+    # A re-run (a restart) decides nobody again and records nothing twice.
+    again = run_campaign(
+        audience, AB, outbox_dir=tmp_path, occasion="o1", clock=Clock(NOW), global_control=gc
+    )
+    assert again.sent == 0 and again.already_decided == 2000
+    assert audience.count("delivery_variants") == len(lines)
+
+
+def test_dry_run_returns_the_variant_of_each_person(audience: Engine, tmp_path: Path) -> None:
+    run = run_campaign(
+        audience, AB, outbox_dir=tmp_path, occasion="o1", clock=Clock(NOW), dry_run=True
+    )
+    assert run.decisions is not None
+    rows = run.decisions.to_pylist()
+    for r in rows:
+        assert (r["variant"] is not None) == (r["group"] == "treatment")
+    ids = [r["customer_id"] for r in rows if r["group"] == "treatment"]
+    assert [r["variant"] for r in rows if r["group"] == "treatment"] == pick_variants(
+        ids, "ab", AB.variants
+    )
+    assert audience.count("delivery_variants") == 0 and not list(tmp_path.iterdir())

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from closedloop.cli.common import ProjectDir, console, fail, project_or_exit
@@ -34,7 +35,12 @@ def _campaign(project: Project, name: str) -> CampaignDef:
 
 
 def _decide(
-    project_dir: Path, name: str, occasion: str | None, as_of: datetime | None, dry: bool
+    project_dir: Path,
+    name: str,
+    occasion: str | None,
+    as_of: datetime | None,
+    dry: bool,
+    show: int = 0,
 ) -> None:
     from closedloop.activate.campaign import run_campaign
     from closedloop.core.clock import Clock
@@ -53,6 +59,7 @@ def _decide(
                 occasion=key,
                 clock=clock,
                 dry_run=dry,
+                global_control=p.config.global_control,
             )
         except ClosedloopError as e:
             raise fail(e) from None
@@ -68,23 +75,65 @@ def _decide(
         console.print(f"    {reason}: {n:,}")
     if dry and run.decisions is not None and run.decisions.num_rows:
         rows = run.decisions.select(
-            ["customer_id", "group", "status", "reason", "send_at"]
+            ["customer_id", "group", "variant", "status", "reason", "send_at"]
         ).to_pylist()
-        groups = Counter((r["group"], r["status"]) for r in rows)
-        table = Table("group", "status", "people")
-        for (g, s), n in sorted(groups.items(), key=lambda x: (str(x[0][0]), str(x[0][1]))):
-            table.add_row(str(g or "—"), str(s), f"{n:,}")
+        groups = Counter((r["group"], r["variant"], r["status"]) for r in rows)
+        table = Table("group", "variant", "status", "people")
+        for (g, v, s), n in sorted(groups.items(), key=lambda x: tuple(map(str, x[0]))):
+            table.add_row(str(g or "—"), str(v or "—"), str(s), f"{n:,}")
         console.print(table)
+        people = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for head in ("customer", "group", "variant"):
+            people.add_column(head, no_wrap=True)
+        for head in ("status", "reason", "send at (UTC)"):
+            people.add_column(head, overflow="fold")
+        for r in rows[:show]:
+            at = r["send_at"].strftime("%Y-%m-%d %H:%M") if r["send_at"] else "—"
+            cells = (
+                str(r[k] or "—") for k in ("customer_id", "group", "variant", "status", "reason")
+            )
+            people.add_row(*cells, at)
+        console.print(people)
+        if len(rows) > show:
+            console.print(f"  (first {show:,} of {len(rows):,} people; --show N for more)")
     if not dry and run.outbox is not None:
         console.print(f"  outbox: {run.outbox}")
 
 
 @campaign_app.command("dry-run")
 def dry_run(
-    name: str, project: ProjectDir = Path("."), occasion: Occasion = None, as_of: AsOf = None
+    name: str,
+    project: ProjectDir = Path("."),
+    occasion: Occasion = None,
+    as_of: AsOf = None,
+    show: Annotated[int, typer.Option(help="people listed one by one")] = 20,
 ) -> None:
-    """Who would enter, who each policy would stop and why, and each group — nothing is sent."""
-    _decide(project, name, occasion, as_of, dry=True)
+    """Who would enter, who each policy would stop and why, each group and variant — nothing is sent."""
+    _decide(project, name, occasion, as_of, dry=True, show=show)
+
+
+@campaign_app.command("reshuffle")
+def reshuffle_cmd(
+    name: Annotated[
+        str | None, typer.Argument(help="campaign (omit with --global-control)")
+    ] = None,
+    project: ProjectDir = Path("."),
+    global_control: Annotated[
+        bool, typer.Option("--global-control", help="reshuffle the project's global control")
+    ] = False,
+    reason: Annotated[str, typer.Option(help="why (kept in the salt history)")] = "",
+) -> None:
+    """Draw a new holdout/variant split (or global control group) on purpose; history is kept."""
+    from closedloop.activate.assignment import GLOBAL_SCOPE, campaign_scope, reshuffle
+    from closedloop.core.engine import Engine
+
+    p = project_or_exit(project)
+    if global_control == (name is not None):
+        raise fail(ClosedloopError("name a campaign, or give --global-control (not both)"))
+    scope = GLOBAL_SCOPE if name is None else campaign_scope(_campaign(p, name).name)
+    with Engine(p.engine_url) as engine:
+        salt = reshuffle(engine, scope, reason=reason)
+    console.print(f"{scope}: new salt {salt!r}; later runs draw new groups (history kept)")
 
 
 @campaign_app.command("run")
