@@ -6,7 +6,9 @@ only one message the more important journey's goes out):
 1. reads its trigger over (watermark − margin, now]: new events since the watermark, segment
    entries, date / calendar / scheduled fire times;
 2. keeps the candidates in the campaign's audience and admits them by the entry rule;
-3. walks every live instance (``activate.journeys.Walker``), sending through the delivery log;
+3. walks every live instance (``activate.journeys.Walker``), sending through the delivery log
+   — those under way first, then the new entries (an instance that ends frees its person to
+   enter the next occasion in the same tick);
 4. appends the changed states in one insert, then the new watermarks.
 
 Resuming after a crash needs nothing special. Until step 4 nothing about the tick is stored
@@ -142,11 +144,6 @@ def tick(
         old = marks.get(c.name)
         if old is None or fired.candidates or fired.watermark - old >= MARK_EVERY:
             new_marks[c.name] = fired.watermark  # else re-reading a little more costs less
-        entries = _admitted(engine, c, fired.candidates, mine)
-        hook("fired")
-        fresh = [new_instance(c, e) for e in entries]
-        result.entered += len(fresh)
-        instances = [*mine, *fresh]
         walker = Walker(
             engine,
             project,
@@ -156,7 +153,16 @@ def tick(
             id_types=user_id_types(project),
             checkpoint=hook,
         )
-        walked: WalkResult = walker.run(instances)
+        # Instances already under way go first: one that ends now frees its person to enter
+        # the next occasion in this same tick.
+        walker.run(mine)
+        entries = _admitted(engine, c, fired.candidates, mine)
+        hook("fired")
+        fresh = [new_instance(c, e) for e in entries]
+        result.entered += len(fresh)
+        walker.run(fresh)
+        walked: WalkResult = walker.result  # both walks together
+        instances = [*mine, *fresh]
         result.sent += walked.sent
         result.held_out += walked.held_out
         result.suppressed += walked.suppressed
