@@ -217,3 +217,34 @@ def test_rotation_under_concurrent_appends_keeps_every_record_once(tmp_path: Pat
         for ln in decode_body(r.body)[1]
     ]
     assert sorted(lines) == sorted(line(i) for i in range(300))
+
+
+def test_pipelined_chunks_dedup_across_chunks_and_sources(tmp_path: Path) -> None:
+    """Small chunks written while the next is built: a messageId repeated in a later chunk
+    of the same pass is still a duplicate, failures are kept, and the counts add up."""
+    from tests.collect.conftest import POS
+
+    spool = tmp_path / "spool"
+
+    async def go() -> None:
+        w = SpoolWriter(spool)
+        for i in range(12):
+            await w.append(record(i, i + 1, i + 2))  # every id but the ends comes 3 times
+        await w.append(encode_record({"s": "pos", "f": []}, [line(1000), line(1001)]))
+        bad = ["malformed", "not JSON", "http:x#0", None, "{oops"]
+        await w.append(encode_record({"s": "web", "f": [bad]}, [line(5)]))
+        w.close()
+
+    asyncio.run(go())
+    with Engine(f"duckdb:///{tmp_path / 'w.duckdb'}") as engine:
+        r = SpoolLoader(engine, [WEB, POS], spool, chunk_rows=4).run_once()
+        assert r.records == 14
+        assert (r.received, r.accepted, r.failed, r.duplicate) == (36 + 2 + 2, 14 + 2, 1, 23)
+        events = rows(engine, "events")
+        assert sorted(e["message_id"] for e in events) == sorted(
+            [f"m{i}" for i in range(14)] + ["m1000", "m1001"]
+        )
+        assert {e["source"] for e in events if e["message_id"].startswith("m100")} == {"pos"}
+        assert len(rows(engine, "failed_events")) == 1
+        loads = rows(engine, "loads")
+        assert sum(x["received"] for x in loads) == r.received

@@ -20,6 +20,9 @@ import contextlib
 import logging
 import sys
 import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -44,6 +47,8 @@ from closedloop.core.engine import Engine
 log = logging.getLogger(__name__)
 _decode = msgspec.json.Decoder().decode
 PASS_BYTES = 32 * 1024 * 1024  # read at most this much spool per pass
+CHUNK_ROWS = 10_000  # messages per warehouse write: small enough to overlap with building
+MAX_CHUNKS_IN_FLIGHT = 2  # built chunks waiting for the writer (bounds memory)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class SpoolLoader:
         folder: Path,
         *,
         pass_bytes: int = PASS_BYTES,
+        chunk_rows: int = CHUNK_ROWS,
         clock: Clock | None = None,
         dedup_window: timedelta | None = None,
     ) -> None:
@@ -75,6 +81,7 @@ class SpoolLoader:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.pass_bytes = pass_bytes
+        self.chunk_rows = chunk_rows
         self.clock = clock or Clock()
         self.dedup_window = dedup_window
         self.offsets = Offsets(self.folder)
@@ -161,6 +168,32 @@ class SpoolLoader:
             sys.setrecursionlimit(limit)
 
     def _load_records(self, records: list[Record]) -> list[LoadResult]:
+        # Pipelined: while one thread validates lines and builds the next chunk (Python, holds
+        # the GIL), another writes the previous chunk into the warehouse (DuckDB releases the
+        # GIL while it inserts). The writer runs chunks one at a time, in order, so each
+        # chunk's messageId dedup sees every chunk written before it; offsets are saved only
+        # after every write of the pass has returned (``run_once``), so a crash anywhere in
+        # here still only means re-reading records whose messages are then duplicates.
+        with ThreadPoolExecutor(1, thread_name_prefix="loader-write") as writer:
+            pending: deque[Future[None]] = deque()
+
+            def write(intake: Intake, builder: ChunkBuilder) -> None:
+                while len(pending) >= MAX_CHUNKS_IN_FLIGHT:
+                    pending.popleft().result()
+                pending.append(writer.submit(intake.write, builder.take()))
+
+            intakes = self._build(records, write)
+            for intake, builder in intakes.values():
+                if builder.pending:
+                    write(intake, builder)
+            while pending:
+                pending.popleft().result()
+        return [intake.finish() for intake, _ in intakes.values()]
+
+    def _build(
+        self, records: list[Record], write: Callable[[Intake, ChunkBuilder], None]
+    ) -> dict[str, tuple[Intake, ChunkBuilder]]:
+        """Validate the records' lines into per-source chunks, handing each full one to ``write``."""
         intakes: dict[str, tuple[Intake, ChunkBuilder]] = {}
         with gc_paused():
             for rec in records:
@@ -192,12 +225,9 @@ class SpoolLoader:
                         )
                         continue
                     builder.offer(raw, place, number, line, len(line))
-            results = []
-            for intake, builder in intakes.values():
-                if builder.pending:
-                    intake.write(builder.take())
-                results.append(intake.finish())
-        return results
+                    if builder.pending >= self.chunk_rows:
+                        write(intakes[source_name][0], builder)
+        return intakes
 
     def run(self, stop: threading.Event, *, idle_seconds: float = 0.05) -> None:
         """Pass after pass until ``stop`` is set; sleeps briefly when the spool is empty."""
