@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 import closedloop.tags.tables  # noqa: F401  (declares the tag tables)
+from closedloop.collect.tables import EVENTS
 from closedloop.core.definitions.tags import TagDef
 from closedloop.core.engine import Engine
 from closedloop.identity.tables import CUSTOMERS
@@ -30,6 +31,8 @@ def set_profiles(engine: Engine, rows: list[dict[str, Any]]) -> None:
 def set_events(engine: Engine, messages: list[dict[str, Any]]) -> None:
     """Events already resolved: each message's ``user_id`` is its customer id."""
     rows = event_rows(messages)
+    if not messages:
+        rows = EVENTS.schema.to_pyarrow().empty_table()
     engine.replace("events", rows)
     engine.replace(
         "event_customers",

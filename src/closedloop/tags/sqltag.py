@@ -24,6 +24,7 @@ from sqlglot.errors import ParseError
 
 from closedloop.core.catalogue import CATALOGUE
 from closedloop.core.errors import ClosedloopError
+from closedloop.tags import tables as _tables  # noqa: F401  (tag tables are readable too)
 
 # Nodes that change data or schema, or move data out of the query.
 _FORBIDDEN = (
@@ -44,6 +45,7 @@ _FORBIDDEN = (
     exp.Pragma,
     exp.Use,
     exp.LoadData,
+    exp.Lock,
 )
 # Functions that reach files, the network or the server's state, on DuckDB or PostgreSQL.
 _FORBIDDEN_FUNCTION_PREFIXES = (
