@@ -124,6 +124,13 @@ def test_itt_is_unbiased_where_as_sent_is_not(
     # messaged (and the ITT one).
     assert out.as_sent is not None
     assert out.as_sent.absolute_high < min(effect, true_itt) - 0.1
+    # As sent with the caps replayed on the holdout: the engaged held out (messaged on
+    # occasion 1 had they been treated) leave too, and the true effect on the messaged is back.
+    sym = out.as_sent_symmetric
+    assert sym is not None and out.held_out_capped > 1000
+    assert abs(out.held_out_capped - out.treated_stopped) < 0.1 * out.treated_stopped
+    assert sym.absolute_low <= effect <= sym.absolute_high
+    assert abs(sym.absolute - effect) < 0.04
 
 
 def test_without_stops_both_estimands_agree(engine: Engine, tmp_path: Path) -> None:
@@ -137,5 +144,17 @@ def test_without_stops_both_estimands_agree(engine: Engine, tmp_path: Path) -> N
     evaluate_segment(engine, SEGMENTS[0], Fields(), Clock(T1 - timedelta(hours=1)))
     run_campaign(engine, NUDGE, outbox_dir=tmp_path, occasion="o1", clock=Clock(T1))
     out = measure_campaign(engine, NUDGE, "o1", Clock(T1 + timedelta(days=7)))
-    assert out.as_sent == out.lift and out.reach_share == 1.0
+    assert out.as_sent == out.lift == out.as_sent_symmetric and out.reach_share == 1.0
+    assert out.held_out_capped == 0
     assert out.treated_stopped == out.held_out_stopped == 0
+
+
+def test_report_rows_show_all_three_estimands(engine: Engine, tmp_path: Path) -> None:
+    from closedloop.measure.report import campaign_rows
+
+    simulate(engine, tmp_path, 0.0, 1)
+    rows = dict(campaign_rows(measure_campaign(engine, NUDGE, "o2", Clock(T2 + timedelta(days=7)))))
+    assert rows["estimand"].startswith("intent-to-treat")
+    assert "absolute lift, 95% CI" in rows
+    assert any(k.startswith("as sent (") for k in rows)
+    assert any(k.startswith("as sent, caps replayed") for k in rows)

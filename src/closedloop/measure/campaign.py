@@ -14,6 +14,12 @@ holdout only where the rule would stop them *given what they really received*. T
 groups then differ in who they contain, and their difference is biased (``tests/measure``
 simulates it). When nobody is stopped after the split the two estimands coincide.
 
+A third figure repairs "as sent": the caps are replayed on the holdout as if it had been
+treated on every occasion (``measure.counterfactual``), and those they would stop are left
+out too — the effect on the people the policy lets through, next to intent-to-treat's effect
+of running the campaign. As groups persist across occasions, a later occasion's
+intent-to-treat lift includes what the campaign's earlier messages still do.
+
 Conversions are goal events of the customer (through ``event_customers``), counted once per
 customer, between the decision time and the end of the attribution window. Customers merged
 since the campaign are followed through their aliases, so a merge never loses a conversion.
@@ -28,9 +34,10 @@ import ibis.expr.types as ir
 import pyarrow as pa
 
 from closedloop.core.clock import Clock
-from closedloop.core.definitions import CampaignDef
+from closedloop.core.definitions import CampaignDef, ContactPolicy
 from closedloop.core.engine import Engine
 from closedloop.measure import tables as _tables  # noqa: F401  (declares campaign_results)
+from closedloop.measure.counterfactual import holdout_capped
 from closedloop.measure.stats import Lift, lift, sample_ratio_p
 
 ESTIMAND = (
@@ -57,6 +64,10 @@ class CampaignOutcome:
     treated_stopped: int = 0  # of the treatment group, stopped by a timing rule
     held_out_stopped: int = 0  # of the holdout, a timing rule would have stopped them
     as_sent: Lift | None = None  # messaged vs not-stopped held out: biased when caps bite
+    # Of the holdout not stopped, those the caps would stop had they been treated all along
+    # (``measure.counterfactual``); leaving them out too gives the symmetric "as sent".
+    held_out_capped: int = 0
+    as_sent_symmetric: Lift | None = None  # the effect on the people the policy lets through
 
     @property
     def reach_share(self) -> float:
@@ -81,8 +92,19 @@ def goal_events(engine: Engine, event: str) -> ir.Table:
 
 
 def measure_campaign(
-    engine: Engine, campaign: CampaignDef, occasion: str, clock: Clock | None = None
+    engine: Engine,
+    campaign: CampaignDef,
+    occasion: str,
+    clock: Clock | None = None,
+    *,
+    policy: ContactPolicy | None = None,
+    timezone: str | None = None,
 ) -> CampaignOutcome:
+    """Measure one occasion: intent-to-treat, as sent, and as sent with the caps replayed.
+
+    ``policy`` and ``timezone`` are the project's (as for ``run_campaign``); they serve the
+    replay of the caps on the holdout (``measure.counterfactual``).
+    """
     now = (clock or Clock()).now()
     d = engine.table("deliveries")
     d = d.filter(
@@ -150,9 +172,23 @@ def measure_campaign(
     with engine.temporary(pa.Table.from_pylist(results)) as new:
         engine.replace("campaign_results", keep.union(new.cast(old.schema()), distinct=False))
     tn, tx, cn, cx = int(t[0]), int(t[1]), int(c[0]), int(c[1])
-    as_sent = None
+    as_sent = symmetric = None
     if t_ok[0] > 0 and c_ok[0] > 0:
         as_sent = lift(t_ok[1], t_ok[0], c_ok[1], c_ok[0])
+    capped = holdout_capped(engine, campaign, occasion, policy=policy, timezone=timezone)
+    cap_n = cap_x = 0
+    if capped:
+        with engine.temporary(pa.table({"customer_id": sorted(capped)})) as ids:
+            mapped = survivor_ids(engine, ids)
+            pc = per_customer
+            sub = pc.filter(
+                (pc.group == "holdout") & ~pc.stopped & pc.customer_id.isin(mapped.customer_id)
+            )
+            got = sub.aggregate(n=sub.count(), x=ibis.ifelse(sub.converted, 1, 0).sum())
+            r = got.to_pyarrow().to_pylist()[0]
+            cap_n, cap_x = int(r["n"] or 0), int(r["x"] or 0)
+    if t_ok[0] > 0 and c_ok[0] - cap_n > 0:
+        symmetric = lift(t_ok[1], t_ok[0], c_ok[1] - cap_x, c_ok[0] - cap_n)
     return CampaignOutcome(
         campaign=campaign.name,
         occasion=occasion,
@@ -168,4 +204,6 @@ def measure_campaign(
         treated_stopped=t_stop[0],
         held_out_stopped=c_stop[0],
         as_sent=as_sent,
+        held_out_capped=cap_n,
+        as_sent_symmetric=symmetric,
     )

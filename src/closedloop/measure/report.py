@@ -270,14 +270,26 @@ def campaign_rows(o: CampaignOutcome) -> list[tuple[str, str]]:
         ("sample-ratio check p", f"{o.sample_ratio_p:.3f}"),
     ]
     if o.as_sent is not None and (o.treated_stopped or o.held_out_stopped):
-        a = o.as_sent
         rows.append(
             (
                 "as sent (messaged vs not-stopped held out; biased when caps stop people)",
-                f"{a.absolute * 100:+.2f} pp [{a.absolute_low * 100:+.2f}, {a.absolute_high * 100:+.2f}]",
+                _pp(o.as_sent),
+            )
+        )
+    if o.as_sent_symmetric is not None and o.held_out_capped:
+        rows.append(
+            (
+                f"as sent, caps replayed on the holdout ({o.held_out_capped:,} more held out left out)",
+                _pp(o.as_sent_symmetric),
             )
         )
     return rows
+
+
+def _pp(lf: Lift) -> str:
+    return (
+        f"{lf.absolute * 100:+.2f} pp [{lf.absolute_low * 100:+.2f}, {lf.absolute_high * 100:+.2f}]"
+    )
 
 
 def programme_rows(p: ProgrammeOutcome) -> list[tuple[str, str]]:
