@@ -32,7 +32,7 @@ from closedloop.segments.audience import (
 )
 from closedloop.tags.build import build_tags
 from closedloop.tags.catalogue import record_tag_uses
-from closedloop.tags.check import check_tag
+from closedloop.tags.check import check_tag, check_tree
 from closedloop.tags.rules import PROFILE_COLUMNS
 
 Progress = Callable[[str, int, int | None], None]
@@ -84,6 +84,7 @@ def check_project(project: Project) -> list[Problem]:
     for tag in project.tags.values():
         traits = {t.name: trait_dtype(t) for t in project.traits.values()}
         problems += check_tag(tag, PROFILE_COLUMNS, traits)
+    problems += check_tree(project.tags)
     for seg in project.segments.values():
         problems += check_segment(seg, project_fields(project))
     problems += segment_order(project)[1]

@@ -113,3 +113,15 @@ def test_example_project_tags_are_valid(tmp_path: Path) -> None:
 def test_bucket_on_a_numeric_trait_is_valid(tmp_path: Path) -> None:
     text = "name: x\ntype: bucket\nfield: orders_90d\nranges: [{value: many, min: 3}]\n"
     assert _problems(tmp_path, {"x.yaml": text}) == []
+
+
+def test_parent_cycles_are_reported_once(tmp_path: Path) -> None:
+    got = _problems(
+        tmp_path,
+        {
+            "a.yaml": "name: a\ntype: rfm\nparent: b\n",
+            "b.yaml": "name: b\ntype: rfm\nparent: a\n",
+            "c.yaml": "name: c\ntype: rfm\nparent: a\n",
+        },
+    )
+    assert got == ["tags/a.yaml:3 [parent]: parents form a cycle: a -> b -> a"]

@@ -140,3 +140,27 @@ def _check_ranges(tag: TagDef, problem: _Report) -> None:
             problem("a range needs `min`, `max` or both", f"ranges.{i}")
         elif r.min is not None and r.max is not None and r.min >= r.max:
             problem(f"min {r.min} is not below max {r.max}", f"ranges.{i}")
+
+
+def check_tree(tags: dict[str, TagDef]) -> list[Problem]:
+    """Parents must form a tree: a tag that is its own ancestor is reported once per cycle."""
+    out: list[Problem] = []
+    reported: set[str] = set()
+    for name in sorted(tags):
+        chain = [name]
+        parent = tags[name].parent
+        while parent is not None and parent in tags and parent not in chain:
+            chain.append(parent)
+            parent = tags[parent].parent
+        if parent is not None and parent in chain and parent != name:
+            continue  # the cycle is above this tag: reported from a tag on it
+        if parent == name and len(chain) > 1 and not reported & set(chain):
+            reported |= set(chain)
+            out.append(
+                Problem(
+                    f"tags/{name}.yaml",
+                    f"parents form a cycle: {' -> '.join([*chain, name])}",
+                    key="parent",
+                )
+            )
+    return out
