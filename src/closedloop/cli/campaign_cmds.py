@@ -144,6 +144,83 @@ def run(
     _decide(project, name, occasion, as_of, dry=False)
 
 
+@campaign_app.command("deliver")
+def deliver_cmd(
+    channel: Annotated[str, typer.Argument(help="email, sms, wechat, push or staff_task")],
+    project: ProjectDir = Path("."),
+    as_of: AsOf = None,
+) -> None:
+    """Hand the channel's due messages to its transport (channels: in closedloop.yaml), once."""
+    from closedloop.activate.channels import deliver_channel
+    from closedloop.core.clock import Clock
+    from closedloop.core.definitions import Channel
+    from closedloop.core.engine import Engine
+
+    p = project_or_exit(project)
+    try:
+        name = Channel(channel)
+    except ValueError:
+        known = ", ".join(c.value for c in Channel)
+        raise fail(ClosedloopError(f"unknown channel {channel!r}; known: {known}")) from None
+    outbox = p.path(p.config.outbox)
+    with Engine(p.engine_url) as engine:
+        try:
+            run = deliver_channel(
+                engine,
+                name,
+                p.config.channels.get(name),
+                outbox_dir=outbox,
+                handoff_dir=outbox.parent / f"{outbox.name}-handoff",
+                clock=Clock(as_of),
+            )
+        except ClosedloopError as e:
+            raise fail(e) from None
+    console.print(
+        f"{channel}: {run.delivered:,} delivered, {run.bounced:,} bounced, {run.failed:,} failed "
+        f"(will retry), {run.gave_up:,} given up; {run.already_done:,} done before, "
+        f"{run.not_due:,} not due yet; {run.events:,} events recorded"
+    )
+
+
+@campaign_app.command("feedback")
+def feedback_cmd(
+    file: Annotated[Path, typer.Argument(help="provider reports, one JSON object per line")],
+    project: ProjectDir = Path("."),
+) -> None:
+    """Load delivery/open/click/reply reports as Message * events (duplicates are dropped)."""
+    from closedloop.activate.feedback import load_feedback_file
+    from closedloop.core.engine import Engine
+
+    p = project_or_exit(project)
+    with Engine(p.engine_url) as engine:
+        try:
+            r = load_feedback_file(engine, file)
+        except ClosedloopError as e:
+            raise fail(e) from None
+    console.print(
+        f"{r.received:,} reports: {r.accepted:,} new events, {r.duplicate:,} already loaded, "
+        f"{len(r.unknown):,} not loaded"
+    )
+    for why in r.unknown[:20]:
+        console.print(f"  {why}")
+
+
+@campaign_app.command("tasks")
+def tasks_cmd(
+    out: Annotated[Path, typer.Argument(help="CSV file to write")],
+    project: ProjectDir = Path("."),
+    owner: Annotated[str | None, typer.Option(help="only this owner's tasks")] = None,
+) -> None:
+    """Export open staff tasks (next best actions for shopping guides) as CSV."""
+    from closedloop.activate.channels.staff import export_staff_tasks
+    from closedloop.core.engine import Engine
+
+    p = project_or_exit(project)
+    with Engine(p.engine_url) as engine:
+        n = export_staff_tasks(engine, out, owner=owner)
+    console.print(f"{n:,} open tasks written to {out}")
+
+
 @report_app.command("campaign")
 def report_campaign(
     name: str,
