@@ -91,8 +91,17 @@ def test_modes_on_the_live_collector(tmp_path: Path) -> None:
         web = [f for f in failed if f["source"] == "web"]
         pos = [f for f in failed if f["source"] == "pos"]
         assert all("Order Completed" in f["payload"] or "Signed Up" in f["payload"] for f in web)
-        assert [f["payload"] for f in pos] == ["", ""]  # block keeps the reason, not the data
-        assert all(f["message_id"] for f in pos)
+        # Both modes keep the message whole, for replay.
+        assert all("Order Completed" in f["payload"] or "Signed Up" in f["payload"] for f in pos)
+        assert all(f["message_id"] for f in pos) and len(pos) == 2
+        # What the sender of one message hears: held (200) in quarantine, refused in block.
+        one = dict(stray, messageId=mid())
+        held = live.post("/v1/track", {**one, "writeKey": WEB.write_key})
+        assert held.status == 200 and held.json["quarantined"] == 1
+        assert (held.json["accepted"], held.json["failed"]) == (0, 1)
+        refused = live.post("/v1/track", {**one, "writeKey": POS.write_key})
+        assert refused.status == 400 and refused.json["reason_code"] == "forbidden_event"
+        assert "quarantined" not in refused.json
         assert len(live.rows("events")) == 2
     finally:
         live.stop()
@@ -124,13 +133,14 @@ def test_loading_plans_reports_every_problem(tmp_path: Path) -> None:
         load_tracking_plans(tmp_path, {"web", "pos"})
 
 
-def test_replay_applies_the_plan_as_it_is_now(tmp_path: Path) -> None:
-    """Quarantined for an unplanned event; replay refuses until the plan lists it."""
+@pytest.mark.parametrize("mode", ["quarantine", "block"])
+def test_replay_applies_the_plan_as_it_is_now(tmp_path: Path, mode: str) -> None:
+    """Held or blocked for an unplanned event; replay refuses until the plan lists it."""
     from closedloop.collect.replay import replay_failed
     from closedloop.core.engine import Engine
 
     live = LiveCollector(
-        tmp_path / "spool", tmp_path / "w.duckdb", plans={"web": plan("quarantine", "web")}
+        tmp_path / "spool", tmp_path / "w.duckdb", plans={"web": plan(mode, "web")}
     )
     try:
         stray = {"type": "track", "event": "Signed Up", "userId": "u", "messageId": mid()}
@@ -139,8 +149,8 @@ def test_replay_applies_the_plan_as_it_is_now(tmp_path: Path) -> None:
         live.load()
     finally:
         live.stop()
-    strict = {"web": plan("quarantine", "web")}
-    fixed_def = PlanDef.model_validate({**PLAN, "mode": "quarantine"})
+    strict = {"web": plan(mode, "web")}
+    fixed_def = PlanDef.model_validate({**PLAN, "mode": mode})
     fixed_def = PlanDef.model_validate(
         {**fixed_def.model_dump(), "events": {**PLAN["events"], "Signed Up": {}}}
     )

@@ -321,6 +321,7 @@ class Collector:
         errors: list[dict[str, Any]] = []
         seen: set[str] = set()
         duplicate = 0
+        quarantined = 0
         plan = self.plans.get(source.name)
         single_status = 200
         for index, msg in enumerate(messages):
@@ -374,12 +375,12 @@ class Collector:
                     )
             except RecursionError:
                 result = Refusal(Reason.MALFORMED, "message is nested too deeply", None)
-            blocked = False
+            held = False
             if plan is not None and isinstance(result, AcceptedMessage) and line is not None:
                 broken = plan.violation(m)
                 if broken is not None and plan.mode is not Mode.ALLOW:
                     result = Refusal(broken[0], broken[1], result.message_id)
-                    blocked = plan.mode is Mode.BLOCK
+                    held = plan.mode is Mode.QUARANTINE
             if isinstance(result, AcceptedMessage) and line is not None:
                 mid = result.message_id
                 if mid in seen:
@@ -391,8 +392,13 @@ class Collector:
             assert not isinstance(result, AcceptedMessage)  # noqa: S101 - narrowed for mypy
             code = result.reason_code
             kept = msg if forced_type is None else {**msg, "type": forced_type}
-            payload = "" if blocked else _safe_text(kept)  # block: keep the reason, not the data
-            failures.append([code.value, result.reason, location, result.message_id, payload])
+            # Kept whole in either plan mode, so `failed replay` can send it again once the
+            # plan or the sender is fixed.
+            failures.append(
+                [code.value, result.reason, location, result.message_id, _safe_text(kept)]
+            )
+            if held:
+                quarantined += 1
             if len(errors) < MAX_REPORTED_ERRORS:
                 errors.append(
                     {
@@ -413,8 +419,12 @@ class Collector:
         }
         if errors:
             body["errors"] = errors
+        if quarantined:
+            body["quarantined"] = quarantined
         status = 200
-        if forced_type is not None and failures:
+        # A single message refused answers 4xx — unless a quarantine plan holds it: then it
+        # is kept for repair on the server's side and the sender has nothing to do or retry.
+        if forced_type is not None and len(failures) > quarantined:
             status = single_status
             body["success"] = False
             body["error"] = errors[0]["reason"]

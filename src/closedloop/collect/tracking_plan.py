@@ -16,9 +16,12 @@ A plan is an optional YAML file ``tracking_plans/SOURCE.yaml`` in the project::
 A ``track`` whose event the plan does not list is a ``forbidden_event``; properties or
 traits that break their schema are a ``tracking_plan`` violation. The mode says what then
 happens: ``allow`` accepts the message anyway (the plan documents, it does not enforce);
-``quarantine`` keeps it in failed events with its payload, to replay once the plan or the
-sender is fixed; ``block`` refuses it and keeps only the reason and messageId, not the
-payload. Either way the message is counted as failed, so the accounting stays true.
+``quarantine`` and ``block`` both keep it in failed events with its payload, to replay
+(``closedloop failed replay``) once the plan or the sender is fixed. They differ in what the
+sender hears: a quarantined message is held on the server's side — a single-message request
+is answered 200 with ``quarantined: 1`` — while a blocked one is refused, 400, as any invalid
+message. In a batch, both are listed in ``errors``. Either way the message is counted as
+failed, so the accounting stays true.
 
 Schemas are compiled once (fastjsonschema turns each into a Python function), so checking
 costs microseconds on the collector's hot path.
