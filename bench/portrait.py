@@ -1,0 +1,496 @@
+"""Benchmark: portrait, 50 tags and 20 segments on DuckDB; RFM against hand-written SQL; lookups.
+
+Run as ``python bench/portrait.py [--persons N]`` (default 1,000,000). Steps:
+
+1. generate the demo brand, load it and resolve identities (not timed here: that is
+   ``bench/pipeline.py``'s subject). The loaded warehouse is cached under ``--cache`` per
+   person count, so re-runs skip the ~100 s generation and the load; each run works on a copy.
+2. the full build, timed per step: profiles, computed traits, 50 tags (the demo's one plus 49
+   synthetic ones of every computed type: rules, ranges, percentiles, top-N, first/last, RFM)
+   and 20 segments (the demo's three plus 17 synthetic ones: fields, tags, event counts with
+   windows and property filters, sequences, and references to other segments);
+3. RFM like for like, in the same run: closedloop's ``rfm_expr`` (Ibis) beside a hand-written
+   DuckDB SQL query giving the same columns — recency_days, orders, revenue and the three
+   1–5 scores — both fetched as Arrow; the two results are checked to be equal;
+4. profile lookup by identifier: a random email or phone → customer (``identity_map``) →
+   profile row, 1,000 times; p50 and p99.
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from closedloop.core.clock import Clock
+from closedloop.core.definitions import SegmentDef, TagDef, load_project
+from closedloop.core.engine import Engine
+from closedloop.demo.generator import generate
+from closedloop.demo.project import init_project, relative_data_dir
+from closedloop.identity.resolve import resolve
+from closedloop.pipeline import load_imports, project_fields, segment_order
+from closedloop.portrait.build import build_profiles, rfm_expr
+from closedloop.portrait.traits import build_traits
+from closedloop.segments.audience import Fields, check_segment, evaluate_segment
+from closedloop.tags.check import check_tag
+from closedloop.tags.rules import build_tags
+
+# The same columns and scores as closedloop's RFM (portrait.lifecycle.score): each score is
+# 1 + floor(5 * percent_rank), capped at 5, among customers with orders; recent = 5.
+RFM_SQL = """
+WITH o AS (
+  SELECT ec.customer_id,
+         date_diff('day', max(e.timestamp)::DATE, $as_of::DATE)::INTEGER AS recency_days,
+         count(DISTINCT e.order_id) AS orders,
+         coalesce(sum(e.revenue), 0.0) AS revenue
+  FROM events e JOIN event_customers ec USING (message_id)
+  WHERE e.event = 'Order Completed' AND e.timestamp <= $as_of
+  GROUP BY 1
+  HAVING count(DISTINCT e.order_id) > 0
+)
+SELECT customer_id, recency_days, orders, revenue,
+       least(floor(percent_rank() OVER (ORDER BY recency_days DESC) * 5)::INTEGER + 1, 5)
+         AS r_score,
+       least(floor(percent_rank() OVER (ORDER BY orders) * 5)::INTEGER + 1, 5) AS f_score,
+       least(floor(percent_rank() OVER (ORDER BY revenue) * 5)::INTEGER + 1, 5) AS m_score
+FROM o
+"""
+LOOKUP_SQL = """
+SELECT p.* FROM profiles p
+WHERE p.customer_id = (
+  SELECT customer_id FROM identity_map
+  WHERE id_value = $1 AND id_type = $2 AND NOT quarantined
+)
+"""
+RFM_COLUMNS = ["customer_id", "recency_days", "orders", "revenue", "r_score", "f_score", "m_score"]
+
+NUMERIC = [
+    "revenue",
+    "orders",
+    "avg_order_value",
+    "events",
+    "product_views",
+    "cart_adds",
+    "favourites",
+    "searches",
+    "points",
+    "recency_days",
+    "days_since_first",
+    "order_interval_days",
+    "coupon_share",
+    "network_first",
+    "age",
+]
+CATEGORIES = ["milk_tea", "fruit_tea", "pure_tea", "coffee", "skincare", "snacks"]
+
+
+def synthetic_tags() -> list[dict[str, Any]]:
+    """49 tags of the computed types, over the portrait and the events."""
+    tags: list[dict[str, Any]] = []
+    for f in NUMERIC:  # 15 percentile buckets
+        tags.append(
+            {
+                "name": f"pct_{f}",
+                "type": "bucket",
+                "field": f,
+                "percentiles": [0.25, 0.5, 0.75],
+                "labels": ["q1", "q2", "q3", "q4"],
+            }
+        )
+    for f, cuts in [  # 8 range buckets
+        ("revenue", [100, 500, 2000]),
+        ("orders", [1, 3, 10]),
+        ("avg_order_value", [20, 50, 150]),
+        ("events", [10, 50, 200]),
+        ("recency_days", [30, 90, 180]),
+        ("product_views", [5, 20, 100]),
+        ("points", [100, 1000, 5000]),
+        ("age", [25, 35, 50]),
+    ]:
+        bounds = [None, *cuts, None]
+        tags.append(
+            {
+                "name": f"range_{f}",
+                "type": "bucket",
+                "field": f,
+                "ranges": [
+                    {"value": f"b{i}", "min": lo, "max": hi}
+                    for i, (lo, hi) in enumerate(itertools.pairwise(bounds))
+                ],
+            }
+        )
+    rules = [  # 12 rule tags
+        ("is_buyer", {"trait": "orders", "op": "gte", "value": 1}),
+        ("is_repeat", {"trait": "orders", "op": "gte", "value": 2}),
+        ("big_spender", {"trait": "revenue", "op": "gte", "value": 1000}),
+        ("coupon_lover", {"trait": "coupon_share", "op": "gte", "value": 0.5}),
+        (
+            "browser_only",
+            {
+                "all": [
+                    {"trait": "orders", "op": "eq", "value": 0},
+                    {"trait": "product_views", "op": "gte", "value": 3},
+                ]
+            },
+        ),
+        (
+            "reachable_email",
+            {
+                "all": [
+                    {"trait": "email", "op": "not_null"},
+                    {"trait": "email_opt_out", "op": "eq", "value": False},
+                ]
+            },
+        ),
+        (
+            "reachable_sms",
+            {
+                "all": [
+                    {"trait": "phone", "op": "not_null"},
+                    {"trait": "sms_opt_out", "op": "eq", "value": False},
+                ]
+            },
+        ),
+        ("consented", {"trait": "consent_marketing", "op": "eq", "value": True}),
+        (
+            "tea_fan",
+            {"trait": "top_category", "op": "in", "value": ["milk_tea", "fruit_tea", "pure_tea"]},
+        ),
+        ("referrer", {"trait": "referrals_made", "op": "gte", "value": 1}),
+        ("night_owl", {"trait": "active_hour", "op": "gte", "value": 21}),
+        ("lapsing", {"trait": "lifecycle_stage", "op": "in", "value": ["silent", "churn_risk"]}),
+    ]
+    for name, cond in rules:
+        tags.append({"name": name, "rules": [{"value": "yes", "when": cond}], "default": "no"})
+    for col in ["category", "channel", "source"]:  # 6 top-N
+        tags.append({"name": f"top3_{col}", "type": "top_n", "column": col, "n": 3})
+        tags.append(
+            {"name": f"top_{col}_90d", "type": "top_n", "column": col, "n": 2, "window_days": 90}
+        )
+    for kind in ["first", "last"]:  # 6 first/last
+        for col in ["channel", "source", "category"]:
+            tags.append({"name": f"{kind}_{col}", "type": kind, "column": col})
+    tags.append({"name": "rfm_scores", "type": "rfm", "rfm": "scores"})  # 2 RFM
+    tags.append({"name": "rfm_named", "type": "rfm", "rfm": "group"})
+    return tags
+
+
+def synthetic_segments() -> list[dict[str, Any]]:
+    """17 segments: fields, tags, event counts, sequences and segment references."""
+    order = "Order Completed"
+    tea = {"property": "category", "op": "in", "value": ["milk_tea", "fruit_tea", "pure_tea"]}
+    raw: list[tuple[str, dict[str, Any]]] = [
+        (
+            "s_vip",
+            {
+                "all": [
+                    {"trait": "revenue", "op": "gte", "value": 2000},
+                    {"trait": "lifecycle_stage", "op": "eq", "value": "active"},
+                ]
+            },
+        ),
+        ("s_new_buyers", {"trait": "lifecycle_stage", "op": "eq", "value": "new"}),
+        ("s_churned", {"trait": "lifecycle_stage", "op": "in", "value": ["churned", "churn_risk"]}),
+        (
+            "s_young_shanghai",
+            {
+                "all": [
+                    {"trait": "age_band", "op": "in", "value": ["18-24", "25-34"]},
+                    {"trait": "city", "op": "eq", "value": "Shanghai"},
+                ]
+            },
+        ),
+        ("s_top_quartile", {"trait": "pct_revenue", "op": "eq", "value": "q4"}),
+        (
+            "s_coupon_repeat",
+            {
+                "all": [
+                    {"trait": "coupon_lover", "op": "eq", "value": "yes"},
+                    {"trait": "is_repeat", "op": "eq", "value": "yes"},
+                ]
+            },
+        ),
+        ("s_tea_30d", {"event": order, "where": [tea], "within_days": 30}),
+        (
+            "s_three_orders_90d",
+            {"event": order, "count": {"op": "gte", "value": 3}, "within_days": 90},
+        ),
+        (
+            "s_no_order_60d",
+            {
+                "all": [
+                    {"trait": "orders", "op": "gte", "value": 1},
+                    {"event": order, "count": {"op": "eq", "value": 0}, "within_days": 60},
+                ]
+            },
+        ),
+        (
+            "s_viewers_no_buy",
+            {
+                "all": [
+                    {
+                        "event": "Product Viewed",
+                        "count": {"op": "gte", "value": 5},
+                        "within_days": 30,
+                    },
+                    {"event": order, "count": {"op": "eq", "value": 0}, "within_days": 30},
+                ]
+            },
+        ),
+        (
+            "s_big_basket",
+            {
+                "event": order,
+                "where": [{"property": "revenue", "op": "gte", "value": 100}],
+                "within_days": 180,
+            },
+        ),
+        (
+            "s_view_then_buy",
+            {
+                "sequence": [{"event": "Product Viewed"}, {"event": order}],
+                "within": "1d",
+                "within_days": 90,
+            },
+        ),
+        (
+            "s_cart_then_buy",
+            {
+                "sequence": [{"event": "Product Added"}, {"event": order}],
+                "within": "2h",
+                "within_days": 90,
+            },
+        ),
+        (
+            "s_abandoned_cart",
+            {
+                "sequence": [{"event": "Product Added"}, {"event": order, "absent": True}],
+                "within": "1d",
+                "within_days": 30,
+            },
+        ),
+        (
+            "s_view_cart_buy_tea",
+            {
+                "sequence": [
+                    {"event": "Product Viewed", "where": [tea]},
+                    {"event": "Product Added"},
+                    {"event": order, "where": [tea]},
+                ],
+                "within": "3d",
+                "within_days": 180,
+            },
+        ),
+        (
+            "s_vip_reachable",
+            {
+                "all": [
+                    {"in_segment": "s_vip"},
+                    {"trait": "reachable_email", "op": "eq", "value": "yes"},
+                ]
+            },
+        ),
+        ("s_winback", {"any": [{"in_segment": "s_churned"}, {"in_segment": "s_no_order_60d"}]}),
+    ]
+    return [{"name": n, "where": w} for n, w in raw]
+
+
+def seconds(f: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    f()
+    return round(time.perf_counter() - t, 3)
+
+
+def prepare(persons: int, cache: Path) -> tuple[Path, float | None]:
+    """The project folder of a loaded, resolved warehouse for ``persons`` (cached)."""
+    root = cache / f"portrait-{persons}"
+    done = root / "READY"
+    if done.exists():
+        return root / "p", None
+    shutil.rmtree(root, ignore_errors=True)
+    t = time.perf_counter()
+    summary = generate(root / "brand", persons)
+    init_project(root / "p", data_dir=relative_data_dir(root / "p", root / "brand" / "data"))
+    project = load_project(root / "p")
+    clock = Clock(summary.reference_time)
+    with Engine(project.engine_url) as engine:
+        load_imports(engine, project)
+        resolve(engine, project.identity, clock)
+    done.write_text(summary.reference_time.isoformat())
+    return root / "p", round(time.perf_counter() - t, 1)
+
+
+def run(persons: int, cache: Path, work: Path) -> dict[str, Any]:
+    fig: dict[str, Any] = {"persons": persons}
+    src, prepared = prepare(persons, cache)
+    if prepared is not None:
+        fig["prepare_s"] = prepared  # generate + load + identity, once per cache
+    from datetime import datetime
+
+    reference = datetime.fromisoformat((src.parent / "READY").read_text())
+    shutil.copytree(src, work / "p")
+    project = load_project(work / "p")
+    clock = Clock(reference)
+    tags = dict(project.tags)
+    for raw in synthetic_tags():
+        tags[raw["name"]] = TagDef.model_validate(raw)
+    from closedloop.portrait.tables import PROFILES
+
+    problems = [p for t in tags.values() for p in check_tag(t, set(PROFILES.columns))]
+    assert not problems, problems
+    segs = dict(project.segments)
+    for raw in synthetic_segments():
+        segs[raw["name"]] = SegmentDef.model_validate(raw)
+    project = project.model_copy(update={"tags": tags, "segments": segs})
+    ordered, problems = segment_order(project)
+    base = project_fields(project)
+    fields = Fields(tags=tuple(tags), traits=base.traits, segments=tuple(segs))
+    problems += [p for s in ordered for p in check_segment(s, fields)]
+    assert not problems, problems
+    fig["tags"] = len(tags)
+    fig["segments"] = len(segs)
+    with Engine(project.engine_url) as engine:
+        fig["events"] = engine.count("events")
+        fig["customers"] = engine.count("customers")
+        fig["profiles_s"] = seconds(lambda: build_profiles(engine, clock))
+        fig["traits_s"] = seconds(lambda: build_traits(engine, project.traits, clock))
+        fig["tags_s"] = seconds(lambda: build_tags(engine, tags, clock, root=work / "p"))
+        per_segment: dict[str, float] = {}
+        sizes: dict[str, int] = {}
+        for s in ordered:
+            t = time.perf_counter()
+            sizes[s.name] = evaluate_segment(engine, s, fields, clock).size
+            per_segment[s.name] = round(time.perf_counter() - t, 3)
+        fig["segments_s"] = round(sum(per_segment.values()), 3)
+        fig["build_s"] = round(
+            sum(fig[k] for k in ("profiles_s", "traits_s", "tags_s", "segments_s")), 3
+        )
+        slow = sorted(per_segment.items(), key=lambda kv: -kv[1])[:4]
+        fig["slowest_segments_s"] = dict(slow)
+        fig["segment_sizes"] = sizes
+        fig.update(rfm(engine, clock.now()))
+        fig.update(lookups(engine))
+    fig["machine"] = f"{platform.machine()}, {platform.python_version()}"
+    return fig
+
+
+def rfm(engine: Engine, as_of: Any, repeats: int = 5) -> dict[str, Any]:
+    """closedloop's RFM beside the SQL, alternating, median of ``repeats``; results compared."""
+    con = engine.con.con
+    expr = rfm_expr(engine, as_of).select(*RFM_COLUMNS)
+    ours: list[float] = []
+    theirs: list[float] = []
+    a = b = None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a = expr.to_pyarrow()
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        b = con.execute(RFM_SQL, {"as_of": as_of}).to_arrow_table()
+        theirs.append(time.perf_counter() - t)
+    assert a is not None and b is not None
+    a, b = a.sort_by("customer_id"), b.sort_by("customer_id")
+    same = a.num_rows == b.num_rows and all(
+        a.column(c).to_pylist() == b.column(c).to_pylist() for c in RFM_COLUMNS if c != "revenue"
+    )
+    rev_a, rev_b = a.column("revenue").to_pylist(), b.column("revenue").to_pylist()
+    same = same and all(
+        abs(x - y) <= 1e-6 * max(1.0, abs(y)) for x, y in zip(rev_a, rev_b, strict=True)
+    )
+    # The profile build's scores are the same numbers (customers with orders only).
+    p = engine.table("profiles")
+    p = p.filter(p.orders > 0).select(*RFM_COLUMNS).order_by("customer_id").to_pyarrow()
+    same_as_profiles = all(
+        p.column(c).to_pylist() == a.column(c).to_pylist()
+        for c in ("customer_id", "r_score", "f_score", "m_score")
+    )
+    o, s = statistics.median(ours), statistics.median(theirs)
+    return {
+        "rfm_customers": a.num_rows,
+        "rfm_closedloop_s": round(o, 4),
+        "rfm_sql_s": round(s, 4),
+        "rfm_ratio": round(o / s, 2),
+        "rfm_equal": same,
+        "rfm_equal_to_profiles": same_as_profiles,
+    }
+
+
+def lookups(engine: Engine, n: int = 1000, seed: int = 1) -> dict[str, Any]:
+    """Identifier → customer → profile row, through Ibis, ``n`` random identifiers."""
+    m = engine.table("identity_map")
+    sample = (
+        m.filter(m.id_type.isin(["email", "phone"]) & ~m.quarantined)
+        .select("id_type", "id_value")
+        .to_pyarrow()
+        .to_pylist()
+    )
+    rng = random.Random(seed)
+    picks = [sample[rng.randrange(len(sample))] for _ in range(n)]
+    profiles = engine.table("profiles")
+    times: list[float] = []
+    found = 0
+    for ident in picks:
+        t = time.perf_counter()
+        hit = m.filter((m.id_type == ident["id_type"]) & (m.id_value == ident["id_value"]))
+        row = profiles.semi_join(hit.select("customer_id"), "customer_id").to_pyarrow().to_pylist()
+        times.append(time.perf_counter() - t)
+        found += bool(row)
+    # The same lookup as one prepared DuckDB statement with bound values, over ART indexes on
+    # the identifier and the customer id: what a serving path needs (Ibis builds and compiles
+    # a new expression per call, which costs more than the lookup itself).
+    con = engine.con.con
+    con.execute("CREATE INDEX IF NOT EXISTS bench_idmap ON identity_map (id_value)")
+    con.execute("CREATE INDEX IF NOT EXISTS bench_prof ON profiles (customer_id)")
+    indexed: list[float] = []
+    found_indexed = 0
+    for ident in picks:
+        t = time.perf_counter()
+        rows = con.execute(LOOKUP_SQL, [ident["id_value"], ident["id_type"]]).fetchall()
+        indexed.append(time.perf_counter() - t)
+        found_indexed += bool(rows)
+    return {
+        "lookups": n,
+        "lookup_found": found,
+        "lookup_ibis_p50_ms": percentile(times, 0.5),
+        "lookup_ibis_p99_ms": percentile(times, 0.99),
+        "lookup_found_indexed": found_indexed,
+        "lookup_indexed_p50_ms": percentile(indexed, 0.5),
+        "lookup_indexed_p99_ms": percentile(indexed, 0.99),
+    }
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return round(1000 * s[min(len(s) - 1, int(q * len(s)))], 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--persons", type=int, default=1_000_000)
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "closedloop-bench",
+        help="where the loaded warehouse per person count is kept between runs",
+    )
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        fig = run(args.persons, args.cache, Path(tmp))
+    for k, v in fig.items():
+        print(f"{k:>24}: {v}")
+    print(json.dumps(fig))
+
+
+if __name__ == "__main__":
+    main()
