@@ -303,7 +303,14 @@ def sql(
 
 
 def import_cmd(
-    file: Annotated[Path, typer.Argument(help="CSV, Parquet or Segment JSON-lines file/folder")],
+    file_or_table: Annotated[
+        str,
+        typer.Argument(
+            metavar="FILE_OR_TABLE",
+            help="CSV, Parquet or Segment JSON-lines file/folder, or a database table as "
+            "ENGINE_URL#TABLE (duckdb:///shop.duckdb#orders, postgresql://…/db#crm.members)",
+        ),
+    ],
     source: Annotated[str, typer.Option(help="the source the rows come from")],
     mapping: Annotated[
         Path | None,
@@ -312,17 +319,30 @@ def import_cmd(
     name: Annotated[str | None, typer.Option(help="import name (default: file stem)")] = None,
     project: ProjectDir = Path("."),
 ) -> None:
-    """Import a file through the same gate as the collector; re-running adds nothing.
+    """Import a file or table through the same gate as the collector; re-running adds nothing.
 
     Bad rows go to failed events with their row number and reason (`closedloop failed`).
+    An import killed half-way is resumed by running it again: rows already loaded are
+    recognised by their messageId and skipped, the rest are loaded.
     """
     import re
 
     from pydantic import ValidationError
-    from rich.progress import Progress
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from closedloop.cli.common import fail, project_or_exit
-    from closedloop.collect.importer import import_table
+    from closedloop.collect.importer import (
+        import_ibis_table,
+        import_table,
+        is_table_ref,
+        open_table_ref,
+    )
     from closedloop.core.definitions import ImportFormat, ImportMapping, ImportSpec
     from closedloop.core.engine import Engine
     from closedloop.core.errors import ClosedloopError, DefinitionError, Problem
@@ -332,14 +352,22 @@ def import_cmd(
     if source not in {s.name for s in p.config.sources}:
         err.print(f"unknown source {source!r}", markup=False)
         raise typer.Exit(code=2)
+    table_ref = is_table_ref(file_or_table)
+    file = Path(file_or_table.rpartition("#")[2] if table_ref else file_or_table)
     suffix = "".join(file.suffixes).lower() if file.is_file() else ""
-    if mapping is None:
+    if table_ref:
+        if mapping is None:
+            err.print("a table import needs --mapping", markup=False)
+            raise typer.Exit(code=2)
+        fmt = ImportFormat.PARQUET  # rows with typed columns, as a Parquet file's
+    elif mapping is None:
         fmt = ImportFormat.SEGMENT_JSONL
     elif suffix.endswith(".parquet") or (file.is_dir() and any(file.glob("*.parquet"))):
         fmt = ImportFormat.PARQUET
     else:
         fmt = ImportFormat.CSV
-    import_name = name or re.sub(r"[^a-z0-9_]", "_", file.stem.lower()).strip("_") or "import"
+    stem = file_or_table.rpartition("#")[2] if table_ref else file.stem
+    import_name = name or re.sub(r"[^a-z0-9_]", "_", stem.lower()).strip("_") or "import"
     if not import_name[0].isalpha():
         import_name = "import_" + import_name
     try:
@@ -356,23 +384,61 @@ def import_cmd(
                     ]
                 ) from None
         spec = ImportSpec(
-            name=import_name, path=str(file), source=source, format=fmt, mapping=mapped
+            name=import_name, path=file_or_table, source=source, format=fmt, mapping=mapped
         )
-        with Engine(p.engine_url) as engine, Progress(console=console) as bar:
-            task = bar.add_task(f"importing {file.name}", total=None)
-            r = import_table(
-                engine,
-                file,
-                spec,
-                p.config.source(source),
-                progress=lambda n: bar.advance(task, n),
-            )
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,.0f} rows"),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+        )
+        with Engine(p.engine_url) as engine, Progress(*columns, console=console) as bar:
+            if table_ref:
+                con, table = open_table_ref(file_or_table)
+                try:
+                    total = int(table.count().to_pyarrow().as_py())
+                    task = bar.add_task(f"importing {file_or_table}", total=total)
+                    r = import_ibis_table(
+                        engine,
+                        table,
+                        spec,
+                        p.config.source(source),
+                        location=file_or_table,
+                        progress=lambda n: bar.advance(task, n),
+                    )
+                finally:
+                    con.disconnect()
+            else:
+                task = bar.add_task(f"importing {file.name}", total=_rows_known(file, fmt))
+                r = import_table(
+                    engine,
+                    file,
+                    spec,
+                    p.config.source(source),
+                    progress=lambda n: bar.advance(task, n),
+                )
     except ClosedloopError as e:
         raise fail(e) from None
     typer.echo(
         f"{import_name}: received {r.received:,}, accepted {r.accepted:,}, "
         f"failed {r.failed:,}, duplicate {r.duplicate:,}"
     )
+
+
+def _rows_known(path: Path, fmt: object) -> int | None:
+    """Rows of a Parquet file or folder from its footers (for the progress bar), else None."""
+    from closedloop.core.definitions import ImportFormat
+
+    if fmt is not ImportFormat.PARQUET:
+        return None
+    import pyarrow.parquet as pq
+
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    try:
+        return sum(int(pq.ParquetFile(f).metadata.num_rows) for f in files)
+    except Exception:  # unreadable: the import itself says why
+        return None
 
 
 def register(app: typer.Typer) -> None:
