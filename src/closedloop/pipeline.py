@@ -90,6 +90,10 @@ def check_project(project: Project) -> list[Problem]:
     problems += segment_order(project)[1]
     for c in project.campaigns.values():
         problems += check_templates(c)
+    if (project.root / "tracking_plans").is_dir():  # plans need the server extra's schemas
+        from closedloop.collect.tracking_plan import check_tracking_plans
+
+        problems += check_tracking_plans(project.root, {s.name for s in project.config.sources})
     return [_with_line(project, p) for p in problems]
 
 

@@ -162,3 +162,42 @@ def test_replay_applies_the_plan_as_it_is_now(tmp_path: Path, mode: str) -> None
         assert engine.count("failed_events") == 0
         ids = engine.to_arrow(engine.table("events").select("message_id")).to_pylist()
         assert ids == [{"message_id": stray["messageId"]}]
+
+
+def test_validate_checks_tracking_plans_with_file_line_and_key(tmp_path: Path) -> None:
+    """`closedloop validate` reports a bad JSON Schema at its file, line and key."""
+    from typer.testing import CliRunner
+
+    from closedloop.cli.main import app
+
+    runner = CliRunner()
+    project = tmp_path / "brand"
+    assert runner.invoke(app, ["init", str(project)]).exit_code == 0
+    assert runner.invoke(app, ["validate", "-p", str(project)]).exit_code == 0
+    plans = project / "tracking_plans"
+    plans.mkdir()
+    (plans / "web.yaml").write_text(
+        "mode: block\n"
+        "events:\n"
+        "  Product Viewed: {}\n"
+        "  Order Completed:\n"
+        "    properties:\n"
+        "      type: nonsense\n"
+        "identify:\n"
+        "  traits: {type: object, required: 7}\n",
+        encoding="utf-8",
+    )
+    (plans / "pos.yaml").write_text("mode: sometimes\n", encoding="utf-8")
+    r = runner.invoke(app, ["validate", "-p", str(project)])
+    assert r.exit_code != 0
+    out = " ".join(r.output.split())
+    assert (
+        "tracking_plans/web.yaml:5 [events.Order Completed.properties]: not a valid JSON Schema"
+        in out
+    )
+    assert "tracking_plans/web.yaml:8 [identify.traits]: not a valid JSON Schema" in out
+    assert "tracking_plans/pos.yaml:1 [mode]" in out
+    (plans / "web.yaml").write_text("mode: block\nevents:\n  Product Viewed: {}\n")
+    (plans / "pos.yaml").unlink()
+    r = runner.invoke(app, ["validate", "-p", str(project)])
+    assert r.exit_code == 0, r.output

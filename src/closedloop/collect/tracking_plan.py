@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from closedloop.collect.messages import Reason
 from closedloop.core.errors import DefinitionError, Problem
-from closedloop.core.yamlfile import load_yaml
+from closedloop.core.yamlfile import load_yaml, locate
 
 PLANS_FOLDER = "tracking_plans"
 
@@ -118,7 +118,12 @@ def _run(check: Check, value: Any, what: str) -> tuple[Reason, str] | None:
 
 
 def load_tracking_plans(root: Path, source_names: set[str]) -> dict[str, TrackingPlan]:
-    """The plans in ``root/tracking_plans``, one per source; every problem reported at once."""
+    """The plans in ``root/tracking_plans``, one per source; every problem reported at once.
+
+    Each problem names its file, line and key (``tracking_plans/web.yaml:7 [events.Order
+    Completed.properties]: not a valid JSON Schema: …``), so ``closedloop validate`` points
+    at the schema to fix rather than at the file.
+    """
     folder = Path(root) / PLANS_FOLDER
     plans: dict[str, TrackingPlan] = {}
     problems: list[Problem] = []
@@ -132,15 +137,51 @@ def load_tracking_plans(root: Path, source_names: set[str]) -> dict[str, Trackin
             )
             continue
         try:
-            data, _lines = load_yaml(path, display=display)
-            definition = PlanDef.model_validate(data or {})
-            plans[path.stem] = TrackingPlan(path.stem, definition)
+            data, lines = load_yaml(path, display=display)
         except DefinitionError as e:
             problems.extend(e.problems)
+            continue
+        try:
+            definition = PlanDef.model_validate(data or {})
         except ValidationError as e:
-            problems.extend(Problem(display, err["msg"]) for err in e.errors())
-        except fastjsonschema.JsonSchemaDefinitionException as e:
-            problems.append(Problem(display, f"not a valid JSON Schema: {e}"))
+            for err in e.errors():
+                line, key = locate(lines, tuple(err["loc"]))
+                problems.append(
+                    Problem(display, err["msg"], line=line, key=".".join(map(str, key)) or None)
+                )
+            continue
+        schemas: list[tuple[tuple[str, ...], dict[str, Any] | None]] = [
+            (("events", name, "properties"), rule.properties)
+            for name, rule in definition.events.items()
+        ]
+        if definition.identify is not None:
+            schemas.append((("identify", "traits"), definition.identify.traits))
+        bad = False
+        for where, schema in schemas:
+            try:
+                _compile(schema)
+            except Exception as e:  # any way a schema fails to compile is a problem
+                bad = True
+                line, _ = locate(lines, where)
+                problems.append(
+                    Problem(
+                        display,
+                        f"not a valid JSON Schema: {e}",
+                        line=line,
+                        key=".".join(where),
+                    )
+                )
+        if not bad:
+            plans[path.stem] = TrackingPlan(path.stem, definition)
     if problems:
         raise DefinitionError(problems)
     return plans
+
+
+def check_tracking_plans(root: Path, source_names: set[str]) -> list[Problem]:
+    """Every problem of the project's tracking plans (for ``closedloop validate``), or none."""
+    try:
+        load_tracking_plans(root, source_names)
+    except DefinitionError as e:
+        return list(e.problems)
+    return []
