@@ -532,3 +532,22 @@ def test_channel_and_global_control_definitions_load_with_file_and_line(tmp_path
     text = str(e.value)
     assert "closedloop.yaml:3 [global_control.share]" in text
     assert "closedloop.yaml:5 [channels.telegram" in text and "'telegram'" in text
+
+
+def test_a_transport_unfit_for_its_channel_names_the_key(tmp_path: Path) -> None:
+    from closedloop.core.definitions import load_project
+    from closedloop.core.errors import DefinitionError
+
+    (tmp_path / "identity.yaml").write_text(
+        "types: [{name: member_id, priority: 100, strong: true, paths: [user_id]}]\n"
+    )
+    (tmp_path / "closedloop.yaml").write_text(
+        "name: p\n"
+        "sources: [{name: web, channel: web, write_key: wk_web_123456}]\n"
+        "channels:\n"
+        "  sms: {transport: smtp, host: h, sender: s}\n"
+    )
+    with pytest.raises(DefinitionError) as e:
+        load_project(tmp_path)
+    assert "closedloop.yaml:3 [channels]" in str(e.value)
+    assert "cannot use transport 'smtp'" in str(e.value)

@@ -124,8 +124,13 @@ class ProjectConfig(Definition):
         for imp in self.imports:
             if imp.source not in names:
                 raise ValueError(f"import {imp.name!r} names unknown source {imp.source!r}")
-        check_channels(self.channels)
         return self
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: dict[Channel, ChannelConfig]) -> dict[Channel, ChannelConfig]:
+        check_channels(v)  # here, so an error names the `channels` key and its line
+        return v
 
     def source(self, name: str) -> Source:
         for s in self.sources:
