@@ -106,7 +106,7 @@ def brand(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[IdentityCo
     yield project.identity, events
 
 
-@pytest.mark.parametrize("share", [0.01, 0.2])
+@pytest.mark.parametrize("share", [0.01, pytest.param(0.2, marks=pytest.mark.slow)])
 def test_incremental_equals_full_on_generated_data(
     brand: tuple[IdentityConfig, pa.Table], share: float
 ) -> None:

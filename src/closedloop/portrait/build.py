@@ -160,19 +160,24 @@ def base_expr(
     default_tz: str = "UTC",
     customers: ir.Table | None = None,
     with_relationships: bool = True,
+    events: ir.Table | None = None,
 ) -> ir.Table:
     """Per customer, everything the events and identify calls say (nothing that ages).
 
     ``customers`` (a table with a ``customer_id`` column) limits the work to those customers:
     an incremental refresh passes the customers whose events changed. Relationships depend on
     other customers' events too, so a refresh leaves them out here and recomputes them for all.
+    ``events`` may give those customers' events already selected (a refresh materialises them
+    once instead of joining the whole log in every part of this expression).
     """
-    ev = customer_events(engine)
+    ev = customer_events(engine) if events is None else events
     ev = ev.filter(ev.timestamp <= as_of)
     cust = engine.table("customers").select("customer_id")
+    contacts = _contacts(engine)
     if customers is not None:
         cust = cust.semi_join(customers, "customer_id")
         ev = ev.semi_join(customers, "customer_id")
+        contacts = contacts.semi_join(customers, "customer_id")
     b = _behaviour(ev)
     t = cust.left_join(b, "customer_id").drop("customer_id_right")
     prefs = _preferences(ev)
@@ -189,7 +194,7 @@ def base_expr(
         top_list(ev, ev.category, "top_categories"),
         top_list(ev, style, "top_styles"),
         _latest_traits(ev),
-        _contacts(engine),
+        contacts,
         prefs,
         active_times(ev, tz, offsets),
     ]

@@ -53,10 +53,14 @@ def _order(t: TraitDef, s: ir.Table) -> list[ir.Value]:
 
 
 def profile_trait_values(
-    engine: Engine, t: TraitDef, as_of: ibis.Value | datetime, customers: ir.Table | None = None
+    engine: Engine,
+    t: TraitDef,
+    as_of: ibis.Value | datetime,
+    customers: ir.Table | None = None,
+    events: ir.Table | None = None,
 ) -> ir.Table:
     """(customer_id, v) — the merged value per customer with at least one stated value."""
-    e = customer_events(engine)
+    e = customer_events(engine) if events is None else events
     e = e.filter(e.timestamp <= as_of)
     if customers is not None:
         e = e.semi_join(customers, "customer_id")

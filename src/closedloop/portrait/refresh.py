@@ -44,7 +44,7 @@ from closedloop.portrait.build import (
     finish,
     zones_in_use,
 )
-from closedloop.portrait.extras import RELATIONSHIP_COLUMNS, relationships
+from closedloop.portrait.extras import RELATION_EVENTS, RELATIONSHIP_COLUMNS, relationships
 from closedloop.portrait.tables import COMPUTED_TRAITS, PORTRAIT_RUNS, PORTRAIT_SEEN, PROFILES
 from closedloop.portrait.traits import build_traits, trait_values
 
@@ -194,15 +194,25 @@ def refresh(
 
     ev = customer_events(engine)
     ev = ev.filter(ev.timestamp <= as_of)
-    zones, lo = zones_in_use(engine, ev.semi_join(affected, "customer_id"), default_tz)
+    # The affected customers' events, once: every part of the portrait reads them.
+    mine = engine.scratch("refresh_events", ev.semi_join(affected, "customer_id"))
+    zones, lo = zones_in_use(engine, mine, default_tz)
     with engine.temporary(localtime.offsets_table(zones, lo, as_of)) as offsets:
         fresh = base_expr(
-            engine, as_of, offsets, zones, default_tz, customers=affected, with_relationships=False
+            engine,
+            as_of,
+            offsets,
+            zones,
+            default_tz,
+            customers=affected,
+            with_relationships=False,
+            events=mine,
         )
         old = engine.table(PROFILES.name)
         keep = old.anti_join(affected, "customer_id").semi_join(customers, "customer_id")
         base = _base_columns(keep).union(_base_columns(fresh), distinct=False)
-        rel = relationships(ev, engine.table("identity_map"))
+        related = engine.scratch("refresh_related", ev.filter(ev.event.isin(list(RELATION_EVENTS))))
+        rel = relationships(related, engine.table("identity_map"))
         base = base.left_join(rel, "customer_id").drop("customer_id_right")
         engine.replace(PROFILES.name, finish(fill_relationships(base), as_of))
 
@@ -211,7 +221,7 @@ def refresh(
     kept = ct.anti_join(affected, "customer_id").semi_join(customers, "customer_id")
     union = kept
     for t in traits.values():
-        part = trait_values(engine, t, as_of_lit, customers=affected)
+        part = trait_values(engine, t, as_of_lit, customers=affected, events=mine)
         union = union.union(part.mutate(computed_at=as_of_lit), distinct=False)
     engine.replace(COMPUTED_TRAITS.name, union)
     return _record(engine, as_of, "incremental", recomputed, digest, started)

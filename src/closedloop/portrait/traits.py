@@ -88,16 +88,21 @@ def _aggregate(t: TraitDef, e: ir.Table) -> ir.Value:
 
 
 def trait_values(
-    engine: Engine, t: TraitDef, as_of: ibis.Value, customers: ir.Table | None = None
+    engine: Engine,
+    t: TraitDef,
+    as_of: ibis.Value,
+    customers: ir.Table | None = None,
+    events: ir.Table | None = None,
 ) -> ir.Table:
     """(customer_id, trait, number_value, text_value) of one trait.
 
-    ``customers`` (a table with ``customer_id``) limits the work to those customers.
+    ``customers`` (a table with ``customer_id``) limits the work to those customers;
+    ``events`` may give their events already selected (``customer_events`` otherwise).
     """
     if t.kind is TraitKind.PROFILE:
-        agg = profile_trait_values(engine, t, as_of, customers)
+        agg = profile_trait_values(engine, t, as_of, customers, events)
         return _long(t, agg)
-    e = customer_events(engine)
+    e = customer_events(engine) if events is None else events
     e = e.filter(e.timestamp <= as_of)
     if customers is not None:
         e = e.semi_join(customers, "customer_id")
