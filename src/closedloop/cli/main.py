@@ -69,10 +69,13 @@ def sources(
     """List the project's sources with their channel, data class and write key."""
     p = project_or_exit(project)
     rows = [s.model_dump(mode="json") for s in p.config.sources]
-    if as_json:
-        console.print_json(json.dumps(rows))
+    if as_json:  # plain text: rich would wrap long values at the terminal's width
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     t = Table("source", "channel", "data class", "write key")
+    # A write key is there to be copied: never cut or wrapped, whatever the terminal's width.
+    t.columns[3].no_wrap = True
+    t.columns[3].min_width = max(len(s.write_key) for s in p.config.sources)
     for s in p.config.sources:
         t.add_row(s.name, s.channel, s.data_class.value, s.write_key)
     console.print(t)
