@@ -73,6 +73,7 @@ WHERE p.customer_id = (
   WHERE id_value = $1 AND id_type = $2 AND NOT quarantined
 )
 """
+TAGS = 50  # tags in the build, the template's included
 RFM_COLUMNS = ["customer_id", "recency_days", "orders", "revenue", "r_score", "f_score", "m_score"]
 
 NUMERIC = [
@@ -343,7 +344,11 @@ def run(persons: int, cache: Path, work: Path) -> dict[str, Any]:
     project = load_project(work / "p")
     clock = Clock(reference)
     tags = dict(project.tags)
-    for raw in synthetic_tags():
+    extra = [t for t in synthetic_tags() if t["name"] not in tags]
+    while len(tags) + len(extra) > TAGS:  # the template grows: drop percentile buckets first
+        drop = next(t for t in reversed(extra) if t["name"].startswith("pct_"))
+        extra.remove(drop)
+    for raw in extra:
         tags[raw["name"]] = TagDef.model_validate(raw)
     from closedloop.portrait.tables import PROFILES
 
