@@ -9,10 +9,22 @@ Capabilities that differ between backends are *declared* here (not detected with
 ``isinstance`` in the stages): e.g. ``local_arrow`` means results can be pulled into this
 process cheaply, so a single-machine algorithm (union-find for connected components) may be
 used instead of the portable iterative Ibis path.
+
+``pyspark://`` starts (or joins) an in-process Spark session in local mode — ``local[2]``,
+few shuffle partitions, no UI, ``PYSPARK_PYTHON`` set to this interpreter — and works in a
+database of its own, dropped on ``close``: Spark's catalogue here lives in memory, so the
+tables last as long as the engine (tests, benchmarks, comparing backends). Two Ibis 12 gaps
+are closed here rather than in every stage: temporary tables (``scratch``) and unwrapping
+JSON strings (``_spark_json_udfs``).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,10 +58,13 @@ class Engine:
             path = url[len("duckdb://") :]
             if path not in ("", "/", "/:memory:"):
                 Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        self.con: Any = ibis.connect(url)
+        self._spark_dir: str | None = None
+        self._spark_db: str | None = None
+        self._scratch_frames: dict[str, Any] = {}
         if scheme == "pyspark":
-            # Spark turns a null float in a memtable into NaN unless told otherwise.
-            ibis.options.pyspark.treat_nan_as_null = True
+            self.con: Any = self._connect_spark(url)
+        else:
+            self.con = ibis.connect(url)
         self.backend = self.con.name
         self.capabilities = CAPABILITIES.get(self.backend, frozenset())
 
@@ -59,7 +74,60 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _connect_spark(self, url: str) -> Any:
+        """An Ibis connection to a local Spark session, in a fresh database of this engine."""
+        if urlparse(url).path not in ("", "/"):
+            raise ValueError(
+                f"{url}: a Spark engine keeps its tables for its own lifetime only; "
+                "use pyspark:// (no path)"
+            )
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        from pyspark.sql import SparkSession
+
+        self._spark_dir = tempfile.mkdtemp(prefix="closedloop-spark-")
+        builder: Any = SparkSession.builder
+        session = (
+            builder.master(os.environ.get("CLOSEDLOOP_SPARK_MASTER", "local[2]"))
+            .appName("closedloop")
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.sql.shuffle.partitions", "4")
+            .config("spark.default.parallelism", "4")
+            .config("spark.sql.session.timeZone", "UTC")
+            .config("spark.sql.warehouse.dir", str(Path(self._spark_dir) / "warehouse"))
+            .config("spark.driver.memory", os.environ.get("CLOSEDLOOP_SPARK_MEMORY", "2g"))
+            .getOrCreate()
+        )
+        session.sparkContext.setLogLevel("ERROR")
+        session.sparkContext.setCheckpointDir(str(Path(self._spark_dir) / "checkpoints"))
+        _spark_json_udfs()
+        con = ibis.pyspark.connect(session)
+        # Spark turns a null float in a memtable into NaN unless told otherwise.
+        ibis.options.pyspark.treat_nan_as_null = True
+        self._spark_db = "closedloop_" + uuid.uuid4().hex[:12]
+        location = Path(self._spark_dir) / self._spark_db
+        session.sql(f"CREATE DATABASE {self._spark_db} LOCATION '{location}'")
+        session.catalog.setCurrentDatabase(self._spark_db)
+        return con
+
     def close(self) -> None:
+        if self._spark_db is not None:
+            # The session outlives the engine (starting Spark costs seconds): drop only
+            # what this engine made.
+            session = self.con._session
+            for frame in self._scratch_frames.values():
+                frame.unpersist()
+            self._scratch_frames.clear()
+            for view in session.catalog.listTables():
+                if view.isTemporary:
+                    session.catalog.dropTempView(view.name)
+            session.sql(f"DROP DATABASE IF EXISTS {self._spark_db} CASCADE")
+            session.catalog.setCurrentDatabase("default")
+            self._spark_db = None
+            if self._spark_dir is not None:
+                shutil.rmtree(self._spark_dir, ignore_errors=True)
+            return
         disconnect = getattr(self.con, "disconnect", None)
         if disconnect is not None:
             disconnect()
@@ -98,6 +166,10 @@ class Engine:
         (on DuckDB the registration holds the Arrow data), so code writing many chunks would
         grow without bound. Every Arrow hand-off to the warehouse goes through here.
         """
+        if self._spark_db is not None:
+            with self._spark_temporary(data) as t:
+                yield t
+            return
         table = ibis.memtable(data)
         try:
             yield table
@@ -147,9 +219,98 @@ class Engine:
         Scratch tables hold no state between runs (so they need no catalogue entry) and save
         recomputing an expensive expression that later steps read several times.
         """
-        if not self.can("temp_tables"):
-            # Spark: a cached DataFrame plays the part of a session-scoped temporary table.
-            return expr.cache()
         tmp = f"_scratch_{name}"
+        if not self.can("temp_tables"):
+            return self._spark_scratch(tmp, expr)
         self.con.create_table(tmp, expr, temp=True, overwrite=True)
         return self.con.table(tmp)
+
+    @contextmanager
+    def _spark_temporary(self, data: pa.Table) -> Iterator[ir.Table]:
+        """Arrow data as a Spark temporary view, made from Arrow directly.
+
+        Ibis 12 goes through pandas, where a missing string can become NaN and reach Spark
+        as the text ``"NaN"`` — an identifier nobody sent. Spark 4 takes Arrow as it is.
+        """
+        session = self.con._session
+        name = "_tmp_" + uuid.uuid4().hex
+        session.createDataFrame(data).createOrReplaceTempView(name)
+        try:
+            yield self.con.table(name)
+        finally:
+            session.catalog.dropTempView(name)
+
+    def _spark_scratch(self, tmp: str, expr: ir.Table) -> ir.Table:
+        """Spark's scratch table: the result computed now, lineage cut, as a temporary view.
+
+        Ibis 12's ``cache()`` on Spark compiles the expression without registering the
+        memtables and functions it uses (they would go to another backend's registry or be
+        missing), and a cached DataFrame keeps its whole lineage — iterative steps (label
+        propagation) would re-plan every earlier round. A local checkpoint computes the
+        rows once, keeps them in the executors and forgets how they were made.
+        """
+        con = self.con
+        con._run_pre_execute_hooks(expr)
+        frame = con._session.sql(con.compile(expr)).localCheckpoint(eager=True)
+        frame.createOrReplaceTempView(tmp)
+        old = self._scratch_frames.pop(tmp, None)
+        self._scratch_frames[tmp] = frame
+        if old is not None:
+            old.unpersist()
+        return con.table(tmp)
+
+
+def _spark_json_udfs() -> None:
+    """Make Ibis 12's Spark JSON unwrapping read what Spark's ``get_json_object`` returns.
+
+    Ibis compiles ``json[key].unwrap_as(...)`` on Spark to ``get_json_object`` followed by a
+    pandas UDF that ``json.loads`` the result. But ``get_json_object`` returns a string
+    value *unquoted* (``{"a": "x"}`` → ``x``), so every string fails to parse and the query
+    dies. The replacement keeps an unparsable result as the string it is; a value that parses
+    as JSON keeps Ibis's type check, except that a string-typed unwrap keeps numbers as their
+    text (``"138..."`` and ``138...`` cannot be told apart after ``get_json_object``).
+    """
+    import pandas as pd
+    import pyspark.sql.functions as F
+    from ibis.backends import pyspark as ibis_spark
+    from pyspark.sql.types import BooleanType, DoubleType, LongType, StringType
+
+    if getattr(ibis_spark, "_closedloop_patched", False):
+        return
+    returns: dict[type, Any] = {
+        str: StringType(),
+        int: LongType(),
+        bool: BooleanType(),
+        float: DoubleType(),
+    }
+
+    def unwrap_json(typ: type) -> Any:
+        def one(raw: Any) -> Any:
+            import json
+
+            if raw is None or (isinstance(raw, float) and raw != raw):
+                return None
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                return raw if typ is str else None
+            if typ is str:
+                if isinstance(value, str):
+                    return value
+                return None if isinstance(value, (dict, list)) or value is None else raw
+            if typ is float:
+                return float(value) if type(value) in (float, int) else None
+            return value if type(value) is typ else None
+
+        def unwrap(s: pd.Series) -> pd.Series:
+            return s.map(one)
+
+        # Spark reads the hints to pick the UDF kind; resolve them (this module's
+        # annotations are strings, and ``pd`` is imported here, not at module level).
+        unwrap.__annotations__ = {"s": pd.Series, "return": pd.Series}
+        pandas_udf: Any = getattr(F, "pandas_udf")  # noqa: B009 - untyped in pyspark stubs
+        return pandas_udf(unwrap, returnType=returns[typ])
+
+    ibis_spark.unwrap_json = unwrap_json
+    ibis_spark.unwrap_json_float = unwrap_json(float)
+    setattr(ibis_spark, "_closedloop_patched", True)  # noqa: B010 - a marker Ibis lacks

@@ -117,7 +117,7 @@ def _message_pairs(engine: Engine, node_occ: ir.Table) -> ir.Table:
     right = node_occ.select(message_id="message_id", b="node", b_type="id_type")
     joined = left.join(right, "message_id").filter(lambda t: t.a < t.b)
     return joined.group_by("a", "a_type", "b", "b_type").aggregate(
-        messages=joined.message_id.nunique(),
+        messages=joined.message_id.nunique().cast("int64"),
         message_id=joined.message_id.min(),
         last_ts=joined.ts.max(),
         kind=ibis.literal("message"),
@@ -188,7 +188,9 @@ def resolve(
     if scored is not None:
         scored = scored.anti_join(pairs, ["a", "b"])
         probabilistic = int(scored.count().execute())
-        pairs = pairs.union(scored.select(*pairs.columns), distinct=False)
+        schema = pairs.schema()
+        same = scored.select(*[scored[c].cast(schema[c]).name(c) for c in pairs.columns])
+        pairs = pairs.union(same, distinct=False)
     pairs = engine.scratch("id_pairs", pairs)
     blocked = engine.scratch("id_blocked", _blocked_pairs(engine, pairs))
     unblocked = pairs.anti_join(blocked, ["a", "b"])
