@@ -126,13 +126,15 @@ def fire_event(
     now: datetime,
     id_types: Sequence[str],
     tz: ZoneInfo,
+    late: timedelta = timedelta(0),
 ) -> Fired:
+    """Events received in (since − late, now]; the watermark never moves back."""
     rows = event_rows(
         engine,
         trigger.event,
         trigger.where,
         id_types,
-        received_after=since,
+        received_after=since - late,
         received_until=now,
     )
     out = [
@@ -168,19 +170,44 @@ def fire_segment_entry(
     return Fired(out, now)
 
 
-def audience_zones(engine: Engine, audience: str, extra: Sequence[str] = ()) -> pa.Table:
-    """Current members of ``audience`` with their time zone (and ``extra`` profile columns)."""
+def audience_zones(
+    engine: Engine,
+    audience: str,
+    extra: Sequence[str] = (),
+    zones: Sequence[str | None] | None = None,
+) -> pa.Table:
+    """Current members of ``audience`` with their time zone (and ``extra`` profile columns).
+
+    ``zones`` limits them to people in those zones (None in it: people with no zone).
+    """
     members = current_members(engine, audience).select("customer_id").distinct()
     profiles = engine.table("profiles")
     t = members.join(profiles, "customer_id").select("customer_id", "timezone", *extra)
+    if zones is not None:
+        named = [z for z in zones if z is not None]
+        cond = t.timezone.isin(named) if named else ibis.literal(False)
+        if None in zones:
+            cond |= t.timezone.isnull() | (t.timezone == "")
+        t = t.filter(cond)
     result: pa.Table = t.to_pyarrow()
     return result
 
 
-def _by_zone(people: pa.Table, default_tz: str) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {}
+def audience_zone_names(engine: Engine, audience: str) -> list[str | None]:
+    """The distinct time zones of an audience: time triggers fire per zone, so an idle tick
+    reads these few values instead of every member."""
+    members = current_members(engine, audience).select("customer_id").distinct()
+    profiles = engine.table("profiles")
+    t = members.join(profiles, "customer_id").select("timezone").distinct()
+    names = {n or None for n in t.to_pyarrow().column("timezone").to_pylist()}
+    return sorted(names, key=lambda n: n or "")
+
+
+def _by_zone(people: pa.Table, default_tz: str) -> dict[str | None, list[int]]:
+    """Row numbers per time zone (None: no zone known, the default applies)."""
+    groups: dict[str | None, list[int]] = {}
     for i, name in enumerate(people.column("timezone").to_pylist()):
-        groups.setdefault(name or "", []).append(i)
+        groups.setdefault(name or None, []).append(i)
     return groups
 
 
@@ -209,7 +236,7 @@ def fire_date(
     offset = timedelta(days=trigger.offset_days)
     out: list[Candidate] = []
     for name, rows in _by_zone(people, default_tz).items():
-        tz = zone(name or None, default_tz)
+        tz = zone(name, default_tz)
         # Fire times depend only on (date, zone): compute each distinct date once.
         memo: dict[date, list[tuple[str, datetime]]] = {}
         for i in rows:
@@ -251,17 +278,23 @@ def fire_calendar(
     now: datetime,
     default_tz: str,
 ) -> Fired:
-    people = audience_zones(engine, audience)
-    ids = people.column("customer_id").to_pylist()
     first = trigger.phases[0].name
-    out: list[Candidate] = []
-    for name, rows in _by_zone(people, default_tz).items():
-        tz = zone(name or None, default_tz)
+    due: dict[str | None, list[tuple[int, datetime]]] = {}
+    for name in audience_zone_names(engine, audience):
+        tz = zone(name, default_tz)
         for year in range((since - timedelta(days=61)).year, now.year + 2):
             at = phase_times(trigger, year, tz)[first]
             if since < at <= now:
-                tag = f"calendar:{trigger.calendar.value}:{year}"
-                out.extend(Candidate(ids[i], str(year), at, tag) for i in rows)
+                due.setdefault(name, []).append((year, at))
+    out: list[Candidate] = []
+    if not due:
+        return Fired(out, now)
+    people = audience_zones(engine, audience, zones=list(due))
+    ids = people.column("customer_id").to_pylist()
+    for name, rows in _by_zone(people, default_tz).items():
+        for year, at in due.get(name, []):
+            tag = f"calendar:{trigger.calendar.value}:{year}"
+            out.extend(Candidate(ids[i], str(year), at, tag) for i in rows)
     return Fired(out, now)
 
 
@@ -289,14 +322,20 @@ def fire_schedule(
     now: datetime,
     default_tz: str,
 ) -> Fired:
-    people = audience_zones(engine, audience)
-    ids = people.column("customer_id").to_pylist()
-    out: list[Candidate] = []
-    for name, rows in _by_zone(people, default_tz).items():
-        tz = zone(name or None, default_tz)
+    due: dict[str | None, list[tuple[date, datetime]]] = {}
+    for name in audience_zone_names(engine, audience):
+        tz = zone(name, default_tz)
         first = since.astimezone(tz).date()
         for d in schedule_days(trigger, first, now.astimezone(tz).date()):
             at = local_fire(d, trigger.schedule.at, tz)
             if since < at <= now:
-                out.extend(Candidate(ids[i], d.isoformat(), at, "schedule") for i in rows)
+                due.setdefault(name, []).append((d, at))
+    out: list[Candidate] = []
+    if not due:
+        return Fired(out, now)
+    people = audience_zones(engine, audience, zones=list(due))
+    ids = people.column("customer_id").to_pylist()
+    for name, rows in _by_zone(people, default_tz).items():
+        for d, at in due.get(name, []):
+            out.extend(Candidate(ids[i], d.isoformat(), at, "schedule") for i in rows)
     return Fired(out, now)

@@ -106,7 +106,7 @@ def fire(engine: Engine, project: Project, c: CampaignDef, since: datetime, now:
     t = c.trigger
     if isinstance(t, EventTrigger):
         tz = zone(None, tz_name)
-        return fire_event(engine, t, since - LATE, now, user_id_types(project), tz)
+        return fire_event(engine, t, since, now, user_id_types(project), tz, late=LATE)
     if isinstance(t, SegmentEntryTrigger):
         return fire_segment_entry(engine, t, since - LATE, now, zone(None, tz_name))
     if isinstance(t, DateTrigger):
