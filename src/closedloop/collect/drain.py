@@ -46,8 +46,12 @@ from closedloop.core.engine import Engine
 
 log = logging.getLogger(__name__)
 _decode = msgspec.json.Decoder().decode
-PASS_BYTES = 32 * 1024 * 1024  # read at most this much spool per pass
-CHUNK_ROWS = 10_000  # messages per warehouse write: small enough to overlap with building
+PASS_BYTES = 64 * 1024 * 1024  # read at most this much spool per pass (~140,000 messages)
+# Messages per warehouse write. Each write costs a semi-join of its ids against the whole
+# event log and a DuckDB commit, so small chunks cost more CPU per message (measured here:
+# 8.7 µs at 10,000 rows, 4.8 at 50,000, 3.9 at 200,000); a few chunks per pass still let
+# one be written while the next is built.
+CHUNK_ROWS = 50_000
 MAX_CHUNKS_IN_FLIGHT = 2  # built chunks waiting for the writer (bounds memory)
 
 
