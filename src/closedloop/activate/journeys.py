@@ -510,7 +510,7 @@ def check_journeys(project: Project) -> list[Problem]:
             line, _ = locate(lines, parts)
             problems.append(Problem(rel, message, line=line, key=key))
 
-        def unknown(key: str, trait: str) -> str:
+        def unknown(trait: str) -> str:
             close = difflib.get_close_matches(trait, known, n=2)
             hint = f" (did you mean {' or '.join(repr(x) for x in close)}?)" if close else ""
             return f"unknown trait {trait!r}{hint}"
@@ -519,7 +519,7 @@ def check_journeys(project: Project) -> list[Problem]:
         if isinstance(t, DateTrigger):
             typ = profile.get(t.date_trait)
             if typ is None and t.date_trait not in project.traits:
-                problem("trigger.date_trait", unknown("trigger.date_trait", t.date_trait))
+                problem("trigger.date_trait", unknown(t.date_trait))
             elif typ is None or not typ.startswith(DATE_TYPES):
                 problem(
                     "trigger.date_trait",
@@ -535,7 +535,7 @@ def check_journeys(project: Project) -> list[Problem]:
             if isinstance(s, BranchStep) and s.branch.when is not None:
                 trait = s.branch.when.trait
                 if trait not in profile and trait not in project.traits:
-                    problem(f"steps.{n}.branch.when.trait", unknown("", trait))
+                    problem(f"steps.{n}.branch.when.trait", unknown(trait))
             if isinstance(s, SendStep) and (s.send.template or s.send.subject is not None):
                 copy = c.model_copy(
                     update={
