@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from closedloop.collect.tables import EVENTS
 from closedloop.core.definitions.traits import TraitDef
 from closedloop.core.engine import Engine
 from closedloop.portrait.traits import build_traits, check_trait, trait_dtype
@@ -23,6 +24,11 @@ DAY = timedelta(days=1)
 
 def trait(**kw: Any) -> TraitDef:
     return TraitDef.model_validate({"kind": "profile", **kw})
+
+
+def typed(t: pa.Table) -> pa.Table:
+    """Event rows with the declared types (PostgreSQL refuses null-typed columns)."""
+    return t.cast(EVENTS.schema.to_pyarrow())
 
 
 def load(engine: Engine, stated: list[tuple[str, str, int, Any]]) -> None:
@@ -39,7 +45,7 @@ def load(engine: Engine, stated: list[tuple[str, str, int, Any]]) -> None:
         for i, (c, src, d, v) in enumerate(stated)
     ]
     for m in msgs:
-        engine.append("events", event_rows([m], source=str(m["source"])))
+        engine.append("events", typed(event_rows([m], source=str(m["source"]))))
     engine.append(
         "event_customers",
         pa.table(

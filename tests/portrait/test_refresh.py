@@ -26,6 +26,7 @@ from closedloop.portrait.refresh import full_build, refresh
 from tests.conftest import event_rows
 from tests.identity.test_resolve import CONFIG
 from tests.portrait.test_build import NOW
+from tests.portrait.test_profile_traits import typed
 
 DAY = timedelta(days=1)
 TRAITS = {
@@ -140,7 +141,7 @@ def msgs(spec: list[tuple[str, str, int, int]]) -> pa.Table:
                 "properties": {"referred_member_id": "ABCD"[amount % 4]},
             }
         out.append(m)
-    return event_rows(out)
+    return typed(event_rows(out))
 
 
 EVENT = st.tuples(
