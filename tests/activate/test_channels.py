@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from closedloop.activate.campaign import run_campaign
 from closedloop.activate.channels import deliver, deliver_channel, open_channel
 from closedloop.activate.channels.email import SmtpChannel
+from closedloop.activate.channels.handoff import HandoffChannel
 from closedloop.activate.channels.staff import export_staff_tasks
 from closedloop.activate.channels.webhook import (
     SIGNATURE_HEADER,
@@ -551,3 +552,67 @@ def test_a_transport_unfit_for_its_channel_names_the_key(tmp_path: Path) -> None
         load_project(tmp_path)
     assert "closedloop.yaml:3 [channels]" in str(e.value)
     assert "cannot use transport 'smtp'" in str(e.value)
+
+
+_CRASH = """
+import os, sys
+from pathlib import Path
+from closedloop.activate.channels import deliver
+from closedloop.activate.channels.handoff import HandoffChannel
+from closedloop.core.clock import Clock
+from closedloop.core.engine import Engine
+from datetime import datetime
+d = Path(sys.argv[1])
+sent = []
+def crash(status):
+    sent.append(status)
+    if len(sent) == int(sys.argv[2]):
+        os._exit(3)  # a hard crash: no finally, no commit
+with Engine("duckdb:///" + str(d / "w.duckdb")) as e:
+    ch = HandoffChannel("push", d / "handoff")
+    deliver(e, d / "outbox", ch, clock=Clock(datetime.fromisoformat(sys.argv[3])), checkpoint=crash)
+"""
+
+
+@pytest.mark.parametrize("crash_after", [1, 7])
+def test_a_hard_crash_mid_run_sends_nothing_twice(tmp_path: Path, crash_after: int) -> None:
+    import subprocess
+    import sys
+
+    url = "duckdb:///" + str(tmp_path / "w.duckdb")
+    with Engine(url) as e:
+        set_profiles(
+            e,
+            [
+                {"customer_id": f"c{i:02d}", "name": f"N{i}", "consent_marketing": True}
+                for i in range(20)
+            ],
+        )
+        evaluate_segment(e, EVERYONE, Fields(), Clock(NOW))
+        run_campaign(
+            e, campaign("push"), outbox_dir=tmp_path / "outbox", occasion="o", clock=Clock(NOW)
+        )
+        n = len(_outbox(tmp_path))
+    assert n > crash_after
+    r = subprocess.run(
+        [sys.executable, "-c", _CRASH, str(tmp_path), str(crash_after), NOW.isoformat()],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 3, r.stderr
+    handed = (tmp_path / "handoff" / "push.jsonl").read_text().splitlines()
+    assert len(handed) == crash_after
+    assert (tmp_path / "outbox" / ".push.attempts.jsonl").exists()  # journaled, not committed
+    with Engine(url) as e:
+        assert e.count("message_attempts") == 0
+        run = deliver(
+            e, tmp_path / "outbox", HandoffChannel("push", tmp_path / "handoff"), clock=Clock(NOW)
+        )
+        assert run.already_done == crash_after and run.delivered == n - crash_after
+        handed = (tmp_path / "handoff" / "push.jsonl").read_text().splitlines()
+        ids = [json.loads(x)["message_id"] for x in handed]
+        assert len(ids) == len(set(ids)) == n  # everyone once, nobody twice
+        assert e.count("message_attempts") == n
+        # The crashed run's sends came back as events too.
+        assert len(events(e, "Message Sent")) == n
+    assert not (tmp_path / "outbox" / ".push.attempts.jsonl").exists()

@@ -7,9 +7,15 @@ The rules every channel shares, written once:
 * a message is due when its ``sent_at`` (after quiet hours) has come;
 * at most ``max_attempts`` attempts per message, across runs (a webhook's in-call retries
   count); after that the message is given up;
-* every attempt is recorded right after the transport's answer, then the run's attempts come
-  back into ``events`` as ``Message Sent`` / ``Message Bounced`` / ``Message Failed`` through
-  collect's gate (``activate.feedback``);
+* every attempt is recorded right after the transport's answer — first as a line in the
+  channel's attempt journal (``OUTBOX/.CHANNEL.attempts.jsonl``, written and flushed per
+  message: a process that dies loses nothing the OS has), then in batches of ``batch``
+  messages into ``message_attempts`` (journal fsynced → rows appended → journal emptied; a
+  crash in between is repaired at the next start by replaying the journal, anti-joined on
+  the attempt key). One warehouse write per message would cap a channel at a few dozen
+  messages a second; the journal keeps the exactly-once rule at thousands;
+* the run's attempts come back into ``events`` as ``Message Sent`` / ``Message Bounced`` /
+  ``Message Failed`` through collect's gate (``activate.feedback``);
 * the channel's send-rate limit paces every attempt.
 
 For WeChat and similar channels the address is an identifier of the person
@@ -18,11 +24,13 @@ For WeChat and similar channels the address is an identifier of the person
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 
@@ -57,12 +65,15 @@ def deliver(
     address_id_type: str | None = None,
     feedback: bool = True,
     checkpoint: Callable[[str], None] | None = None,
+    batch: int = 500,
 ) -> DeliveryRun:
     """Hand every due, not yet delivered message of ``channel.name`` to ``channel``."""
     clk = clock or Clock()
     now = clk.now()
     pace = Pacer(rate_per_second)
     hook = checkpoint or (lambda _: None)
+    journal = _Journal(engine, outbox_dir / f".{channel.name}.attempts.jsonl")
+    recorded: list[dict[str, Any]] = journal.replay()  # a crashed run's last attempts
     a = engine.table("message_attempts")
     history = a.filter(a.channel == channel.name).select("message_id", "status")
     done: set[str] = set()
@@ -88,7 +99,6 @@ def deliver(
     prepare = getattr(channel, "prepare", None)
     if prepare is not None:
         prepare(due)
-    recorded: list[dict[str, Any]] = []
     try:
         for m in due:
             mid = str(m["message_id"])
@@ -98,13 +108,17 @@ def deliver(
             else:
                 result = channel.send(m, attempts_left=max_attempts - before, pace=pace.wait)
             rows = _attempt_rows(m, result, before)
-            engine.append("message_attempts", pa.Table.from_pylist(rows, schema=_SCHEMA))
+            journal.write(rows)
+            if journal.pending >= batch:
+                journal.commit()
             recorded.extend(rows)
             tries[mid] = before + len(rows)
             counts[result.status] += 1
             hook(result.status)
     finally:
         channel.close()
+        journal.commit()
+        journal.close()
     events = 0
     if feedback and recorded:
         from closedloop.activate.feedback import attempt_events
@@ -182,3 +196,79 @@ _SCHEMA = pa.schema(
         ("attempted_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+
+class _Journal:
+    """The attempt journal of one channel (see the module docstring)."""
+
+    def __init__(self, engine: Engine, path: Path) -> None:
+        self.engine = engine
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self.file: IO[str] | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self.rows)
+
+    def replay(self) -> list[dict[str, Any]]:
+        """Append what a crashed run journaled but did not commit; return those rows."""
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line cut short by the crash: its send is not recorded
+                continue
+            r["attempted_at"] = datetime.fromisoformat(r["attempted_at"])
+            rows.append(r)
+        new = self._append(rows)
+        self.path.unlink()
+        return new
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("a", encoding="utf-8")
+        for r in rows:
+            self.file.write(json.dumps(r, default=_iso) + "\n")
+        self.file.flush()
+        self.rows.extend(rows)
+
+    def commit(self) -> None:
+        """Journal durable → rows in ``message_attempts`` → journal emptied."""
+        if not self.rows or self.file is None:
+            return
+        os.fsync(self.file.fileno())
+        self._append(self.rows)
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.flush()
+        self.rows = []
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            if self.path.exists() and self.path.stat().st_size == 0:
+                self.path.unlink()
+
+    def _append(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Append rows not yet stored (by message id and attempt); return the new ones."""
+        if not rows:
+            return []
+        data = pa.Table.from_pylist(rows, schema=_SCHEMA)
+        with self.engine.temporary(data) as t:
+            stored = self.engine.table("message_attempts")
+            fresh = t.anti_join(stored, ["message_id", "attempt"]).to_pyarrow()
+        if fresh.num_rows:
+            self.engine.append("message_attempts", fresh)
+        out: list[dict[str, Any]] = fresh.to_pylist()
+        return out
+
+
+def _iso(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot journal {type(value).__name__}")
