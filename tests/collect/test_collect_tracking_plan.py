@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from closedloop.collect.tracking_plan import Mode, PlanDef, TrackingPlan, load_tracking_plans
 from closedloop.core.errors import DefinitionError
@@ -201,3 +206,66 @@ def test_validate_checks_tracking_plans_with_file_line_and_key(tmp_path: Path) -
     (plans / "pos.yaml").unlink()
     r = runner.invoke(app, ["validate", "-p", str(project)])
     assert r.exit_code == 0, r.output
+
+
+_EVENTS = ["Order Completed", "Product Viewed", "Signed Up", ""]
+_REVENUE = st.one_of(
+    st.none(), st.integers(-5, 5), st.floats(allow_nan=False), st.text(max_size=3), st.booleans()
+)
+
+
+@st.composite
+def _messages(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["track", "track", "identify", "page"]))
+    m: dict[str, Any] = {"type": kind, "userId": "u", "messageId": draw(st.sampled_from("abcdefg"))}
+    if kind == "track":
+        m["event"] = draw(st.sampled_from(_EVENTS))
+        props = {"revenue": draw(_REVENUE)}
+        if draw(st.booleans()):
+            props["order_id"] = draw(st.one_of(st.text(max_size=3), st.integers()))
+        m["properties"] = props
+    elif kind == "identify":
+        m["traits"] = {"email": draw(st.one_of(st.text(max_size=5), st.integers(), st.none()))}
+    return m
+
+
+@given(
+    mode=st.sampled_from(list(Mode)),
+    batch=st.lists(_messages(), min_size=1, max_size=12),
+    single=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_plan_modes_keep_the_accounting_and_every_payload(
+    mode: Mode, batch: list[dict[str, Any]], single: bool
+) -> None:
+    """Whatever arrives, in any mode: received = accepted + failed + duplicate; a plan
+    violation is accepted only in allow mode; every failure keeps its message for replay;
+    one message is answered 200 exactly when it was accepted or quarantined."""
+    from closedloop.collect.ingest import Collector
+    from closedloop.collect.spool import decode_body
+
+    collector = Collector(
+        [WEB], {"web": TrackingPlan("web", PlanDef.model_validate({**PLAN, "mode": mode}))}
+    )
+    now = datetime(2024, 3, 1, tzinfo=UTC)
+    if single:
+        body, route = {**batch[0], "writeKey": WEB.write_key}, "track"
+        batch = [{**batch[0], "type": "track"}]
+    else:
+        body, route = {"batch": batch, "writeKey": WEB.write_key}, "batch"
+    out = collector.prepare(route, json.dumps(body).encode(), {}, None, "127.0.0.1", now)
+    a = out.body
+    assert a["received"] == a["accepted"] + a["failed"] + a["duplicate"] == len(batch)
+    assert out.record is not None
+    header, lines = decode_body(out.record[8:])
+    assert len(lines) == a["accepted"] and len(header["f"]) == a["failed"]
+    codes = [f[0] for f in header["f"]]
+    if mode is Mode.ALLOW:
+        assert not {"forbidden_event", "tracking_plan"} & set(codes)
+    for code, _reason, _where, message_id, payload in header["f"]:
+        kept = json.loads(payload)  # whole, in every mode: replayable
+        assert kept["messageId"] == message_id or code not in ("forbidden_event", "tracking_plan")
+    held = sum(code in ("forbidden_event", "tracking_plan") for code in codes)
+    assert a.get("quarantined", 0) == (held if mode is Mode.QUARANTINE else 0)
+    if single:
+        assert (out.status == 200) == (a["accepted"] == 1 or a.get("quarantined") == 1)
