@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import ibis
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
+from closedloop.collect.tables import EVENTS
 from closedloop.core.clock import Clock
 from closedloop.core.conditions import (
     Condition,
@@ -24,10 +26,10 @@ from closedloop.core.conditions import (
 from closedloop.core.definitions import SegmentDef
 from closedloop.core.engine import Engine
 from closedloop.core.errors import DefinitionError
+from closedloop.portrait.tables import PROFILES
 from closedloop.segments.audience import Fields, check_segment, evaluate_segment, preview_expr
 from closedloop.segments.derived import with_derived
-from tests.conftest import add_events
-from tests.segments.test_audience import set_profiles
+from tests.conftest import event_rows
 
 NOW = datetime(2026, 11, 20, 12, tzinfo=UTC)
 ADAPTER: TypeAdapter[Any] = TypeAdapter(Condition)
@@ -37,7 +39,11 @@ VIEW, ADD, ORDER = "Product Viewed", "Product Added", "Order Completed"
 
 def load(engine: Engine, events: list[dict[str, Any]]) -> None:
     """Events as dicts: customer, event, timestamp (aware), optional category and size."""
-    set_profiles(engine, [{"customer_id": c} for c in CUSTOMERS])
+    schema = ibis.schema(PROFILES.columns).to_pyarrow()  # typed: PostgreSQL refuses null types
+    rows = [
+        {c: (cid if c == "customer_id" else None) for c in PROFILES.columns} for cid in CUSTOMERS
+    ]
+    engine.replace("profiles", pa.Table.from_pylist(rows, schema=schema))
     msgs = [
         {
             "message_id": f"m{i}",
@@ -50,7 +56,8 @@ def load(engine: Engine, events: list[dict[str, Any]]) -> None:
         for i, e in enumerate(events)
     ]
     if msgs:
-        add_events(engine, msgs)
+        typed = ibis.schema(EVENTS.columns).to_pyarrow()
+        engine.append("events", event_rows(msgs).cast(typed))
         engine.append(
             "event_customers",
             pa.table(
