@@ -288,8 +288,10 @@ def test_bad_journeys_fail_validation_with_file_line_and_key(tmp_path: Path) -> 
     bad_target = CART.replace("on_timeout: remind", "on_timeout: remindd")
     with pytest.raises(DefinitionError) as e:
         make_project(tmp_path / "a", {"cart": bad_target})
-    assert "campaigns/cart.yaml:9 [steps]" in str(e.value)
-    assert "unknown step 'remindd'" in str(e.value)
+    assert "campaigns/cart.yaml:13 [steps.0.on_timeout]: unknown step 'remindd'" in str(e.value)
+    dupe = CART + "  - id: done\n    exit: true\n"
+    with pytest.raises(DefinitionError, match=r"cart.yaml:9 \[steps\]: step ids must be unique"):
+        make_project(tmp_path / "a2", {"cart": dupe})
     no_timeout = CART.replace(", timeout: 2h", "")
     with pytest.raises(DefinitionError) as e:
         make_project(tmp_path / "b", {"cart": no_timeout})

@@ -25,12 +25,20 @@ types, segments, templates) are in ``activate.journeys.check_journeys``.
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from datetime import date as Date
 from datetime import time, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    ModelWrapValidatorHandler,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from closedloop.core.conditions import FieldCondition, PropertyFilter
 from closedloop.core.definitions.base import NAME_PATTERN, Definition
@@ -59,6 +67,18 @@ def parse_duration(value: Any) -> timedelta:
 def _clock(v: Any) -> Any:
     if isinstance(v, int) and not isinstance(v, bool):
         raise ValueError('write times of day in quotes, e.g. "10:00" (bare 10:00 is a number)')
+    return v
+
+
+# The step ids of the campaign being validated, so that each step target is checked where it
+# is written (file:line [steps.2.on_timeout]) rather than once for the whole list.
+_STEP_IDS: ContextVar[list[str] | None] = ContextVar("step_ids", default=None)
+
+
+def _target(v: str | None) -> str | None:
+    ids = _STEP_IDS.get()
+    if v is not None and ids is not None and v not in ids:
+        raise ValueError(f"unknown step {v!r} (steps: {', '.join(ids)})")
     return v
 
 
@@ -196,23 +216,25 @@ _TRIGGER_KEYS = ("event", "segment_entry", "date_trait", "calendar", "schedule")
 
 
 def _key_kind(keys: tuple[str, ...]) -> Any:
-    """The tag of a trigger or step: the one kind key present in its mapping."""
+    """The tag of a trigger or step: the one kind key present in its mapping, in brackets so
+    that error locations (``steps.0.<wait_for>.on_timeout``) never mistake it for a key."""
 
     def kind(data: Any) -> str | None:
         if isinstance(data, dict):
             found = [k for k in keys if k in data]
-            return found[0] if len(found) == 1 else None
-        return getattr(type(data), "kind", None)
+            return f"<{found[0]}>" if len(found) == 1 else None
+        kind = getattr(type(data), "kind", None)
+        return None if kind is None else f"<{kind}>"
 
     return kind
 
 
 Trigger = Annotated[
-    Annotated[EventTrigger, Tag("event")]
-    | Annotated[SegmentEntryTrigger, Tag("segment_entry")]
-    | Annotated[DateTrigger, Tag("date_trait")]
-    | Annotated[CalendarTrigger, Tag("calendar")]
-    | Annotated[ScheduleTrigger, Tag("schedule")],
+    Annotated[EventTrigger, Tag("<event>")]
+    | Annotated[SegmentEntryTrigger, Tag("<segment_entry>")]
+    | Annotated[DateTrigger, Tag("<date_trait>")]
+    | Annotated[CalendarTrigger, Tag("<calendar>")]
+    | Annotated[ScheduleTrigger, Tag("<schedule>")],
     Discriminator(
         _key_kind(_TRIGGER_KEYS),
         custom_error_type="trigger_kind",
@@ -294,6 +316,8 @@ class VariantArm(Definition):
     weight: float = Field(1.0, gt=0)
     next: str
 
+    _n = field_validator("next")(_target)
+
 
 class BranchSpec(Definition):
     """One of: ``when`` (a trait condition), ``event`` (done since entry), ``variants``.
@@ -307,6 +331,8 @@ class BranchSpec(Definition):
     variants: list[VariantArm] | None = None
     then: str | None = None
     else_: str | None = Field(None, alias="else")
+
+    _n = field_validator("then", "else_")(_target)
 
     @model_validator(mode="after")
     def _check(self) -> BranchSpec:
@@ -338,12 +364,16 @@ class SendStep(Definition):
     send: SendSpec
     next: str | None = None
 
+    _n = field_validator("next")(_target)
+
 
 class WaitStep(Definition):
     kind: ClassVar[str] = "wait"
     id: str = Field(pattern=NAME_PATTERN)
     wait: WaitSpec
     next: str | None = None
+
+    _n = field_validator("next")(_target)
 
     @field_validator("wait", mode="before")
     @classmethod
@@ -357,6 +387,8 @@ class WaitForStep(Definition):
     wait_for: WaitForSpec
     on_event: str | None = None
     on_timeout: str | None = None
+
+    _n = field_validator("on_event", "on_timeout")(_target)
 
 
 class BranchStep(Definition):
@@ -374,11 +406,11 @@ class ExitStep(Definition):
 _STEP_KEYS = ("send", "wait_for", "wait", "branch", "exit")
 
 Step = Annotated[
-    Annotated[SendStep, Tag("send")]
-    | Annotated[WaitStep, Tag("wait")]
-    | Annotated[WaitForStep, Tag("wait_for")]
-    | Annotated[BranchStep, Tag("branch")]
-    | Annotated[ExitStep, Tag("exit")],
+    Annotated[SendStep, Tag("<send>")]
+    | Annotated[WaitStep, Tag("<wait>")]
+    | Annotated[WaitForStep, Tag("<wait_for>")]
+    | Annotated[BranchStep, Tag("<branch>")]
+    | Annotated[ExitStep, Tag("<exit>")],
     Discriminator(
         _key_kind(_STEP_KEYS),
         custom_error_type="step_kind",
@@ -435,6 +467,19 @@ class CampaignDef(Definition):
         elif not self.template:
             raise ValueError("a campaign needs a `template` (or `variants`)")
         return self
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _step_ids(cls, data: Any, handler: ModelWrapValidatorHandler[CampaignDef]) -> CampaignDef:
+        steps = data.get("steps") if isinstance(data, dict) else None
+        ids = None
+        if isinstance(steps, list):
+            ids = [s["id"] for s in steps if isinstance(s, dict) and isinstance(s.get("id"), str)]
+        token = _STEP_IDS.set(ids)
+        try:
+            return handler(data)
+        finally:
+            _STEP_IDS.reset(token)
 
     @field_validator("steps")
     @classmethod
