@@ -20,6 +20,7 @@ from closedloop.core.engine import Engine
 from closedloop.demo.generator import generate
 from closedloop.demo.project import init_project, relative_data_dir
 
+pytestmark = pytest.mark.slow  # generates a brand and builds it (~20 s)
 runner = CliRunner()
 AS_OF = "2026-11-20T10:00:00+00:00"
 VARIANTS = """variants:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -135,6 +136,7 @@ def test_any_report_stream_loads_each_known_outcome_exactly_once(
     assert people.count("events") - before == r.accepted <= len(valid)
 
 
+@pytest.mark.slow  # generates a brand and builds it (~20 s)
 def test_cli_deliver_feedback_and_tasks(built: Path, tmp_path: Path) -> None:  # noqa: F811
     args = ["-p", str(built), "--as-of", "2026-11-20T10:00:00+00:00"]
     r = runner.invoke(app, ["campaign", "run", "winback", *args, "--occasion", "fb"])
