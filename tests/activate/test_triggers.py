@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pyarrow as pa
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -117,3 +118,52 @@ def test_event_watermark_follows_received_at_and_never_moves_back(engine: Engine
         engine, t, T0 + timedelta(hours=1), T0 + timedelta(hours=2), ["member_id"], sh, late
     )
     assert quiet.candidates == [] and quiet.watermark == T0 + timedelta(hours=1)
+
+
+def test_date_prefilter_finds_exactly_what_a_full_scan_finds(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import random
+
+    from closedloop.activate import triggers
+    from closedloop.core.definitions.campaigns import DateTrigger
+
+    rng = random.Random(3)
+    zones = ["Asia/Shanghai", "America/Los_Angeles", "Pacific/Kiritimati", None]
+    rows = []
+    for i in range(400):
+        born = date(1960, 1, 1) + timedelta(days=rng.randrange(365 * 50))
+        if i % 40 == 0:
+            born = date(1996, 2, 29)
+        rows.append(
+            dict.fromkeys(PROFILES.columns)
+            | {
+                "customer_id": f"c{i}",
+                "timezone": zones[i % 4],
+                "birthday": born,
+                "first_order_at": datetime(2020, 1, 1, tzinfo=UTC)
+                + timedelta(hours=rng.randrange(24 * 365 * 6)),
+            }
+        )
+    engine.replace("profiles", pa.Table.from_pylist(rows))
+    evaluate_segment(engine, EVERYONE, Fields(), Clock(T0 - timedelta(days=1)))
+    windows = [
+        (datetime(2027, 2, 23, tzinfo=UTC), datetime(2027, 2, 27, tzinfo=UTC)),  # 29 Feb → 28 Feb
+        (T0 - timedelta(days=1), T0),
+        (T0, T0 + timedelta(days=20)),
+    ]
+    for trait, offset, yearly in [
+        ("birthday", -3, True),
+        ("first_order_at", 7, True),
+        ("birthday", 0, False),
+    ]:
+        t = DateTrigger(date_trait=trait, offset_days=offset, yearly=yearly)
+        for since, now in windows:
+            fast = triggers.fire_date(engine, t, "everyone", since, now, "Asia/Shanghai")
+            with monkeypatch.context() as m:
+                m.setattr(triggers, "NEAR_DAYS", -1)  # no pre-filter: every member is read
+                full = triggers.fire_date(engine, t, "everyone", since, now, "Asia/Shanghai")
+            key = sorted((c.customer_id, c.occasion, c.at) for c in full.candidates)
+            assert sorted((c.customer_id, c.occasion, c.at) for c in fast.candidates) == key
+            if trait == "birthday" and yearly and since.year == 2027:
+                assert any(c.customer_id == "c0" for c in full.candidates)  # the leapling

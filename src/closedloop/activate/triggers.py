@@ -18,7 +18,7 @@ rules (``activate.journeys.admit``) then accept or refuse. Windows may overlap b
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -175,14 +175,18 @@ def audience_zones(
     audience: str,
     extra: Sequence[str] = (),
     zones: Sequence[str | None] | None = None,
+    where: Callable[[ir.Table], ir.BooleanValue] | None = None,
 ) -> pa.Table:
     """Current members of ``audience`` with their time zone (and ``extra`` profile columns).
 
-    ``zones`` limits them to people in those zones (None in it: people with no zone).
+    ``zones`` limits them to people in those zones (None in it: people with no zone),
+    ``where`` to the rows it accepts.
     """
     members = current_members(engine, audience).select("customer_id").distinct()
     profiles = engine.table("profiles")
     t = members.join(profiles, "customer_id").select("customer_id", "timezone", *extra)
+    if where is not None:
+        t = t.filter(where(t))
     if zones is not None:
         named = [z for z in zones if z is not None]
         cond = t.timezone.isin(named) if named else ibis.literal(False)
@@ -230,7 +234,9 @@ def fire_date(
     now: datetime,
     default_tz: str,
 ) -> Fired:
-    people = audience_zones(engine, audience, [trigger.date_trait])
+    people = audience_zones(
+        engine, audience, [trigger.date_trait], where=_near_dates(trigger, since, now)
+    )
     ids = people.column("customer_id").to_pylist()
     values = people.column(trigger.date_trait).to_pylist()
     offset = timedelta(days=trigger.offset_days)
@@ -248,6 +254,40 @@ def fire_date(
                 hits = memo[d] = _date_hits(trigger, d, offset, tz, since, now)
             out.extend(Candidate(ids[i], occ, at, f"date:{trigger.date_trait}") for occ, at in hits)
     return Fired(out, now)
+
+
+NEAR_DAYS = 62  # windows up to this long are pre-filtered in the warehouse by date
+
+
+def _near_dates(
+    trigger: DateTrigger, since: datetime, now: datetime
+) -> Callable[[ir.Table], ir.BooleanValue] | None:
+    """A filter keeping only people whose date can fire in (since, now]; None for long windows.
+
+    A tick's window is short, so only the few trait dates (or, yearly, month-days) that land in
+    it after the offset are read — not the whole audience. The window is widened by two days
+    on each side for time zones (and a timestamp trait's UTC date); Python then checks exactly.
+    """
+    if now - since > timedelta(days=NEAR_DAYS):
+        return None
+    first, last = since.date() - timedelta(days=2), now.date() + timedelta(days=2)
+    days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+    wanted = [d - timedelta(days=trigger.offset_days) for d in days]
+    column = trigger.date_trait
+
+    def where(t: ir.Table) -> ir.BooleanValue:
+        value = t[column].date() if t[column].type().is_timestamp() else t[column]
+        if not trigger.yearly:
+            result: ir.BooleanValue = value.isin(wanted)
+            return result
+        keys = {d.month * 100 + d.day for d in wanted}
+        if 228 in keys:
+            keys.add(229)  # 29 February's anniversary is 28 February in common years
+        key = value.month() * 100 + value.day()
+        found: ir.BooleanValue = key.isin(sorted(keys))
+        return found
+
+    return where
 
 
 def _date_hits(
