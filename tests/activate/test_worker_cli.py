@@ -57,3 +57,67 @@ def test_worker_once_sends_and_validate_reports_bad_journeys(tmp_path: Path) -> 
     assert "campaigns/cart.yaml:19 [steps.3.branch.when.trait]: unknown trait 'tierr'" in r.output
     r = runner.invoke(app, ["worker", "--once", "-p", str(root)])
     assert r.exit_code == 2 and "unknown trait 'tierr'" in r.output
+
+
+def test_run_worker_loads_the_spool_and_reacts_until_stopped(tmp_path: Path) -> None:
+    import asyncio
+    import base64
+    import json
+    import threading
+    import time
+    from datetime import UTC, datetime
+
+    from closedloop.activate.worker import run_worker
+    from closedloop.collect.ingest import Collector
+    from closedloop.collect.spool import SpoolWriter
+
+    root = tmp_path / "p"
+    make_project(root, {"cart": CART.replace("steps:", "steps: []\nx_steps:").split("x_steps:")[0]})
+    (root / "closedloop.yaml").write_text(
+        (root / "closedloop.yaml").read_text().replace('"duckdb://"', "duckdb:///wh.duckdb")
+    )
+    project = load_project(root)
+    with Engine(project.engine_url) as engine:
+        people(engine, 3)
+    spool = root / "spool"
+    lines: list[str] = []
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=run_worker,
+        args=(project,),
+        kwargs={"interval": 0.05, "spool": spool, "stop": stop, "on_tick": lines.append},
+    )
+    worker.start()
+    try:
+        now = datetime.now(UTC)
+        body = json.dumps(
+            {
+                "userId": "c001",
+                "event": "Product Added",
+                "messageId": "m-1",
+                "timestamp": now.isoformat(),
+                "properties": {"category": "tea"},
+            }
+        ).encode()
+        auth = "Basic " + base64.b64encode(b"wk_web_0123456789:").decode()
+        out = Collector(project.config.sources).prepare(
+            "track", body, {"authorization": auth}, None, "127.0.0.1", now
+        )
+        assert out.status == 200 and out.record is not None
+
+        async def spooled() -> None:
+            writer = SpoolWriter(spool)
+            await writer.append(out.record)  # type: ignore[arg-type]
+            writer.close()
+
+        asyncio.run(spooled())
+        deadline = time.monotonic() + 60
+        while not outbox_lines(root / "outbox") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    assert not worker.is_alive()
+    sent = outbox_lines(root / "outbox")
+    assert [x["customer_id"] for x in sent] == ["c001"]
+    assert lines and "entered 1" in lines[0]

@@ -29,7 +29,7 @@ import logging
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -236,7 +236,12 @@ def run_worker(
             if loader is not None:
                 loader.run_once()
             last = tick(engine, project, (clock or Clock()).now())
-            if on_tick is not None:
-                on_tick(f"entered={last.entered} sent={last.sent} waiting={last.waiting}")
+            busy = last.entered or last.sent or last.held_out or last.suppressed or last.finished
+            if on_tick is not None and busy:  # report ticks that did something
+                on_tick(
+                    f"{datetime.now(UTC):%H:%M:%S} entered {last.entered}, sent {last.sent}, "
+                    f"held out {last.held_out}, stopped {last.suppressed}, "
+                    f"waiting {last.waiting}, finished {last.finished or {}}"
+                )
             if once or halt.wait(interval):
                 return last
