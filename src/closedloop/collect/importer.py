@@ -150,12 +150,6 @@ def import_table(
 
 
 # ---- tables of a database -----------------------------------------------------------------
-TABLE_REF_HELP = (
-    "a table of any database Ibis reads, as ENGINE_URL#TABLE: "
-    "duckdb:///shop.duckdb#orders, postgresql://user:pw@host/db#crm.members"
-)
-
-
 def is_table_ref(text: str) -> bool:
     """True for ``ENGINE_URL#TABLE`` (a database table), false for a file path."""
     url, sep, table = text.rpartition("#")
