@@ -1,4 +1,5 @@
-"""Table imports: rows of CSV or Parquet files become Segment messages, one per row.
+"""Table imports: rows of CSV or Parquet files, or of a database table that Ibis can read
+(``ENGINE_URL#TABLE``), become Segment messages, one per row.
 
 A shop's order export or a CRM's member list arrives as a table, not as events. The
 ``mapping`` of an ``ImportSpec`` says which columns hold the identity, the time and the
@@ -6,7 +7,8 @@ properties or traits; each row is then turned into the message a Segment library
 sent and goes through the *same* gate (``validate_message``) and the *same* intake (dedup by
 messageId, failed events, a ``loads`` row) as a JSONL file. The messageId is built from the
 row's own key columns (``{import name}:{values}``), so re-importing a file — or a later
-export that repeats old rows — adds only the rows not seen before.
+export that repeats old rows — adds only the rows not seen before. The same makes an import
+killed half-way resumable: run it again, and the rows already written are duplicates.
 
 Everything that can be checked without reading the data (the file exists, it has every mapped
 column) is checked before anything is written: a wrong mapping must fail as a whole, not
