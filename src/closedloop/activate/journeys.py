@@ -161,7 +161,11 @@ def no_response_verdict(
 
 # ---- state --------------------------------------------------------------------------------
 def current_states(engine: Engine, campaigns: Sequence[str]) -> dict[str, list[Instance]]:
-    """Every instance of ``campaigns`` in its latest state, per campaign."""
+    """The live instances (active or waiting) of ``campaigns`` in their latest state.
+
+    Finished instances stay in the log but are not read back each tick; entry rules ask for
+    the history of the few people who are candidates (``past_entries``).
+    """
     out: dict[str, list[Instance]] = defaultdict(list)
     if not campaigns:
         return out
@@ -170,8 +174,24 @@ def current_states(engine: Engine, campaigns: Sequence[str]) -> dict[str, list[I
     keys = ["campaign", "occasion", "customer_id"]
     latest = s.group_by(keys).aggregate(seq=s.seq.max())
     cur = s.join(latest, [*keys, "seq"])
+    cur = cur.filter(cur.status.isin(list(LIVE)))
     for row in cur.select(*STORED).to_pyarrow().to_pylist():
         out[row["campaign"]].append(Instance(**row))
+    return out
+
+
+def past_entries(
+    engine: Engine, campaign: str, customers: Sequence[str]
+) -> dict[str, list[tuple[str, datetime]]]:
+    """Every instance ``customers`` ever had in ``campaign``: (occasion, entered_at) each.
+
+    An instance's first row has seq 0 and carries its entry time, so one row per instance.
+    """
+    s = engine.table("journey_state")
+    first = s.filter((s.campaign == campaign) & (s.seq == 0) & s.customer_id.isin(customers))
+    out: dict[str, list[tuple[str, datetime]]] = defaultdict(list)
+    for r in first.select("customer_id", "occasion", "entered_at").to_pyarrow().to_pylist():
+        out[r["customer_id"]].append((r["occasion"], r["entered_at"]))
     return out
 
 

@@ -43,6 +43,7 @@ from closedloop.activate.journeys import (
     admit,
     current_states,
     new_instance,
+    past_entries,
     state_rows,
 )
 from closedloop.activate.policy import zone
@@ -196,9 +197,9 @@ def _admitted(
         members.filter(members.customer_id.isin(wanted)).customer_id.to_pyarrow().to_pylist()
     )
     candidates = [x for x in candidates if x.customer_id in inside]
-    past: dict[str, list[tuple[str, datetime]]] = defaultdict(list)
-    for i in mine:
-        past[i.customer_id].append((i.occasion, i.entered_at))
+    if not candidates:
+        return []
+    past = past_entries(engine, c.name, sorted(inside))
     live = {i.customer_id for i in mine if i.status in LIVE}
     return admit(c.entry, candidates, past, live)
 
