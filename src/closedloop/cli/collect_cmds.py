@@ -394,6 +394,8 @@ def import_cmd(
             TimeElapsedColumn(),
         )
         with Engine(p.engine_url) as engine, Progress(*columns, console=console) as bar:
+            if engine.backend == "duckdb":  # its own bar for long queries would draw over ours
+                engine.con.raw_sql("SET enable_progress_bar = false")
             if table_ref:
                 con, table = open_table_ref(file_or_table)
                 try:
