@@ -8,7 +8,10 @@ CAMPAIGN_RESULTS = declare(
     TableSpec(
         name="campaign_results",
         stage="measure",
-        description="Per campaign, occasion and group: reach, conversions and revenue in the goal window.",
+        description=(
+            "Per campaign, occasion and group (intent-to-treat: everyone assigned, messaged or "
+            "stopped by the contact policy): customers, conversions and revenue in the goal window."
+        ),
         columns={
             "campaign": "string",
             "occasion": "string",
