@@ -45,6 +45,8 @@ def holdout_capped(
         return set()
     default_tz = timezone or pol.default_timezone or "UTC"
     d = engine.table("deliveries")
+    if "send_at" not in d.columns:  # a log from before the contact policy: sent when decided
+        d = d.mutate(send_at=d.decided_at)
     mine = d.filter((d.campaign == campaign.name) & (d.occasion == occasion))
     held = mine.filter((mine.group == "holdout") & (mine.status == "held_out"))
     p = engine.table("profiles").select("customer_id", "timezone")
