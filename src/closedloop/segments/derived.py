@@ -118,21 +118,16 @@ def sequence_flags(engine: Engine, leaf: SequenceCondition, as_of: datetime) -> 
         order = ibis.window(
             group_by=rows.customer_id, order_by=[rows.ts, ibis.desc(rows.step)], rows=(None, 0)
         )
-    ok = (rows.step == last) & rows.start.notnull() & (rows.ts <= rows.start + leaf.within)
     if leaf.absent_step is not None:
         after = ibis.window(
             group_by=rows.customer_id, order_by=[rows.ts, ibis.desc(rows.step)], rows=(0, None)
         )
         next_gone = ibis.ifelse(rows.step == last + 1, rows.ts, null_ts).min().over(after)
         rows = rows.mutate(next_gone=next_gone)
+    ok = (rows.step == last) & rows.start.notnull() & (rows.ts <= rows.start + leaf.within)
+    if leaf.absent_step is not None:
         end = rows.ts + leaf.within
-        ok = (
-            (rows.step == last)
-            & rows.start.notnull()
-            & (rows.ts <= rows.start + leaf.within)
-            & (end <= as_of)
-            & (rows.next_gone.isnull() | (rows.next_gone > end))
-        )
+        ok = ok & (end <= as_of) & (rows.next_gone.isnull() | (rows.next_gone > end))
     hits = rows.filter(ok)
     return hits.select("customer_id", ok=ibis.literal(True)).distinct()
 
