@@ -13,7 +13,7 @@ Run as ``python bench/portrait.py [--persons N]`` (default 1,000,000). Steps:
    DuckDB SQL query giving the same columns — recency_days, orders, revenue and the three
    1–5 scores — both fetched as Arrow; the two results are checked to be equal;
 4. profile lookup by identifier: a random email or phone → customer (``identity_map``) →
-   profile row, 1,000 times; p50 and p99.
+   profile row, 1,000 times; p50 and p99, through Ibis and as one prepared statement.
 
 The last line printed is one JSON object with every figure.
 """
@@ -451,27 +451,26 @@ def lookups(engine: Engine, n: int = 1000, seed: int = 1) -> dict[str, Any]:
         row = profiles.semi_join(hit.select("customer_id"), "customer_id").to_pyarrow().to_pylist()
         times.append(time.perf_counter() - t)
         found += bool(row)
-    # The same lookup as one prepared DuckDB statement with bound values, over ART indexes on
-    # the identifier and the customer id: what a serving path needs (Ibis builds and compiles
-    # a new expression per call, which costs more than the lookup itself).
+    # The same lookup as one prepared DuckDB statement with bound values: what a serving path
+    # needs, since Ibis builds and compiles a new expression per call, which costs more than
+    # the lookup itself. (DuckDB 1.5 did not use ART indexes on these columns for it here,
+    # with bound or literal values, so none are created: both are filtered scans.)
     con = engine.con.con
-    con.execute("CREATE INDEX IF NOT EXISTS bench_idmap ON identity_map (id_value)")
-    con.execute("CREATE INDEX IF NOT EXISTS bench_prof ON profiles (customer_id)")
-    indexed: list[float] = []
-    found_indexed = 0
+    prepared: list[float] = []
+    found_prepared = 0
     for ident in picks:
         t = time.perf_counter()
         rows = con.execute(LOOKUP_SQL, [ident["id_value"], ident["id_type"]]).fetchall()
-        indexed.append(time.perf_counter() - t)
-        found_indexed += bool(rows)
+        prepared.append(time.perf_counter() - t)
+        found_prepared += bool(rows)
     return {
         "lookups": n,
         "lookup_found": found,
         "lookup_ibis_p50_ms": percentile(times, 0.5),
         "lookup_ibis_p99_ms": percentile(times, 0.99),
-        "lookup_found_indexed": found_indexed,
-        "lookup_indexed_p50_ms": percentile(indexed, 0.5),
-        "lookup_indexed_p99_ms": percentile(indexed, 0.99),
+        "lookup_found_prepared": found_prepared,
+        "lookup_prepared_p50_ms": percentile(prepared, 0.5),
+        "lookup_prepared_p99_ms": percentile(prepared, 0.99),
     }
 
 
