@@ -153,7 +153,7 @@ EVENT = st.tuples(
 
 
 @pytest.mark.slow  # each example resolves and builds three times (about 3 s on an idle machine)
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.tuples(EVENT, st.booleans()), min_size=1, max_size=25),
     st.integers(0, 40),
