@@ -43,7 +43,7 @@ def test_list_shows_every_tag_with_coverage_freshness_and_flags(built: Path) -> 
         n = int(tv.filter(tv.tag == "aov_quartile").count().execute())
     q = tags["aov_quartile"]
     assert q["customers"] == n > 0 and q["coverage"] == pytest.approx(n / total)
-    assert q["path"] == ["value_band", "aov_quartile"] and q["owner"] == "crm-team"
+    assert q["path"] == ["rfm_group_tag", "aov_quartile"] and q["owner"] == "crm-team"
     assert sum(q["values"].values()) == n  # type: ignore[union-attr]
     assert q["computed_at"] is not None and q["stale"] is False
     assert "no scores yet" in str(tags["churn_risk"]["note"])

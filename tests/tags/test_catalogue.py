@@ -64,7 +64,7 @@ def test_coverage_freshness_and_flags(project: Project, engine: Engine) -> None:
     vb = by_name["value_band"]
     assert (vb.customers, vb.coverage) == (2, 0.5)
     assert vb.values == {"high": 1, "low": 1}
-    assert by_name["aov_quartile"].path == ["value_band", "aov_quartile"]
+    assert by_name["aov_quartile"].path == ["rfm_group_tag", "aov_quartile"]
     assert by_name["aov_quartile"].used_by == ["campaign:winback", "segment:lapsed_vips"]
     assert by_name["aov_quartile"].unused is False and by_name["first_category"].unused is True
     assert by_name["repeat_buyer"].flags[0] == "never computed" and by_name["repeat_buyer"].stale

@@ -84,6 +84,10 @@ CASES = {
         "name: x\n",
         "tags/x.yaml:1 [rules]: a rule tag needs at least one rule",
     ),
+    "rule tag with empty rules": (
+        "name: x\ndescription: y\nrules: []\n",
+        "tags/x.yaml:3 [rules]: a rule tag needs at least one rule",
+    ),
     "rule on unknown field": (
         "name: x\nrules:\n  - {value: a, when: {trait: revnue, op: gt, value: 1}}\n",
         "tags/x.yaml:3 [rules.0.when]: unknown profile field 'revnue'",

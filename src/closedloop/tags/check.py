@@ -36,7 +36,7 @@ _USES: dict[TagType, set[str]] = {
 }
 _SPECIFIC = set().union(*_USES.values())
 _Report = Callable[[str, str], None]
-_DEFAULTS = TagDef(name="x", rules=[]).model_dump()
+_DEFAULTS = TagDef(name="x", type=TagType.MANUAL).model_dump()  # every optional field unset
 
 
 def check_tag(

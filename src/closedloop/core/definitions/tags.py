@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from closedloop.core.conditions import Condition
 from closedloop.core.definitions.base import NAME_PATTERN, Definition
@@ -61,7 +61,7 @@ class TagDef(Definition):
     )
     default: str | None = None
     # rule
-    rules: list[TagRule] = Field(default_factory=list)
+    rules: list[TagRule] = Field(default_factory=list, validate_default=True)
     # bucket (and model, over the score)
     field: str | None = Field(None, description="profile field or numeric computed trait")
     ranges: list[BucketRange] = Field(default_factory=list)
@@ -90,6 +90,14 @@ class TagDef(Definition):
     values: list[str] = Field(default_factory=list, description="allowed values; empty = any")
     # model
     model: str | None = Field(None, description="model name in the `model_scores` table")
+
+    @field_validator("rules")
+    @classmethod
+    def _rules(cls, v: list[TagRule], info: ValidationInfo) -> list[TagRule]:
+        # ``type`` is declared before ``rules``, so it is known here (when it was valid).
+        if info.data.get("type", TagType.RULE) is TagType.RULE and not v:
+            raise ValueError("a rule tag needs at least one rule")
+        return v
 
     @field_validator("percentiles")
     @classmethod
