@@ -10,6 +10,10 @@ it touches:
   or out of a trait's window (timestamp between the last clock and now, minus the window);
 * customers without a profile yet.
 
+Not seen by the comparison: a change to the identity map alone (an identifier quarantined
+or blocked without any event moving) — it shows on the customer's next event, or with
+``--full``.
+
 What depends on the clock or on everyone — age, recency, lifecycle, RFM ranks, and the
 referral network — is then recomputed for all customers from the stored per-customer rows
 (one row per customer, no events), so "no order in 30 days" becomes true on a scheduled
