@@ -16,7 +16,6 @@ import ibis.expr.types as ir
 from closedloop.core.conditions import compile_condition
 from closedloop.core.definitions.tags import BucketRange, RfmPart, TagDef, TagType
 from closedloop.core.engine import Engine
-from closedloop.portrait.build import customer_events
 
 TS = "timestamp('UTC', 6)"
 
@@ -84,15 +83,22 @@ def _event_value(e: ir.Table, tag: TagDef) -> ir.StringValue:
 
 
 def matching_events(engine: Engine, tag: TagDef, now: datetime) -> ir.Table:
-    """The customer's events the tag reads, with the value column ``v`` (non-null)."""
-    e = customer_events(engine)
+    """The customer's events the tag reads, with the value column ``v`` (non-null).
+
+    Events are filtered and narrowed to four columns before they meet ``event_customers``,
+    so the join carries only what the tag reads.
+    """
+    e = engine.table("events")
     as_of = ibis.literal(now).cast(TS)
     e = e.filter(e.timestamp <= as_of)
     e = e.filter(e.event == tag.event) if tag.event else e.filter(e.type == "track")
     if tag.window_days:
         e = e.filter(e.timestamp > as_of - ibis.interval(days=tag.window_days))
-    e = e.select("customer_id", "timestamp", "message_id", v=_event_value(e, tag))
-    return e.filter(e.v.notnull() & (e.v != ""))
+    e = e.select("message_id", "timestamp", v=_event_value(e, tag))
+    e = e.filter(e.v.notnull() & (e.v != ""))
+    ec = engine.table("event_customers")
+    j = e.join(ec, "message_id")
+    return j.select(ec.customer_id, e.timestamp, e.message_id, e.v)
 
 
 def first_last_values(engine: Engine, tag: TagDef, now: datetime) -> ir.Table:
