@@ -242,6 +242,13 @@ def test_a_bad_sequence_in_a_file_names_file_line_and_key(tmp_path: Path) -> Non
         load_project(tmp_path / "p")
     text = str(e.value)
     assert "seq.yaml" in text and ":7" in text and "within" in text and "soon" in text
+    (tmp_path / "p" / "segments" / "seq.yaml").write_text(
+        "name: seq\nwhere:\n  sequence:\n    - {event: A, absent: true}\n    - {event: B}\n"
+        "  within: 1h\n"
+    )
+    with pytest.raises(DefinitionError) as e:
+        load_project(tmp_path / "p")
+    assert "seq.yaml:3 [where.sequence]: sequence step 1 ('A') is absent" in str(e.value)
 
 
 def test_segment_with_a_sequence_records_entries_and_previews(engine: Engine) -> None:

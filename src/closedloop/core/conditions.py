@@ -39,6 +39,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    field_validator,
     model_validator,
 )
 
@@ -219,15 +220,25 @@ class SequenceCondition(_Strict):
     within_days: int | None = Field(None, ge=1)
     between: tuple[date, date] | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> SequenceCondition:
-        if self.within <= timedelta(0):
-            raise ValueError("`within` must be a positive duration")
-        for i, step in enumerate(self.sequence[:-1]):
+    @field_validator("sequence")
+    @classmethod
+    def _absent_last(cls, steps: list[SequenceStep]) -> list[SequenceStep]:
+        for i, step in enumerate(steps[:-1]):
             if step.absent:
                 raise ValueError(
                     f"sequence step {i + 1} ({step.event!r}) is absent: only the last step may be"
                 )
+        return steps
+
+    @field_validator("within")
+    @classmethod
+    def _positive(cls, within: timedelta) -> timedelta:
+        if within <= timedelta(0):
+            raise ValueError("`within` must be a positive duration")
+        return within
+
+    @model_validator(mode="after")
+    def _check(self) -> SequenceCondition:
         if self.within_days is not None and self.between is not None:
             raise ValueError("use either `within_days` or `between`, not both")
         if self.between is not None and self.between[0] > self.between[1]:
