@@ -9,6 +9,7 @@ on chosen traits and prints a card per cluster.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -29,6 +30,13 @@ AsJson = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 def _when(value: object) -> str:
     return "never" if value is None else str(value)[:19]
+
+
+def _age(value: datetime | None) -> str:
+    if value is None:
+        return ""
+    days = (datetime.now(UTC) - value).total_seconds() / 86400
+    return f" ({days:.1f} days ago)"
 
 
 @tags_app.command("list")
@@ -94,7 +102,8 @@ def show_tag(name: str, project: ProjectDir = Path("."), as_json: AsJson = False
     console.print(f"tree: {' / '.join(info.path)}    owner: {info.owner or '(none)'}")
     console.print(f"coverage: {info.coverage:.1%} of customers ({info.customers:,})")
     console.print(
-        f"computed: {_when(info.computed_at)}    inputs as of: {_when(info.inputs_at)}    "
+        f"computed: {_when(info.computed_at)}{_age(info.computed_at)}    "
+        f"inputs as of: {_when(info.inputs_at)}{_age(info.inputs_at)}    "
         f"last used: {_when(info.last_used_at)}"
     )
     console.print(f"read by: {', '.join(info.used_by) or 'nothing'}")
