@@ -210,7 +210,11 @@ def test_validate_checks_tracking_plans_with_file_line_and_key(tmp_path: Path) -
 
 _EVENTS = ["Order Completed", "Product Viewed", "Signed Up", ""]
 _REVENUE = st.one_of(
-    st.none(), st.integers(-5, 5), st.floats(allow_nan=False), st.text(max_size=3), st.booleans()
+    st.none(),
+    st.integers(-5, 5),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=3),
+    st.booleans(),
 )
 
 
