@@ -94,7 +94,7 @@ def records(
     }
     if "gender" in sel:
         # "F", "female", "Female" are one value: compare the first letter.
-        sel["gender"] = sel["gender"].substr(0, 1)
+        sel["gender"] = sel["gender"].left(1)
     rec = events.select("message_id", ts=events.timestamp, **sel)
     rec = rec.filter(rec.name.notnull() & (rec.name != ""))
     for f, id_type in (("email", mc.email), ("phone", mc.phone)):
