@@ -399,7 +399,14 @@ def _enforce_rules(
             counts[f"n_{a}"] > 1 if a == b else (counts[f"n_{a}"] > 0) & (counts[f"n_{b}"] > 0)
         )
     bad = counts.filter(ibis.or_(*conds)).select("component")
-    bad_nodes = lab.join(bad, "component").select("node_id", "id_type").to_pyarrow()
+    # A windowed limit can only be broken where the plain count is over it too, so the same
+    # filter finds the candidates; ``refine`` then applies the windows exactly.
+    bad_nodes = (
+        lab.join(bad, "component")
+        .join(nodes.select("node_id", "first_seen"), "node_id")
+        .select("node_id", "id_type", "first_seen")
+        .to_pyarrow()
+    )
     if bad_nodes.num_rows == 0:
         return comp_t, none
     bad_edges = (
@@ -412,7 +419,11 @@ def _enforce_rules(
     )
     links = [Link(r["src"], r["dst"], int(r["priority"]), int(r["messages"])) for r in bad_edges]
     labels, dropped = refine(
-        bad_nodes["node_id"].to_pylist(), bad_nodes["id_type"].to_pylist(), links, rules
+        bad_nodes["node_id"].to_pylist(),
+        bad_nodes["id_type"].to_pylist(),
+        links,
+        rules,
+        bad_nodes["first_seen"].to_pylist(),
     )
     relabel = pa.table(
         {

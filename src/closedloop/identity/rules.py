@@ -8,15 +8,22 @@ rule, otherwise it is dropped and recorded with the rule it would have broken. S
 lowest-priority offending links are the ones dropped, and the result depends only on the set
 of links and their priorities — never on the order events arrived in.
 
+A limit may hold per time window (``window_days``): then no window of that many days may
+contain more than the limit of the type's identifiers *first seen* in it, so a customer can
+change phones over the years but not collect five in a month. Counting only a subset never
+raises a window count, so a component that breaks no windowed limit as a whole is left as is.
+
 Only rule-breaking components are pulled into the process, so this stays cheap on engines
 without ``local_arrow``: they are a tiny share of the graph.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from closedloop.core.definitions import IdentityConfig
 
@@ -27,11 +34,19 @@ class Rules:
 
     limits: dict[str, int]
     never: tuple[tuple[str, str], ...]
+    windows: dict[str, timedelta] = field(default_factory=dict)  # type → window of its limit
 
     @classmethod
     def of(cls, config: IdentityConfig) -> Rules:
         limits = {t.name: t.max_per_customer for t in config.types if t.max_per_customer}
-        return cls(limits=limits, never=tuple((a, b) for a, b in config.never_link))
+        windows = {
+            t.name: timedelta(days=t.window_days)
+            for t in config.types
+            if t.max_per_customer and t.window_days
+        }
+        return cls(
+            limits=limits, never=tuple((a, b) for a, b in config.never_link), windows=windows
+        )
 
     @property
     def empty(self) -> bool:
@@ -42,16 +57,33 @@ class Rules:
         """Identifier types any rule mentions (only these need counting)."""
         return set(self.limits) | {t for pair in self.never for t in pair}
 
-    def broken(self, counts: Counter[str]) -> str | None:
-        """The first rule a cluster with these per-type counts breaks, or None."""
+    def broken(
+        self, counts: Counter[str], times: dict[str, list[datetime]] | None = None
+    ) -> str | None:
+        """The first rule a cluster breaks, or None.
+
+        ``counts``: identifiers per type; ``times``: sorted first-seen times per windowed type.
+        """
         for t, limit in sorted(self.limits.items()):
-            if counts.get(t, 0) > limit:
-                return f"max_per_customer {t}={limit}"
+            window = self.windows.get(t)
+            if window is None:
+                if counts.get(t, 0) > limit:
+                    return f"max_per_customer {t}={limit}"
+            elif most_in_window((times or {}).get(t, []), window) > limit:
+                return f"max_per_customer {t}={limit} per {window.days} days"
         for a, b in self.never:
             n_a, n_b = counts.get(a, 0), counts.get(b, 0)
             if (a == b and n_a > 1) or (a != b and n_a > 0 and n_b > 0):
                 return f"never_link {a}~{b}"
         return None
+
+
+def most_in_window(times: Sequence[datetime], window: timedelta) -> int:
+    """The largest number of ``times`` (sorted) inside any half-open window [t, t + window)."""
+    best = 0
+    for i, t in enumerate(times):
+        best = max(best, bisect_left(times, t + window, lo=i) - i)
+    return best
 
 
 @dataclass(frozen=True)
@@ -69,9 +101,11 @@ def refine(
     node_types: Sequence[str],
     links: Sequence[Link],
     rules: Rules,
+    node_times: Sequence[datetime] | None = None,
 ) -> tuple[dict[int, int], list[tuple[int, str]]]:
     """Re-cluster nodes making links strongest first, skipping any that would break a rule.
 
+    ``node_times`` (each node's first-seen time) is needed when a limit has a window.
     Returns (node id → component labelled by its smallest node id, [(link index, rule)] of
     dropped links). Order: higher priority, then more messages, then node ids — a total
     order, so the result is deterministic.
@@ -80,6 +114,13 @@ def refine(
     counts: dict[int, Counter[str]] = {
         n: Counter({t: 1}) for n, t in zip(node_ids, node_types, strict=True)
     }
+    if rules.windows and node_times is None:
+        raise ValueError("a windowed limit needs the nodes' first-seen times")
+    times: dict[int, dict[str, list[datetime]]] = {n: {} for n in node_ids}
+    if node_times is not None:
+        for n, t, ts in zip(node_ids, node_types, node_times, strict=True):
+            if t in rules.windows:
+                times[n] = {t: [ts]}
 
     def find(x: int) -> int:
         root = x
@@ -99,14 +140,19 @@ def refine(
         if ra == rb:
             continue
         merged = counts[ra] + counts[rb]
-        rule = rules.broken(merged)
+        merged_times = {t: list(v) for t, v in times[ra].items()}
+        for t, v in times[rb].items():
+            for ts in v:
+                insort(merged_times.setdefault(t, []), ts)
+        rule = rules.broken(merged, merged_times)
         if rule is not None:
             dropped.append((i, rule))
             continue
         keep, gone = (ra, rb) if ra < rb else (rb, ra)
         parent[gone] = keep
         counts[keep] = merged
-        del counts[gone]
+        times[keep] = merged_times
+        del counts[gone], times[gone]
     groups: dict[int, int] = {}
     for n in node_ids:
         r = find(n)

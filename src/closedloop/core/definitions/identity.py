@@ -44,6 +44,19 @@ class IdentifierType(Definition):
         description="at most this many identifiers of this type in one customer; a link that "
         "would exceed it is dropped (lowest priority first) and recorded",
     )
+    window_days: int | None = Field(
+        None,
+        ge=1,
+        description="count max_per_customer per window of this many days instead of in all: at "
+        "most max_per_customer identifiers of this type first seen within any such window "
+        "(3 phones per 30 days allows changing phones, not collecting them)",
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> IdentifierType:
+        if self.window_days is not None and self.max_per_customer is None:
+            raise ValueError("window_days needs max_per_customer (the limit per window)")
+        return self
 
     @field_validator("paths")
     @classmethod
