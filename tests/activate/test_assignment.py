@@ -20,7 +20,6 @@ from closedloop.activate.assignment import (
     assign,
     campaign_salt,
     campaign_scope,
-    check_variant_templates,
     current_salt,
     global_control_salt,
     in_global_control,
@@ -30,6 +29,7 @@ from closedloop.activate.assignment import (
     salt_history,
 )
 from closedloop.activate.campaign import assign_group, run_campaign
+from closedloop.activate.templates import check_templates
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import CampaignDef, GlobalControl, SegmentDef, Variant
 from closedloop.core.engine import Engine
@@ -219,7 +219,7 @@ def test_variant_templates_are_checked_for_fields() -> None:
             ]
         )
     )
-    problems = check_variant_templates(c)
+    problems = check_templates(c)
     text = [str(p) for p in problems]
     assert any("[variants.0.template]" in t and "'nmae'" in t for t in text), text
     assert any("[variants.1.template]" in t and "offer" in t for t in text), text

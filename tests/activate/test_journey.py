@@ -320,3 +320,39 @@ def test_bad_journeys_fail_validation_with_file_line_and_key(tmp_path: Path) -> 
     assert any(
         p.startswith("campaigns/bday2.yaml:5 [trigger.date_trait]: unknown") for p in problems
     )
+
+
+WELCOME = """\
+name: welcome
+audience: everyone
+holdout: 0.01
+template: "hello {{ name }}"
+trigger: {segment_entry: everyone}
+entry: {rule: once}
+steps:
+  - {id: hello, send: {template: "hello {{ name }}"}}
+"""
+
+
+def test_journeys_never_message_the_global_control(engine: Engine, tmp_path: Path) -> None:
+    from closedloop.activate.assignment import global_control_salt, in_global_control
+
+    project = make_project(
+        tmp_path / "p", {"welcome": WELCOME}, policy="global_control: {share: 0.2}\n"
+    )
+    ids = people(engine, 60)
+    control = {
+        c
+        for c, flag in zip(
+            ids, in_global_control(ids, global_control_salt(engine), 0.2), strict=True
+        )
+        if flag
+    }
+    assert 3 <= len(control) <= 25  # the hash drew a real control group from 60 people
+    engine.drop("segment_membership")  # everyone enters the segment "now"
+    evaluate_segment(engine, EVERYONE, Fields(), Clock(T0))
+    out = tmp_path / "outbox"
+    tick(engine, project, T0 + timedelta(minutes=1), outbox_dir=out)
+    messaged = {x["customer_id"] for x in outbox_lines(out)}
+    assert messaged, "the journey sent nothing at all"
+    assert not messaged & control

@@ -30,12 +30,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from closedloop.activate.templates import ALLOWED, ENV
 from closedloop.core.catalogue import Erasure, TableSpec, declare
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import CampaignDef, GlobalControl, Variant
 from closedloop.core.engine import Engine
-from closedloop.core.errors import Problem
 
 GLOBAL_SCOPE = "global_control"
 DEFAULT_GLOBAL_SALT = "global"
@@ -221,44 +219,6 @@ def message_texts(campaign: CampaignDef) -> list[tuple[str, str, str]]:
     if campaign.variants:
         return [(v.name, v.subject, v.template) for v in campaign.variants]
     return [("", campaign.subject, campaign.template)]
-
-
-def check_variant_templates(campaign: CampaignDef) -> list[Problem]:
-    """Every variant's subject and template: valid syntax, known fields, an offer if used.
-
-    The campaign-level templates are checked by ``templates.check_templates``; this does the
-    same for ``variants[i].subject`` / ``variants[i].template`` so a missing field in any
-    version is a validation error, not a blank in a customer's message.
-    """
-    from jinja2 import TemplateSyntaxError, meta
-
-    where = f"campaigns/{campaign.name}.yaml"
-    problems: list[Problem] = []
-    for i, v in enumerate(campaign.variants):
-        for key, text in (("subject", v.subject), ("template", v.template)):
-            place = f"variants.{i}.{key}"
-            try:
-                ast = ENV.parse(text)
-            except TemplateSyntaxError as e:
-                msg = f"variant {v.name!r}: template error: {e.message} (template line {e.lineno})"
-                problems.append(Problem(where, msg, key=place))
-                continue
-            used = meta.find_undeclared_variables(ast)
-            for name in sorted(used - ALLOWED):
-                problems.append(
-                    Problem(
-                        where, f"variant {v.name!r}: unknown field {name!r} in {key}", key=place
-                    )
-                )
-            if "offer" in used and campaign.offer is None:
-                problems.append(
-                    Problem(
-                        where,
-                        f"variant {v.name!r}: {key} uses `offer` but the campaign has none",
-                        key=place,
-                    )
-                )
-    return problems
 
 
 # ---- used by a campaign run ----------------------------------------------------------------

@@ -38,7 +38,6 @@ from jinja2 import meta
 from closedloop.activate import tables as _tables  # noqa: F401  (declares `deliveries`)
 from closedloop.activate.assignment import (
     campaign_groups,
-    check_variant_templates,
     message_texts,
     record_variants,
     variant_renderers,
@@ -53,7 +52,7 @@ from closedloop.activate.policy import (
     send_slot,
     zone,
 )
-from closedloop.activate.templates import ENV
+from closedloop.activate.templates import ENV, check_templates
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import CampaignDef, Channel, ContactPolicy, GlobalControl
 from closedloop.core.engine import Engine
@@ -145,9 +144,9 @@ def run_campaign(
     ``global_control`` is the project's: its members are excluded (``held_out`` in group
     ``global_control``); holdout and variants are drawn by ``activate.assignment``.
     """
-    bad_variants = check_variant_templates(campaign)
-    if bad_variants:  # a missing field is an error before anyone is decided, not a blank
-        raise DefinitionError(bad_variants)
+    bad_templates = check_templates(campaign)
+    if bad_templates:  # a missing field is an error before anyone is decided, not a blank
+        raise DefinitionError(bad_templates)
     now = (clock or Clock()).now()
     pol = effective_policy(campaign, policy)
     default_tz = timezone or pol.default_timezone or "UTC"

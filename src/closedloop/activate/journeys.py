@@ -390,6 +390,7 @@ class Walker:
                 timezone=self.default_tz,
                 checkpoint=self.hook,
                 customers=ids,
+                global_control=self.project.config.global_control,
             )
             self.result += WalkResult(run.sent, run.held_out, run.suppressed)
             self.hook("journey_sent")

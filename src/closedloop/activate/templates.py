@@ -23,23 +23,33 @@ ALLOWED = set(PROFILES.columns) | {"offer", "campaign"}
 
 
 def check_templates(campaign: CampaignDef) -> list[Problem]:
+    """Every version of the message (the campaign's and each variant's subject and template):
+    valid syntax, only known fields, an offer only if the campaign has one — so a missing field
+    is a validation error, not a blank in a customer's message."""
+    versions = [("", "", campaign.subject, campaign.template)]
+    versions += [
+        (f"variant {v.name!r}: ", f"variants.{i}.", v.subject, v.template)
+        for i, v in enumerate(campaign.variants)
+    ]
     where = f"campaigns/{campaign.name}.yaml"
     problems: list[Problem] = []
-    for key, text in (("subject", campaign.subject), ("template", campaign.template)):
-        try:
-            ast = ENV.parse(text)
-        except TemplateSyntaxError as e:
-            problems.append(
-                Problem(where, f"template error: {e.message} (template line {e.lineno})", key=key)
-            )
-            continue
-        unknown = meta.find_undeclared_variables(ast) - ALLOWED
-        for name in sorted(unknown):
-            problems.append(Problem(where, f"unknown field {name!r} in {key}", key=key))
-        if "offer" in meta.find_undeclared_variables(ast) and campaign.offer is None:
-            problems.append(
-                Problem(where, f"{key} uses `offer` but the campaign has none", key=key)
-            )
+    for label, prefix, subject, template in versions:
+        for key, text in (("subject", subject), ("template", template)):
+            place = prefix + key
+            try:
+                ast = ENV.parse(text)
+            except TemplateSyntaxError as e:
+                msg = f"{label}template error: {e.message} (template line {e.lineno})"
+                problems.append(Problem(where, msg, key=place))
+                continue
+            used = meta.find_undeclared_variables(ast)
+            for name in sorted(used - ALLOWED):
+                problems.append(
+                    Problem(where, f"{label}unknown field {name!r} in {key}", key=place)
+                )
+            if "offer" in used and campaign.offer is None:
+                msg = f"{label}{key} uses `offer` but the campaign has none"
+                problems.append(Problem(where, msg, key=place))
     return problems
 
 

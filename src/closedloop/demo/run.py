@@ -118,6 +118,7 @@ def run_demo(
                 outbox_dir=project.path(project.config.outbox),
                 occasion=occasion,
                 clock=clock,
+                global_control=project.config.global_control,
             )
             tick("campaign", 1, 1)
             world = respond(
