@@ -325,7 +325,10 @@ def test_project_policy_and_campaign_override(tmp_path: Path) -> None:
         ("  caps: [{max: 0, days: 1}]\n", "greater than or equal to 1"),
         ("  do_not_disturb: [{start: 2026-10-07, end: 2026-10-01}]\n", "before it starts"),
         ("  default_timezone: Mars/Olympus\n", "unknown time zone"),
-        ("  caps: [{max: 1, days: 1, channel: fax}]\n", "expected 'email', 'sms', 'wechat', 'push', 'staff_task' or 'outbox'"),
+        (
+            "  caps: [{max: 1, days: 1, channel: fax}]\n",
+            "expected 'email', 'sms', 'wechat', 'push', 'staff_task' or 'outbox'",
+        ),
     ],
 )
 def test_bad_policies_fail_at_validation(tmp_path: Path, policy: str, message: str) -> None:
