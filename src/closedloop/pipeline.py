@@ -152,12 +152,15 @@ def build(
     progress: Progress | None = None,
     load: bool = True,
     incremental: bool = False,
+    identity: bool = True,
 ) -> BuildReport:
     """Validate, then run collect → identity → portrait (profiles, traits) → tags → segments.
 
     ``incremental`` recomputes the portrait and traits only for customers whose events,
     attribution or windows changed since the last build (``portrait.refresh``); a full build
-    also records the state an incremental one starts from.
+    also records the state an incremental one starts from. ``identity=False`` keeps the
+    identity resolution as it is (``identity split`` has just written it) and rebuilds what
+    depends on it.
     """
     problems = check_project(project)
     if problems:
@@ -171,7 +174,8 @@ def build(
         if progress:
             progress(name, 1, 1)
 
-    report.identity = resolve(engine, project.identity, clock)
+    if identity:
+        report.identity = resolve(engine, project.identity, clock)
     step("identity")
     tz = project.config.timezone
     refreshed = refresh(engine, project.traits, clock, tz, full=not incremental)

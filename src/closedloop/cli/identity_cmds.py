@@ -76,9 +76,24 @@ def split_cmd(
         bool, typer.Option("--block", help="never link it again (not only past evidence)")
     ] = False,
     reason: Annotated[str, typer.Option("--reason", help="why, for the ledger")] = "",
+    downstream: Annotated[
+        bool,
+        typer.Option(
+            "--downstream/--no-downstream",
+            help="rebuild profiles, traits, tags and segments from the new partition",
+        ),
+    ] = True,
 ) -> None:
-    """Remove an identifier's links or one link, re-partition, record it in the ledger."""
+    """Remove an identifier's links or one link, re-partition, record it in the ledger.
+
+    Then (unless ``--no-downstream``) everything that depended on the old partition is
+    rebuilt — profiles, traits, tags, segment memberships — so no profile keeps the orders or
+    contact points of an identifier that is no longer its customer's. The rebuild is a full
+    one: an incremental portrait refresh sees only events that moved, not a phone or e-mail
+    leaving a customer whose events all stayed.
+    """
     from closedloop.identity.explain import split
+    from closedloop.pipeline import build
 
     p = project_or_exit(project)
     with Engine(p.engine_url) as engine:
@@ -86,11 +101,24 @@ def split_cmd(
             r = split(
                 engine, p.identity, identifier=identifier, edge=edge, block=block, reason=reason
             )
+            report = (
+                build(engine, p, load=False, identity=False, incremental=False)
+                if downstream
+                else None
+            )
         except ClosedloopError as e:
             raise fail(e) from None
     console.print(
-        f"split: {r.splits} customer(s) split, {r.customers:,} customers now; "
-        "rebuild downstream stages with `closedloop build`",
+        f"split: {r.splits} customer(s) split, {r.customers:,} customers now",
+        markup=False,
+        highlight=False,
+    )
+    if report is None:
+        console.print("downstream not rebuilt: run `closedloop build`", markup=False)
+        return
+    console.print(
+        f"downstream rebuilt: {report.customers:,} profiles, {report.traits:,} trait values, "
+        f"{len(report.segments)} segment(s)",
         markup=False,
         highlight=False,
     )
