@@ -207,3 +207,73 @@ def test_import_then_sql_read_only(tmp_path: Path) -> None:
     assert not (tmp_path / "leak.csv").exists()
     with Engine(load_project(proj).engine_url) as engine:
         assert engine.count("events") == 7
+
+
+WELCOME_BACK = """\
+name: welcome_back
+audience: everyone
+holdout: 0.01
+template: "hello {{ name }}"
+trigger: {event: Product Added}
+steps:
+  - {id: hello, send: {template: "welcome back {{ name }}"}}
+"""
+
+
+def test_serve_runs_the_journey_worker_on_events_as_they_arrive(tmp_path: Path) -> None:
+    """With a triggered campaign, `serve` loads through the worker, which messages at once."""
+    from tests.activate.test_journey import IDENTITY, SEGMENT, outbox_lines, people
+
+    proj = tmp_path / "brand"
+    (proj / "segments").mkdir(parents=True)
+    (proj / "campaigns").mkdir()
+    (proj / "closedloop.yaml").write_text(
+        "name: brand\nengine: duckdb:///warehouse.duckdb\ntimezone: UTC\nsources:\n"
+        "  - {name: web, channel: web, write_key: wk_web_0123456789}\n"
+    )
+    (proj / "identity.yaml").write_text(IDENTITY)
+    (proj / "segments" / "everyone.yaml").write_text(SEGMENT)
+    (proj / "campaigns" / "welcome_back.yaml").write_text(WELCOME_BACK)
+    project = load_project(proj)
+    with Engine(project.engine_url) as engine:
+        ids = people(engine, 3)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "closedloop.cli.main",
+            "serve",
+            "-p",
+            str(proj),
+            "--port",
+            str(port),
+        ],
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if request(url + "/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        sent = request(
+            url + "/v1/t",
+            {"userId": ids[1], "event": "Product Added", "writeKey": "wk_web_0123456789"},
+        )
+        assert sent.status == 200
+        deadline = time.monotonic() + 60
+        while not outbox_lines(proj / "outbox"):
+            assert proc.poll() is None, "serve exited"
+            assert time.monotonic() < deadline, "the worker sent nothing within 60 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    lines = outbox_lines(proj / "outbox")
+    assert [(x["customer_id"], x["body"]) for x in lines] == [(ids[1], "welcome back N1")]

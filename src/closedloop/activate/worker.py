@@ -222,17 +222,23 @@ def run_worker(
     stop: threading.Event | None = None,
     on_tick: Checkpoint | None = None,
     clock: Clock | None = None,
+    dedup_window: timedelta | None = None,
 ) -> TickResult:
     """Tick every ``interval`` seconds until ``stop`` is set (or once); returns the last tick.
 
-    With ``spool`` (a collector's spool folder) each pass first loads what was collected.
+    With ``spool`` (a collector's spool folder) each pass first loads what was collected
+    (``dedup_window`` as the collector's loader takes it: None recognises duplicates forever).
     """
     from closedloop.collect.drain import SpoolLoader  # collect's loader, only when draining
 
     halt = stop or threading.Event()
     last = TickResult()
     with Engine(project.engine_url) as engine:
-        loader = SpoolLoader(engine, project.config.sources, spool) if spool else None
+        loader = (
+            SpoolLoader(engine, project.config.sources, spool, dedup_window=dedup_window)
+            if spool
+            else None
+        )
         while True:
             if loader is not None:
                 loader.run_once()

@@ -16,16 +16,19 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _loader_command(project: Path, spool: Path, window_days: float | None) -> list[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "closedloop.collect.drain",
-        "--project",
-        str(project),
-        "--spool",
-        str(spool),
-    ]
+def _loader_command(
+    project: Path, spool: Path, window_days: float | None, journeys: bool
+) -> list[str]:
+    """The one process that owns the warehouse: the spool loader, or the journey worker.
+
+    The worker loads the spool before each tick, so with journeys it replaces the loader
+    (DuckDB allows one writing process) and reacts to events as soon as they are loaded.
+    """
+    if journeys:
+        command = [sys.executable, "-m", "closedloop.cli.main", "worker"]
+    else:
+        command = [sys.executable, "-m", "closedloop.collect.drain"]
+    command += ["--project", str(project), "--spool", str(spool)]
     if window_days is not None:
         command += ["--dedup-window-days", str(window_days)]
     return command
@@ -48,12 +51,20 @@ def serve(
         float | None,
         typer.Option(min=0, help="dedup look-back in days (default: forever)"),
     ] = None,
+    journeys: Annotated[
+        bool | None,
+        typer.Option(
+            "--journeys/--no-journeys",
+            help="run the journey worker (default: when a campaign has a trigger)",
+        ),
+    ] = None,
 ) -> None:
     """Run the HTTP collector and its loader: Segment/RudderStack clients send here.
 
     The collector workers only append to the fsynced spool; one loader process owns the
     warehouse and moves spooled messages into `events`. If the loader dies it is restarted;
-    acknowledged messages wait in the spool meanwhile.
+    acknowledged messages wait in the spool meanwhile. When campaigns have triggers, that
+    process is the journey worker: it loads the spool, then fires triggers and sends.
     """
     from closedloop.cli.common import fail, project_or_exit
     from closedloop.core.errors import ClosedloopError
@@ -85,7 +96,15 @@ def serve(
     os.environ["CLOSEDLOOP_SPOOL"] = str(folder)
     os.environ["CLOSEDLOOP_MAX_BACKLOG"] = str(max_backlog_mb * 1024 * 1024)
     stopping = threading.Event()
-    command = _loader_command(p.root, folder, dedup_window_days)
+    if journeys is None:
+        journeys = any(c.trigger is not None for c in p.campaigns.values())
+    if journeys:
+        from closedloop.activate.journeys import check_journeys
+
+        problems = check_journeys(p)
+        if problems:
+            raise fail(DefinitionError(problems))
+    command = _loader_command(p.root, folder, dedup_window_days, journeys)
     loader = [subprocess.Popen(command)]  # noqa: S603 - our own interpreter and module
 
     def supervise() -> None:
@@ -98,7 +117,7 @@ def serve(
     watcher.start()
     console.print(
         f"collector on http://{host}:{port} ({workers} worker(s)), spool {folder}, "
-        f"docs at http://{host}:{port}/docs"
+        f"docs at http://{host}:{port}/docs" + (", journeys running" if journeys else "")
     )
     try:
         uvicorn.run(

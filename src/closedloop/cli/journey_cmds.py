@@ -26,12 +26,18 @@ def worker(
         datetime | None,
         typer.Option("--as-of", help="with --once: tick as of this time (UTC), e.g. on history"),
     ] = None,
+    dedup_window_days: Annotated[
+        float | None,
+        typer.Option(min=0, help="with --spool: dedup look-back in days (default: forever)"),
+    ] = None,
 ) -> None:
     """Run the journeys: fire triggers, admit entries, advance waits and send — resumable.
 
     A crash at any point is repaired by the next tick; nobody is messaged twice.
     """
+    import signal
     import threading
+    from datetime import timedelta
 
     from closedloop.activate.journeys import check_journeys
     from closedloop.activate.worker import run_worker
@@ -44,6 +50,9 @@ def worker(
     if as_of is not None and not once:
         raise fail(ClosedloopError("--as-of needs --once (a pinned clock does not advance)"))
     stop = threading.Event()
+    # `closedloop serve` stops its worker with SIGTERM: finish the tick under way, then exit.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    window = None if dedup_window_days is None else timedelta(days=dedup_window_days)
     try:
         last = run_worker(
             p,
@@ -52,6 +61,7 @@ def worker(
             spool=spool,
             stop=stop,
             clock=Clock(as_of) if as_of else None,
+            dedup_window=window,
             on_tick=None if once else lambda line: console.print(line, highlight=False),
         )
     except KeyboardInterrupt:
