@@ -19,6 +19,9 @@ Steps, with their cost:
    in the merge ledger with the link that joined them. A customer whose identifiers now
    fall in several components (after a split) keeps its id where most of them are; the
    ledger records the split.
+9. record which customers changed and how (``identity_changes``, one row per changed
+   customer per run; also ``ResolveResult.changed``) so portrait refresh can recompute only
+   those customers.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class ResolveResult:
     dropped: int = 0  # links not made because they would break a rule
     splits: int = 0  # customers whose identifiers were split apart in this run
     probabilistic: int = 0  # links from scored record pairs (before rules and blocks)
+    run_id: str = ""  # this run's rows in ``identity_changes``
+    changed: frozenset[str] = frozenset()  # customers whose identifiers changed in this run
 
 
 def _normalised_values(engine: Engine, occ: ir.Table, config: IdentityConfig) -> ir.Table:
@@ -269,6 +274,12 @@ def resolve(
     )
 
     customers = _customers(frame, prev_customers, now)
+    changes = _changes(previous, identity_map.to_pandas(), aliases, "", now)
+    # The run's id depends on its clock and on what it changed, so two runs at one clock
+    # (tests, replays) that change different customers never share an id.
+    digest = [f"{c}={k}" for c, k in zip(changes["customer_id"], changes["change"], strict=True)]
+    run_id = format(stable_hash64("resolve", now.isoformat(), str(len(previous)), *digest), "016x")
+    changes["run_id"] = run_id
     # Every table of the resolution changes together or not at all: a crash half way
     # leaves the previous, consistent resolution (and no half-written ledger) in place.
     with _atomic(engine):
@@ -286,6 +297,8 @@ def resolve(
         if len(ledger):
             engine.append("merge_ledger", pa.Table.from_pandas(ledger, preserve_index=False))
         engine.replace("identity_map", identity_map)
+        if len(changes):
+            engine.append("identity_changes", pa.Table.from_pandas(changes, preserve_index=False))
 
         with engine.temporary(dropped) as d:
             dropped_t = engine.scratch("id_dropped", d)
@@ -340,7 +353,51 @@ def resolve(
         dropped=dropped.num_rows,
         splits=int((ledger["action"] == "split").sum()) if len(ledger) else 0,
         probabilistic=probabilistic,
+        run_id=run_id,
+        changed=frozenset(changes["customer_id"]),
     )
+
+
+def _changes(
+    previous: pd.DataFrame,
+    current: pd.DataFrame,
+    aliases: pd.DataFrame,
+    run_id: str,
+    now: datetime,
+) -> pd.DataFrame:
+    """Customers whose set of identifiers differs from the previous run's, and how.
+
+    Portrait refresh reads these (``identity_changes``) to recompute only the customers this
+    run touched — including a phone leaving a customer whose events all stayed, which the
+    event attribution alone cannot show.
+    """
+    cols = ["customer_id", "run_id", "change", "changed_at"]
+
+    def members(f: pd.DataFrame) -> dict[str, frozenset[str]]:
+        if not len(f):
+            return {}
+        keys = f["id_type"] + SEP + f["id_value"]
+        return {str(c): frozenset(g) for c, g in keys.groupby(f["customer_id"])}
+
+    old, new = members(previous), members(current)
+    merged = set(aliases["alias_id"]) if len(aliases) else set()
+    rows: list[tuple[str, str, str, datetime]] = []
+    for c in sorted(set(old) | set(new)):
+        before, after = old.get(c), new.get(c)
+        if before == after:
+            continue
+        if after is None:
+            change = "merged" if c in merged else "gone"
+        elif before is None:
+            change = "new"
+        elif before < after:
+            change = "grown"
+        elif after < before:
+            change = "shrunk"
+        else:
+            change = "changed"
+        rows.append((c, run_id, change, now))
+    return pd.DataFrame(rows, columns=cols)
 
 
 @contextmanager

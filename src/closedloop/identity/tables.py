@@ -193,3 +193,22 @@ IDENTITY_SUSPECTS = declare(
         erasure_column="id_value",
     )
 )
+
+IDENTITY_CHANGES = declare(
+    TableSpec(
+        name="identity_changes",
+        stage="identity",
+        description="Customers whose identifiers changed in a resolution run, so later stages "
+        "can recompute only those: 'new', 'grown', 'shrunk', 'changed' (identifiers came and "
+        "went), 'merged' (the id is now an alias of another) or 'gone'. Appended per run.",
+        columns={
+            "customer_id": "string",
+            "run_id": "string",
+            "change": "string",
+            "changed_at": TS,
+        },
+        key=("run_id", "customer_id"),
+        erasure=Erasure.DELETE_BY_CUSTOMER,
+        erasure_column="customer_id",
+    )
+)
