@@ -16,6 +16,10 @@ Run as ``python bench/identity.py [--persons N] [--edges E] [--small S]``. Figur
   writes the labels back; the portable Ibis label propagation is timed on the same graph
   (``--no-portable`` skips it).
 
+With ``--spark P`` only: DuckDB and Spark (PySpark local mode, ``local[2]``) resolve the same
+P-person sample loaded through ``collect``; prints both resolve times (DuckDB is the
+baseline) and whether the clusters are identical (same identifiers, same customer ids).
+
 The last line printed is one JSON object with every figure.
 """
 
@@ -177,6 +181,32 @@ def components(edges: int, root: Path, portable: bool) -> dict[str, Any]:
     return fig
 
 
+def spark_vs_duckdb(persons: int, root: Path) -> dict[str, Any]:
+    """Resolve one sample on DuckDB and on Spark; compare the identity maps row for row."""
+    fig: dict[str, Any] = {"persons": persons}
+    summary = generate(root / "brand", persons)
+    init_project(root / "p", data_dir=relative_data_dir(root / "p", root / "brand" / "data"))
+    project = load_project(root / "p")
+    maps = {}
+    for name, url in (("duckdb", "duckdb://"), ("spark", "pyspark://")):
+        with Engine(url) as engine:
+            t = time.perf_counter()
+            load_imports(engine, project)
+            fig[f"{name}_load_s"] = round(time.perf_counter() - t, 2)
+            t = time.perf_counter()
+            r = resolve(engine, project.identity, Clock(summary.reference_time))
+            fig[f"{name}_resolve_s"] = round(time.perf_counter() - t, 2)
+            fig[f"{name}_customers"] = r.customers
+            imap = engine.table("identity_map").select(
+                "id_type", "id_value", "customer_id", "quarantined"
+            )
+            maps[name] = imap.order_by(["id_type", "id_value"]).to_pyarrow()
+    fig["identifiers"] = maps["duckdb"].num_rows
+    fig["identical_clusters"] = maps["duckdb"].equals(maps["spark"])
+    fig["spark_vs_duckdb_resolve"] = round(fig["spark_resolve_s"] / fig["duckdb_resolve_s"], 2)
+    return fig
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--persons", type=int, default=100_000)
@@ -189,11 +219,19 @@ def main() -> None:
         default=0,
         help="also match the CRM export of this many persons on its own (e.g. 1000000)",
     )
+    ap.add_argument(
+        "--spark", type=int, default=0, help="only compare DuckDB and Spark on this many persons"
+    )
     args = ap.parse_args()
     fig: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}",
     }
+    if args.spark:
+        with tempfile.TemporaryDirectory() as tmp:
+            fig["spark"] = spark_vs_duckdb(args.spark, Path(tmp))
+        print(json.dumps(fig))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         fig["components"] = components(args.edges, Path(tmp), not args.no_portable)
         print(json.dumps(fig["components"]), flush=True)
