@@ -356,3 +356,27 @@ def test_journeys_never_message_the_global_control(engine: Engine, tmp_path: Pat
     messaged = {x["customer_id"] for x in outbox_lines(out)}
     assert messaged, "the journey sent nothing at all"
     assert not messaged & control
+
+
+def test_a_journey_that_sends_records_the_use_of_its_audiences_tags(
+    engine: Engine, tmp_path: Path
+) -> None:
+    root = tmp_path / "p"
+    (root / "tags").mkdir(parents=True)
+    (root / "tags" / "vip.yaml").write_text(
+        "name: vip\nrules:\n  - {value: 'yes', when: {trait: name, op: not_null}}\n"
+    )
+    (root / "segments").mkdir()
+    (root / "segments" / "vips.yaml").write_text(
+        "name: vips\nwhere: {trait: vip, op: eq, value: 'yes'}\n"
+    )
+    project = make_project(root, {"welcome": WELCOME.replace("everyone", "vips")})
+    people(engine, 5)
+    everyone_as_vips = SegmentDef.model_validate(
+        {"name": "vips", "where": {"trait": "customer_id", "op": "not_null"}}
+    )
+    evaluate_segment(engine, everyone_as_vips, Fields(), Clock(T0))  # all entered "now"
+    out = tmp_path / "outbox"
+    assert tick(engine, project, T0 + timedelta(minutes=1), outbox_dir=out).sent > 0
+    uses = engine.to_arrow(engine.table("tag_uses")).to_pylist()
+    assert [(u["tag"], u["used_by"]) for u in uses] == [("vip", "campaign:welcome")]

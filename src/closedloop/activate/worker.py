@@ -67,6 +67,7 @@ from closedloop.core.definitions.campaigns import (
 )
 from closedloop.core.engine import Engine
 from closedloop.segments.audience import current_members
+from closedloop.tags.catalogue import record_tag_uses
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def tick(
     new_marks: dict[str, datetime] = {}
     changed: list[Instance] = []
     finished: dict[str, int] = defaultdict(int)
+    decided: list[str] = []  # journeys that decided about someone: they used their tags
     for c in todo:
         mine = states.get(c.name, [])
         fired = fire(engine, project, c, marks.get(c.name, now - CATCH_UP), now)
@@ -167,6 +169,8 @@ def tick(
         result.sent += walked.sent
         result.held_out += walked.held_out
         result.suppressed += walked.suppressed
+        if walked.sent or walked.held_out or walked.suppressed:
+            decided.append(c.name)
         for i in instances:
             if i.changed:
                 changed.append(i)
@@ -181,6 +185,8 @@ def tick(
         rows = [{"campaign": k, "watermark": v, "updated_at": now} for k, v in new_marks.items()]
         engine.append("journey_watermarks", pa.Table.from_pylist(rows, schema=_MARKS))
     hook("watermarked")
+    if decided:  # the tag catalogue shows when a tag was last used by a campaign
+        record_tag_uses(engine, project, [f"campaign:{n}" for n in decided], Clock(now))
     result.finished = dict(finished)
     return result
 

@@ -63,6 +63,10 @@ def _decide(
             )
         except ClosedloopError as e:
             raise fail(e) from None
+        if not dry:  # the tag catalogue shows when a tag was last used by a campaign
+            from closedloop.tags.catalogue import record_tag_uses
+
+            record_tag_uses(engine, p, [f"campaign:{name}"], clock)
     verb = "would be" if dry else "were"
     console.print(
         f"campaign {name}, occasion {key}: audience {run.audience:,} ({run.already_decided:,} already decided)"
