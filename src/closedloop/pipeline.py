@@ -21,6 +21,7 @@ from closedloop.core.engine import Engine
 from closedloop.core.errors import DefinitionError, InputError, Problem
 from closedloop.core.yamlfile import load_yaml, locate
 from closedloop.identity.resolve import ResolveResult, resolve
+from closedloop.portrait.lookup import materialise
 from closedloop.portrait.refresh import RefreshResult, refresh
 from closedloop.portrait.traits import check_trait, trait_dtype
 from closedloop.segments.audience import (
@@ -190,4 +191,6 @@ def build(
         report.segments[seg.name] = evaluate_segment(engine, seg, fields, clock)
     record_tag_uses(engine, project, [f"segment:{n}" for n in report.segments], clock)
     step("segments")
+    materialise(engine)  # the profile lookup's serving store, rewritten to match this build
+    step("lookup")
     return report

@@ -15,6 +15,7 @@ from closedloop.cli import (
     identity_cmds,
     journey_cmds,
     portrait_cmds,
+    profile_cmds,
     report_cmds,
     segment_cmds,
     tag_cmds,
@@ -156,6 +157,7 @@ campaign_cmds.register(app)
 report_cmds.register(app)
 journey_cmds.register(app)
 portrait_cmds.register(app)
+profile_cmds.register(app)
 tag_cmds.register(app)
 
 if __name__ == "__main__":
