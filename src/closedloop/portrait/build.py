@@ -19,16 +19,19 @@ from closedloop.portrait import (
     tables,  # noqa: F401  (declares `profiles`)
 )
 from closedloop.portrait.extras import (
+    RELATION_EVENTS,
     RELATIONSHIP_COLUMNS,
     active_times,
     age_band,
+    named_member,
+    network,
     region,
-    relationships,
     top_list,
 )
 from closedloop.portrait.lifecycle import ladder_stage, lifecycle_stage, rfm_group, score
 
 ORDER_EVENT = "Order Completed"
+SUBSCRIPTION_EVENTS = ("Unsubscribed", "Subscribed")
 DEMOGRAPHIC_TRAITS = ("name", "gender", "birthday", "city", "region", "tier", "member_id", "points")
 
 
@@ -47,6 +50,16 @@ def json_text(v: ir.JSONValue) -> ir.StringValue:
     )
 
 
+def exact_sum(v: ir.NumericValue, where: ir.BooleanValue | None = None) -> ir.FloatingValue:
+    """A sum that does not depend on row order: each value to 6 decimals, added exactly.
+
+    Binary floating point gives 0.1 + 0.2 + 0.3 != 0.3 + 0.2 + 0.1, and engines add rows in
+    whatever order their threads (or an incremental refresh) read them: equal spends then
+    differ in the last digit and RFM ranks split a tie differently from run to run.
+    """
+    return v.cast("decimal(38, 6)").sum(where=where).cast("float64")
+
+
 def _latest_traits(events: ir.Table) -> ir.Table:
     """Per customer, the most recent non-empty value of each demographic trait."""
     ident = events.filter(events.traits.notnull())
@@ -58,33 +71,37 @@ def _latest_traits(events: ir.Table) -> ir.Table:
     )
 
 
-def _preferences(events: ir.Table) -> ir.Table:
-    """Per customer: time zone, the latest marketing consent, and per-channel opt-outs.
+def event_facts(events: ir.Table) -> ir.Table:
+    """Each event's columns that the portrait reads, with its JSON fields parsed once.
 
-    Consent is the Segment consent spec's ``context.consent.categoryPreferences.marketing``
-    (latest stated value wins; never stated = null, which the contact policy treats as no
-    consent). A channel is opted out when the latest ``Unsubscribed``/``Subscribed`` event for
-    that channel is an ``Unsubscribed``.
+    Every part of the portrait reads this one relation, so the compiled query holds it once
+    (a common table expression the engine evaluates once) instead of parsing ``context`` and
+    ``properties`` again in every part: JSON parsing was most of the build's time. Fields
+    that only some events use are parsed only for those events.
     """
     ctx = events.context.cast("json")
-    consent = ctx["consent"]["categoryPreferences"]["marketing"].unwrap_as("boolean")
-    e = events.mutate(
-        consent=consent,
+    props = events.properties.cast("json")
+    subs = events.event.isin(list(SUBSCRIPTION_EVENTS))
+    return events.select(
+        "customer_id",
+        "timestamp",
+        "type",
+        "event",
+        "channel",
+        "source",
+        "category",
+        "order_id",
+        "revenue",
+        "coupon",
+        "traits",
         tz=ctx["timezone"].unwrap_as("string"),
-        sub_channel=events.properties.cast("json")["channel"].unwrap_as("string"),
-    )
-    subs = e.event.isin(["Unsubscribed", "Subscribed"])
-    latest = e.group_by("customer_id").aggregate(
-        consent_marketing=e.consent.argmax(e.timestamp, where=e.consent.notnull()),
-        email_opt_out=(e.event == "Unsubscribed").argmax(
-            e.timestamp, where=subs & (e.sub_channel == "email")
-        ),
-        sms_opt_out=(e.event == "Unsubscribed").argmax(
-            e.timestamp, where=subs & (e.sub_channel == "sms")
+        consent=ctx["consent"]["categoryPreferences"]["marketing"].unwrap_as("boolean"),
+        sub_channel=ibis.ifelse(subs, props["channel"].unwrap_as("string"), ibis.null("string")),
+        style=props["style"].unwrap_as("string"),
+        member=ibis.ifelse(
+            events.event.isin(list(RELATION_EVENTS)), named_member(props), ibis.null("string")
         ),
     )
-    tz = most_frequent(e, "tz", "timezone")
-    return latest.left_join(tz, "customer_id").drop("customer_id_right")
 
 
 def _contacts(engine: Engine) -> ir.Table:
@@ -98,9 +115,18 @@ def _contacts(engine: Engine) -> ir.Table:
     )
 
 
-def _behaviour(events: ir.Table) -> ir.Table:
-    e = events
+def _behaviour(facts: ir.Table) -> ir.Table:
+    """One pass over the events: behaviour, transactions, consent and channel opt-outs.
+
+    Consent is the Segment consent spec's ``context.consent.categoryPreferences.marketing``
+    (latest stated value wins; never stated = null, which the contact policy treats as no
+    consent). A channel is opted out when the latest ``Unsubscribed``/``Subscribed`` event for
+    that channel is an ``Unsubscribed``.
+    """
+    e = facts
     is_order = e.event == ORDER_EVENT
+    subs = e.event.isin(list(SUBSCRIPTION_EVENTS))
+    unsubscribed = e.event == "Unsubscribed"
     return e.group_by("customer_id").aggregate(
         first_seen=e.timestamp.min(),
         last_seen=e.timestamp.max(),
@@ -110,10 +136,13 @@ def _behaviour(events: ir.Table) -> ir.Table:
         favourites=(e.event == "Product Added to Wishlist").sum().cast("int64"),
         searches=(e.event == "Products Searched").sum().cast("int64"),
         orders=e.order_id.nunique(where=is_order),
-        revenue=e.revenue.sum(where=is_order).fill_null(0.0),
+        revenue=exact_sum(e.revenue, where=is_order).fill_null(0.0),
         coupon_orders=e.order_id.nunique(where=is_order & e.coupon.notnull() & (e.coupon != "")),
         first_order_at=e.timestamp.min(where=is_order),
         last_order_at=e.timestamp.max(where=is_order),
+        consent_marketing=e.consent.argmax(e.timestamp, where=e.consent.notnull()),
+        email_opt_out=unsubscribed.argmax(e.timestamp, where=subs & (e.sub_channel == "email")),
+        sms_opt_out=unsubscribed.argmax(e.timestamp, where=subs & (e.sub_channel == "sms")),
     )
 
 
@@ -144,11 +173,20 @@ def _age(birthday: ir.DateValue, as_of: datetime) -> ir.IntegerValue:
 def zones_in_use(engine: Engine, events: ir.Table, default_tz: str) -> tuple[list[str], datetime]:
     """The valid time zones the events state (plus the default) and the earliest event time."""
     tz = events.context.cast("json")["timezone"].unwrap_as("string")
-    names = {
-        str(z) for z in events.select(z=tz).distinct().to_pyarrow().column("z").to_pylist() if z
-    }
+    return _zones(events.select("timestamp", tz=tz), default_tz)
+
+
+def _zones(facts: ir.Table, default_tz: str) -> tuple[list[str], datetime]:
+    """``zones_in_use`` from events whose zone is parsed already (column ``tz``).
+
+    One grouped pass (zone → earliest event) instead of a distinct and a separate minimum:
+    the zone names must reach Python (``zoneinfo`` gives their offsets), nothing else.
+    """
+    t = facts.group_by("tz").aggregate(lo=facts.timestamp.min()).to_pyarrow()
+    names = {str(z) for z in t.column("tz").to_pylist() if z}
     names.add(default_tz)
-    lo = events.timestamp.min().to_pyarrow().as_py()
+    starts = [x for x in t.column("lo").to_pylist() if x is not None]
+    lo = min(starts) if starts else None
     return sorted(z for z in names if localtime.zone(z) is not None), lo or datetime.now(UTC)
 
 
@@ -161,6 +199,7 @@ def base_expr(
     customers: ir.Table | None = None,
     with_relationships: bool = True,
     events: ir.Table | None = None,
+    facts: ir.Table | None = None,
 ) -> ir.Table:
     """Per customer, everything the events and identify calls say (nothing that ages).
 
@@ -168,7 +207,8 @@ def base_expr(
     an incremental refresh passes the customers whose events changed. Relationships depend on
     other customers' events too, so a refresh leaves them out here and recomputes them for all.
     ``events`` may give those customers' events already selected (a refresh materialises them
-    once instead of joining the whole log in every part of this expression).
+    once instead of joining the whole log in every part of this expression). ``facts`` may
+    give ``event_facts`` of the events already materialised (then ``events`` is not read).
     """
     ev = customer_events(engine) if events is None else events
     ev = ev.filter(ev.timestamp <= as_of)
@@ -178,28 +218,35 @@ def base_expr(
         cust = cust.semi_join(customers, "customer_id")
         ev = ev.semi_join(customers, "customer_id")
         contacts = contacts.semi_join(customers, "customer_id")
-    b = _behaviour(ev)
+    if facts is not None:
+        f = facts.filter(facts.timestamp <= as_of)
+        f = f if customers is None else f.semi_join(customers, "customer_id")
+    else:
+        # Materialised once: every part below reads it, and the engines would otherwise
+        # evaluate it (and parse the JSON) once per part.
+        f = engine.scratch("portrait_facts", event_facts(ev))
+    b = _behaviour(f)
     t = cust.left_join(b, "customer_id").drop("customer_id_right")
-    prefs = _preferences(ev)
-    tz = prefs.select(
+    zone = most_frequent(f, "tz", "timezone")
+    # Everyone with events has a zone for active times: the stated one if valid, else default.
+    tz = b.select("customer_id").left_join(zone, "customer_id")
+    tz = tz.select(
         "customer_id",
-        tz=ibis.ifelse(prefs.timezone.isin(zones), prefs.timezone, ibis.literal(default_tz)),
+        tz=ibis.ifelse(tz.timezone.isin(zones), tz.timezone, ibis.literal(default_tz)),
     )
-    is_order = ev.event == ORDER_EVENT
-    style = ev.properties.cast("json")["style"].unwrap_as("string")
     parts = [
-        most_frequent(ev, "channel", "preferred_channel"),
-        most_frequent(ev, "source", "preferred_touchpoint"),
-        most_frequent(ev, "category", "top_category", is_order),
-        top_list(ev, ev.category, "top_categories"),
-        top_list(ev, style, "top_styles"),
-        _latest_traits(ev),
+        most_frequent(f, "channel", "preferred_channel"),
+        most_frequent(f, "source", "preferred_touchpoint"),
+        most_frequent(f, "category", "top_category", f.event == ORDER_EVENT),
+        top_list(f, f.category, "top_categories"),
+        top_list(f, f.style, "top_styles"),
+        _latest_traits(f),
         contacts,
-        prefs,
-        active_times(ev, tz, offsets),
+        zone,
+        active_times(f, tz, offsets),
     ]
     if with_relationships:
-        parts.append(relationships(ev, engine.table("identity_map")))
+        parts.append(network(f, engine.table("identity_map")))
     for part in parts:
         t = t.left_join(part, "customer_id").drop("customer_id_right")
     orders = t.orders.fill_null(0)
@@ -274,23 +321,29 @@ def rfm_expr(engine: Engine, as_of: datetime) -> ir.Table:
     t = o.group_by("customer_id").aggregate(
         last_order_at=o.timestamp.max(),
         orders=o.order_id.nunique(),
-        revenue=o.revenue.sum().fill_null(0.0),
+        revenue=exact_sum(o.revenue).fill_null(0.0),
     )
     t = t.filter(t.orders > 0)
     recency = ibis.literal(as_of.date()).delta(t.last_order_at.date(), unit="day").cast("int32")
     return rfm_scores(t.mutate(recency_days=recency))
 
 
+def _facts_as_of(engine: Engine, as_of: datetime) -> ir.Table:
+    """The customers' events up to ``as_of`` with their JSON parsed, materialised once."""
+    ev = customer_events(engine)
+    return engine.scratch("portrait_facts", event_facts(ev.filter(ev.timestamp <= as_of)))
+
+
 def profile_expr(engine: Engine, as_of: datetime, default_tz: str = "UTC") -> ir.Table:
     """The ``profiles`` table as one Ibis expression, evaluated as of ``as_of``.
 
     Time-zone offsets are a small in-memory table; use ``build_profiles`` to write the
-    result (it releases that table afterwards).
+    result (it releases that table afterwards). The parsed events are a scratch table.
     """
-    ev = customer_events(engine)
-    zones, lo = zones_in_use(engine, ev.filter(ev.timestamp <= as_of), default_tz)
+    facts = _facts_as_of(engine, as_of)
+    zones, lo = _zones(facts, default_tz)
     offsets = ibis.memtable(localtime.offsets_table(zones, lo, as_of))
-    return finish(base_expr(engine, as_of, offsets, zones, default_tz), as_of)
+    return finish(base_expr(engine, as_of, offsets, zones, default_tz, facts=facts), as_of)
 
 
 def build_profiles(engine: Engine, clock: Clock | None = None, default_tz: str = "UTC") -> int:
@@ -299,10 +352,9 @@ def build_profiles(engine: Engine, clock: Clock | None = None, default_tz: str =
     ``default_tz`` is the time zone of people whose events state none (the project's).
     """
     as_of = (clock or Clock()).now()
-    ev = customer_events(engine)
-    zones, lo = zones_in_use(engine, ev.filter(ev.timestamp <= as_of), default_tz)
+    facts = _facts_as_of(engine, as_of)
+    zones, lo = _zones(facts, default_tz)
     with engine.temporary(localtime.offsets_table(zones, lo, as_of)) as offsets:
-        engine.replace(
-            "profiles", finish(base_expr(engine, as_of, offsets, zones, default_tz), as_of)
-        )
+        base = base_expr(engine, as_of, offsets, zones, default_tz, facts=facts)
+        engine.replace("profiles", finish(base, as_of))
     return engine.count("profiles")

@@ -101,7 +101,9 @@ def active_times(e: ir.Table, tz: ir.Table, offsets: ir.Table) -> ir.Table:
     )
     local = j.timestamp + j.offset_s.as_interval("s")
     t = j.select("customer_id", hour=local.hour().cast("int32"), dow=local.day_of_week.index())
-    hours = t.group_by("customer_id", "hour").aggregate(k=t.count())
+    # One pass over the events into (hour, weekday) cells; hours and weekdays add those up.
+    cells = t.group_by("customer_id", "hour", "dow").aggregate(k=t.count())
+    hours = cells.group_by("customer_id", "hour").aggregate(k=cells.k.sum())
     hist = hours.group_by("customer_id").aggregate(
         **{f"h{h}": hours.k.sum(where=hours.hour == h).fill_null(0) for h in range(24)}
     )
@@ -114,7 +116,7 @@ def active_times(e: ir.Table, tz: ir.Table, offsets: ir.Table) -> ir.Table:
     )
     top_hour = hours.mutate(r=rank).filter(lambda x: x.r == 0)
     top_hour = top_hour.select("customer_id", active_hour=top_hour.hour)
-    days = t.group_by("customer_id", "dow").aggregate(k=t.count())
+    days = cells.group_by("customer_id", "dow").aggregate(k=cells.k.sum())
     rank = ibis.row_number().over(group_by=days.customer_id, order_by=[ibis.desc(days.k), days.dow])
     top_day = days.mutate(r=rank).filter(lambda x: x.r == 0)
     weekday = ibis.cases(*[(top_day.dow == i, d) for i, d in enumerate(WEEKDAYS)])
@@ -123,26 +125,41 @@ def active_times(e: ir.Table, tz: ir.Table, offsets: ir.Table) -> ir.Table:
     return out.select("customer_id", "active_hours", "active_hour", "active_weekday")
 
 
+def named_member(props: ir.JSONValue) -> ir.StringValue:
+    """The member a relation event names (the first non-empty of ``RELATION_PROPERTIES``)."""
+    return functools.reduce(
+        lambda a, b: a.fill_null(b),
+        [props[p].unwrap_as("string").strip().nullif("") for p in RELATION_PROPERTIES],
+    )
+
+
 def relationships(e: ir.Table, identity_map: ir.Table) -> ir.Table:
+    """Referrals made, and first- and second-degree network size (see ``network``).
+
+    ``e`` holds raw events (with ``properties``); the named member is parsed here.
+    """
+    rel = e.filter(e.event.isin(list(RELATION_EVENTS)))
+    rel = rel.select("customer_id", "event", member=named_member(rel.properties.cast("json")))
+    return network(rel, identity_map)
+
+
+def network(e: ir.Table, identity_map: ir.Table) -> ir.Table:
     """Referrals made, and first- and second-degree network size.
 
-    The network is undirected: a referral (or a share naming a person) links the sender and
-    the member it names, resolved to a customer through the identity map. First degree =
-    distinct customers linked to the person; second degree = distinct customers two links
-    away that are neither the person nor first degree. Members not (yet) resolved to a
-    customer are not counted in the network (referrals_made still counts the event).
+    ``e`` holds events with ``customer_id``, ``event`` and ``member`` (the member a relation
+    event names, ``named_member``). The network is undirected: a referral (or a share naming
+    a person) links the sender and the member it names, resolved to a customer through the
+    identity map. First degree = distinct customers linked to the person; second degree =
+    distinct customers two links away that are neither the person nor first degree. Members
+    not (yet) resolved to a customer are not counted in the network (referrals_made still
+    counts the event).
     """
     rel = e.filter(e.event.isin(list(RELATION_EVENTS)))
     made = rel.group_by("customer_id").aggregate(
         referrals_made=(rel.event == "Referral Sent").sum().cast("int64"),
         shares=(rel.event == "Product Shared").sum().cast("int64"),
     )
-    props = rel.properties.cast("json")
-    named = functools.reduce(
-        lambda a, b: a.fill_null(b),
-        [props[p].unwrap_as("string").strip().nullif("") for p in RELATION_PROPERTIES],
-    )
-    out = rel.select(a="customer_id", member=named).filter(lambda x: x.member.notnull())
+    out = rel.select(a="customer_id", member="member").filter(lambda x: x.member.notnull())
     m = identity_map.filter((identity_map.id_type == "member_id") & ~identity_map.quarantined)
     m = m.select(member=m.id_value, b=m.customer_id)
     directed = out.join(m, "member").select("a", "b")
