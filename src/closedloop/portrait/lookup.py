@@ -28,6 +28,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import ibis.expr.datatypes as dt
+
 from closedloop.core.definitions import IdentityConfig
 from closedloop.core.engine import Engine
 from closedloop.core.errors import InputError
@@ -38,6 +40,7 @@ CUSTOMER_ID = "customer_id"  # the pseudo identifier type: a customer id or a re
 MAX_ALIAS_HOPS = 32  # aliases point at survivors; a longer chain is a cycle
 BATCH = 50_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+NAIVE_EPOCH = datetime(1970, 1, 1)  # for a timestamp column without a time zone
 HASH_MOD = 1_000_000_007  # hashes are summed modulo this, so the sum cannot overflow
 
 
@@ -77,15 +80,14 @@ def fingerprint(engine: Engine) -> str:
 
 def _columns(engine: Engine) -> list[tuple[str, str]]:
     schema = engine.table("profiles").schema()
-    return [(name, _kind(str(dtype))) for name, dtype in schema.items()]
+    return [(name, _kind(dtype)) for name, dtype in schema.items()]
 
 
-def _kind(dtype: str) -> str:
+def _kind(dtype: dt.DataType) -> str:
     """How a profile column is carried in the store's JSON rows and read back."""
-    d = dtype.lower()
-    if d.startswith("timestamp"):
-        return "timestamp"
-    if d.startswith("date"):
+    if isinstance(dtype, dt.Timestamp):
+        return "timestamp" if dtype.timezone else "naive_timestamp"
+    if isinstance(dtype, dt.Date):
         return "date"
     return "plain"
 
@@ -173,7 +175,7 @@ def materialise(engine: Engine, path: Path | None = None) -> MaterialiseResult |
 
 def _as_json_value(name: str, kind: str) -> str:
     q = _quote(name)
-    if kind == "timestamp":
+    if kind in ("timestamp", "naive_timestamp"):
         return f"epoch_us({q})"
     if kind == "date":
         return f"CAST({q} AS VARCHAR)"
@@ -196,6 +198,8 @@ def _decode(doc: str, columns: list[tuple[str, str]]) -> dict[str, Any]:
     for (name, kind), v in zip(columns, json.loads(doc), strict=True):
         if v is not None and kind == "timestamp":
             v = EPOCH + timedelta(microseconds=v)
+        elif v is not None and kind == "naive_timestamp":
+            v = NAIVE_EPOCH + timedelta(microseconds=v)
         elif v is not None and kind == "date":
             v = date.fromisoformat(v)
         row[name] = v
