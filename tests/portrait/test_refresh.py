@@ -238,3 +238,40 @@ def test_a_crash_leaves_the_previous_state(engine: Engine, monkeypatch: pytest.M
     full_build(engine, TRAITS, Clock(NOW))
     assert keyed(engine) == after
     assert after[0] != before[0]
+
+
+def snapshot_is_attribution(engine: Engine) -> None:
+    seen = engine.table("portrait_seen").to_pyarrow().to_pylist()
+    ec = engine.table("event_customers").select("message_id", "customer_id")
+    assert sorted(seen, key=str) == sorted(ec.to_pyarrow().to_pylist(), key=str)
+    assert len({r["message_id"] for r in seen}) == len(seen)  # appends never duplicate
+
+
+@pytest.mark.slow  # five resolutions and refreshes (about 15-35 s)
+def test_snapshot_follows_appends_and_removals(engine: Engine) -> None:
+    """The snapshot is appended to when events only arrive, rewritten when any left."""
+    first = msgs([("A", "order", -3, 1), ("B", "view", -2, 2), ("C", "order", -2, 3)])
+    engine.append("events", first)
+    resolve(engine, CONFIG, Clock(NOW))
+    full_build(engine, TRAITS, Clock(NOW))
+    for batch, (user, day) in enumerate([("A", 0), ("D", 0)]):
+        new = msgs([(user, "order", day, 5)])
+        new = new.set_column(0, "message_id", pa.array([f"new{batch}"]))
+        engine.append("events", new)
+        resolve(engine, CONFIG, Clock(NOW))
+        r = refresh(engine, TRAITS, Clock(NOW))
+        assert (r.mode, r.recomputed) == ("incremental", 1)
+        snapshot_is_attribution(engine)
+    # An erased event leaves the log: its customer is recomputed and the snapshot rewritten.
+    ev = engine.table("events")
+    engine.replace("events", ev.filter(ev.message_id != "h2"))
+    resolve(engine, CONFIG, Clock(NOW))
+    r = refresh(engine, TRAITS, Clock(NOW))
+    assert r.recomputed >= 1
+    snapshot_is_attribution(engine)
+    after = keyed(engine)
+    # A refresh with nothing new recomputes no one and changes nothing.
+    assert refresh(engine, TRAITS, Clock(NOW)).recomputed == 0
+    assert keyed(engine) == after
+    full_build(engine, TRAITS, Clock(NOW))
+    assert keyed(engine) == after
