@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -36,9 +36,19 @@ import pyarrow as pa
 
 from closedloop.activate import tables as _tables  # noqa: F401  (declares message_attempts)
 from closedloop.activate.channels.base import FINAL, Channel, Pacer, SendResult
-from closedloop.activate.smtp import outbox_messages
 from closedloop.core.clock import Clock
 from closedloop.core.engine import Engine
+
+
+def outbox_messages(outbox_dir: Path, channel: str = "email") -> Iterator[dict[str, Any]]:
+    """Every message of ``channel`` in the outbox (all campaigns, all occasions), in file order."""
+    for f in sorted(outbox_dir.glob("*/*.jsonl")):
+        with f.open(encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip():
+                    m = json.loads(line)
+                    if m.get("channel") == channel:
+                        yield m
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""E-mail over SMTP behind the Channel protocol (the message building of ``activate.smtp``).
+"""E-mail over SMTP behind the Channel protocol (standard library ``smtplib``).
 
 One connection is kept for a delivery run and reopened after a connection error; a 5xx
 refusal is ``bounced`` (permanent), a 4xx or a broken connection ``failed`` (retried by a
@@ -10,13 +10,65 @@ from __future__ import annotations
 import os
 import smtplib
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.message import EmailMessage
 from typing import Any
 
 from closedloop.activate.channels.base import Attempt, SendResult
-from closedloop.activate.smtp import SmtpSettings, _classify, _connect, _drop, email_of
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import ChannelConfig
 from closedloop.core.errors import ClosedloopError
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str
+    port: int
+    sender: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    starttls: bool = False
+    timeout: float = 10.0
+    message_id_domain: str = "closedloop.local"
+
+
+def email_of(m: dict[str, Any], settings: SmtpSettings) -> EmailMessage:
+    """The RFC 5322 message for one outbox line; the Message-ID is stable across retries."""
+    msg = EmailMessage()
+    msg["From"] = settings.sender
+    msg["To"] = str(m["address"])
+    msg["Subject"] = m.get("subject") or ""
+    msg["Message-ID"] = f"<{m['message_id']}@{settings.message_id_domain}>"
+    msg["X-Closedloop-Campaign"] = str(m["campaign"])
+    msg["X-Closedloop-Delivery"] = str(m["delivery_id"])
+    msg.set_content(m.get("body") or "")
+    return msg
+
+
+def _connect(settings: SmtpSettings) -> smtplib.SMTP:
+    client = smtplib.SMTP(settings.host, settings.port, timeout=settings.timeout)
+    client.ehlo()
+    if settings.starttls:
+        client.starttls()
+        client.ehlo()
+    if settings.username:
+        client.login(settings.username, settings.password or "")
+    return client
+
+
+def _drop(client: smtplib.SMTP | None) -> None:
+    """Close a connection that may already be broken; a failed close changes nothing."""
+    if client is not None:
+        try:
+            client.quit()
+        except (OSError, smtplib.SMTPException):
+            client.close()
+
+
+def _classify(code: int, text: bytes | str) -> tuple[str, str]:
+    """5xx is a permanent refusal (bounced, never retried); anything else may be retried."""
+    msg = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    return ("bounced" if 500 <= code < 600 else "failed"), f"{code} {msg}"
 
 
 def smtp_settings(config: ChannelConfig) -> SmtpSettings:
