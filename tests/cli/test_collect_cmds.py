@@ -32,36 +32,30 @@ def _spool_drained(spool: Path) -> bool:
     return all(offsets.get(n) >= (spool / n).stat().st_size for n in segment_names(spool))
 
 
+def _serve(proj: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``closedloop serve`` as a real process on a free port, once it answers /health."""
+    port = free_port()
+    command = [sys.executable, "-m", "closedloop.cli.main", "serve", "-p", str(proj)]
+    proc = subprocess.Popen([*command, "--port", str(port)], start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if request(url + "/health", timeout=1).status == 200:
+                return proc, url
+        except OSError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def test_serve_runs_collector_and_loader(tmp_path: Path) -> None:
     proj = tmp_path / "brand"
     assert runner.invoke(app, ["init", str(proj)]).exit_code == 0
     project = load_project(proj)
     web, pos = project.config.sources[0], project.config.sources[-1]
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "closedloop.cli.main",
-            "serve",
-            "-p",
-            str(proj),
-            "--port",
-            str(port),
-        ],
-        start_new_session=True,
-    )
+    proc, url = _serve(proj)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if request(url + "/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
         batch = [
             {"type": "track", "event": "Order Completed", "userId": "u1", "messageId": "s1"},
             {"type": "identify", "userId": "u1", "traits": {"phone": "13800000000"}},
@@ -237,31 +231,8 @@ def test_serve_runs_the_journey_worker_on_events_as_they_arrive(tmp_path: Path) 
     project = load_project(proj)
     with Engine(project.engine_url) as engine:
         ids = people(engine, 3)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "closedloop.cli.main",
-            "serve",
-            "-p",
-            str(proj),
-            "--port",
-            str(port),
-        ],
-        start_new_session=True,
-    )
+    proc, url = _serve(proj)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if request(url + "/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
         sent = request(
             url + "/v1/t",
             {"userId": ids[1], "event": "Product Added", "writeKey": "wk_web_0123456789"},
