@@ -158,3 +158,22 @@ def test_refresh_and_split_keep_the_lookup_current(project: Project, engine: Eng
     assert kept.customer_id == who["customer_id"]
     assert moved.customer_id != who["customer_id"]
     assert moved.profile is not None and moved.profile["customer_id"] == moved.customer_id
+
+
+def test_a_failed_write_leaves_the_old_store_and_no_debris(
+    project: Project, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = serving_path(engine)
+    assert path is not None
+    before = (path.stat().st_ino, path.read_bytes())
+
+    def crash(_: Engine) -> str:
+        raise RuntimeError("disk gone")  # fails after every row was copied, before the rename
+
+    monkeypatch.setattr("closedloop.portrait.lookup.fingerprint", crash)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        materialise(engine)
+    assert (path.stat().st_ino, path.read_bytes()) == before
+    assert sorted(p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")) == []
+    monkeypatch.undo()
+    assert ProfileLookup.open(engine, project.identity).source == "serving"

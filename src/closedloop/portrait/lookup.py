@@ -116,8 +116,8 @@ def materialise(engine: Engine, path: Path | None = None) -> MaterialiseResult |
     con = engine.con.con
     columns = _columns(engine)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    out = sqlite3.connect(tmp, isolation_level=None)
     try:
-        out = sqlite3.connect(tmp, isolation_level=None)
         out.executescript(
             """
             PRAGMA journal_mode = OFF;
@@ -169,6 +169,7 @@ def materialise(engine: Engine, path: Path | None = None) -> MaterialiseResult |
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
+        out.close()  # closing twice is harmless; a failed write leaves no temporary file
         tmp.unlink(missing_ok=True)
     return MaterialiseResult(path, ids, aliases, profiles, path.stat().st_size)
 
