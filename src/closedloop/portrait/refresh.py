@@ -48,7 +48,12 @@ from closedloop.portrait.build import (
     finish,
     zones_in_use,
 )
-from closedloop.portrait.extras import RELATION_EVENTS, RELATIONSHIP_COLUMNS, relationships
+from closedloop.portrait.extras import (
+    RELATION_EVENTS,
+    RELATIONSHIP_COLUMNS,
+    named_member,
+    network,
+)
 from closedloop.portrait.tables import COMPUTED_TRAITS, PORTRAIT_RUNS, PORTRAIT_SEEN, PROFILES
 from closedloop.portrait.traits import build_traits, trait_values
 
@@ -251,8 +256,13 @@ def refresh(
         old = engine.table(PROFILES.name)
         keep = old.anti_join(affected, "customer_id").semi_join(customers, "customer_id")
         base = _base_columns(keep).union(_base_columns(fresh), distinct=False)
-        related = engine.scratch("refresh_related", ev.filter(ev.event.isin(list(RELATION_EVENTS))))
-        rel = relationships(related, engine.table("identity_map"))
+        # Only the relation events' sender, kind and named member: the network needs no more.
+        rev = ev.filter(ev.event.isin(list(RELATION_EVENTS)))
+        member = named_member(rev.properties.cast("json"))
+        related = engine.scratch(
+            "refresh_related", rev.select("customer_id", "event", member=member)
+        )
+        rel = network(related, engine.table("identity_map"))
         base = base.left_join(rel, "customer_id").drop("customer_id_right")
         engine.replace(PROFILES.name, finish(fill_relationships(base), as_of))
 
