@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import ibis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from closedloop.core.engine import Engine
 from closedloop.identity.resolve import resolve
@@ -14,6 +17,7 @@ from closedloop.portrait.build import (
     _zones,
     base_expr,
     customer_events,
+    may_hold,
     zones_in_use,
 )
 from tests.conftest import add_events
@@ -77,3 +81,45 @@ def test_invalid_or_numeric_zone_falls_back_to_the_default(engine: Engine) -> No
     assert p["C"]["timezone"] == "Mars/Base"  # stated as given; the default is used for hours
     assert (p["D"]["active_hour"], p["D"]["timezone"]) == (1, None)
     assert (p["L"]["active_hour"], p["L"]["active_weekday"]) == (17, "Thursday")
+
+
+KEYS = st.sampled_from(["style", "marketing", "styles", "mark", "x"])
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _holds(value: object, key: str) -> bool:
+    if isinstance(value, dict):
+        return key in value or any(_holds(v, key) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds(v, key) for v in value)
+    return False
+
+
+def _escape_keys(text: str, key: str) -> str:
+    """Spell the key's first letter as a \\u escape (still the same JSON document)."""
+    return text.replace(f'"{key}"', f'"\\u{ord(key[0]):04x}{key[1:]}"')
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    docs=st.lists(st.dictionaries(KEYS, JSON_VALUES, max_size=4), min_size=1, max_size=20),
+    key=st.sampled_from(["style", "marketing"]),
+    ascii_only=st.booleans(),
+    escape=st.booleans(),
+)
+def test_may_hold_never_skips_a_document_holding_the_key(
+    docs: list[dict[str, object]], key: str, ascii_only: bool, escape: bool
+) -> None:
+    texts = [json.dumps(d, ensure_ascii=ascii_only) for d in docs]
+    if escape:
+        texts = [_escape_keys(t, key) for t in texts]
+    assert [json.loads(t) for t in texts] == docs
+    t = ibis.memtable({"doc": texts})
+    got = t.select(m=may_hold(t.doc, key)).to_pyarrow().column("m").to_pylist()
+    for doc, m in zip(docs, got, strict=True):
+        if _holds(doc, key):
+            assert m, (doc, key)

@@ -95,13 +95,32 @@ def event_facts(events: ir.Table) -> ir.Table:
         "coupon",
         "traits",
         tz=ctx["timezone"].unwrap_as("string"),
-        consent=ctx["consent"]["categoryPreferences"]["marketing"].unwrap_as("boolean"),
+        consent=ibis.ifelse(
+            may_hold(events.context, "marketing"),
+            ctx["consent"]["categoryPreferences"]["marketing"].unwrap_as("boolean"),
+            ibis.null("boolean"),
+        ),
         sub_channel=ibis.ifelse(subs, props["channel"].unwrap_as("string"), ibis.null("string")),
-        style=props["style"].unwrap_as("string"),
+        style=ibis.ifelse(
+            may_hold(events.properties, "style"),
+            props["style"].unwrap_as("string"),
+            ibis.null("string"),
+        ),
         member=ibis.ifelse(
             events.event.isin(list(RELATION_EVENTS)), named_member(props), ibis.null("string")
         ),
     )
+
+
+def may_hold(text: ir.StringValue, key: str) -> ir.BooleanValue:
+    """False only when the JSON ``text`` cannot hold an object key ``key`` (at any depth).
+
+    A cheap substring test that spares parsing documents that lack a rare field (consent,
+    style): a key is written ``"key"`` verbatim unless a ``\\u`` escape spells one of its
+    characters, so no document holding the key is ever skipped. (Fields most events carry,
+    like the time zone, are parsed unguarded: inside a condition the engines parse twice.)
+    """
+    return text.contains(f'"{key}"') | text.contains("\\u")
 
 
 def _contacts(engine: Engine) -> ir.Table:
