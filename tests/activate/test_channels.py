@@ -365,9 +365,10 @@ def test_send_rate_limit_paces_requests(
     )
     elapsed = time.monotonic() - start
     assert run.delivered == len(sent) >= 10
-    # Never faster than the limit (arrival times jitter a little; the span cannot shrink).
-    assert rx.times[-1] - rx.times[0] >= (len(sent) - 1) / 40 - 0.01
+    # Never faster than the limit: the sender's own span is exact (a monotonic pacer); at the
+    # receiver, a first request delayed on a loaded machine can shorten the span a little.
     assert elapsed >= (len(sent) - 1) / 40
+    assert rx.times[-1] - rx.times[0] >= 0.8 * (len(sent) - 1) / 40
 
 
 def test_wechat_goes_to_the_persons_openid(
