@@ -2,7 +2,9 @@
 
 One pass over the customer's events (joined to ``event_customers``) gives behaviour and
 transactions; the latest identify traits give demographics; the identity map gives contact
-points. Everything is O(events) with a group-by per customer.
+points. Everything is O(events) with a group-by per customer. The events' JSON (time zone,
+consent, style, relations) is parsed once into a scratch table (``event_facts``) that every
+part reads: parsing it again per part made the build three times slower.
 """
 
 from __future__ import annotations
