@@ -91,9 +91,10 @@ def test_events_name_the_person_as_identity_resolution_expects(
         n = int(cid[1:])
         if n % 2:  # has a member id: the user id other sources use
             assert e["user_id"] == f"m{n}"
-        else:  # none: e-mail and phone in context.traits link it to the same person
+        else:  # none: the e-mail alone, beside an anonymous id of this message only
             traits = json.loads(e["traits"] or json.loads(e["context"]).get("traits") or "{}")
-            assert traits["email"] == f"p{n}@x.cn"
+            assert traits == {"email": f"p{n}@x.cn"}  # never two ids that could be joined
+            assert e["anonymous_id"] == f"closedloop:{e['properties']['message_id']}"
     # The delivery run's own outcomes are there too: one Message Sent per message.
     assert len(events(people, "Message Sent")) == len(sent)
 

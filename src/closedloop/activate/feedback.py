@@ -19,8 +19,9 @@ outcome (message id + attempt number, or + the provider's report), so replaying 
 file or re-running a delivery stores nothing twice.
 
 The person is named as other sources name them: ``userId`` is the member id when the
-profile has one; otherwise the profile's e-mail and phone go in ``context.traits`` so that
-identity resolution links the event to the same person.
+profile has one; otherwise one contact identifier (the channel's) goes in ``context.traits``
+beside an anonymous id of that message alone, so the event is attributed to whoever holds
+that identifier but never joins two identifiers (see ``_who``).
 """
 
 from __future__ import annotations
@@ -92,13 +93,21 @@ def _people(engine: Engine, customers: Iterable[str]) -> dict[str, dict[str, Any
     return {r["customer_id"]: r for r in rows}
 
 
-def _who(customer_id: str, person: dict[str, Any] | None) -> dict[str, Any]:
+def _who(info: dict[str, Any], person: dict[str, Any] | None) -> dict[str, Any]:
+    """How the event names the person, without ever becoming evidence that joins two ids.
+
+    The member id when there is one. Otherwise ONE contact identifier — the channel's own
+    (phone for SMS, else e-mail first) — beside an anonymous id of this message alone: an
+    event carrying both e-mail and phone, or an anonymous id shared by a person's events,
+    would re-join identifiers that resolution (or a staff member's split) had kept apart.
+    """
     if person and person.get("member_id"):
         return {"userId": person["member_id"]}
-    traits = {k: person[k] for k in ("email", "phone") if person and person.get(k)}
-    out: dict[str, Any] = {"anonymousId": f"closedloop:{customer_id}"}
-    if traits:
-        out["context"] = {"traits": traits}
+    order = ("phone", "email") if info.get("channel") == "sms" else ("email", "phone")
+    known = [k for k in order if person and person.get(k)]
+    out: dict[str, Any] = {"anonymousId": f"closedloop:{info.get('message_id')}"}
+    if known and person:
+        out["context"] = {"traits": {known[0]: person[known[0]]}}
     return out
 
 
@@ -120,7 +129,7 @@ def _track(
         "customer_id": customer,
         **{k: v for k, v in extra.items() if v is not None},
     }
-    who = _who(customer, person)
+    who = _who(info, person)
     context = {"library": {"name": "closedloop-activate"}, **who.pop("context", {})}
     return {
         "type": "track",
