@@ -319,22 +319,36 @@ def fire_calendar(
     default_tz: str,
 ) -> Fired:
     first = trigger.phases[0].name
-    due: dict[str | None, list[tuple[int, datetime]]] = {}
+    due: dict[str | None, list[tuple[str, datetime, str]]] = {}
     for name in audience_zone_names(engine, audience):
         tz = zone(name, default_tz)
         for year in range((since - timedelta(days=61)).year, now.year + 2):
             at = phase_times(trigger, year, tz)[first]
             if since < at <= now:
-                due.setdefault(name, []).append((year, at))
+                tag = f"calendar:{trigger.calendar.value}:{year}"
+                due.setdefault(name, []).append((str(year), at, tag))
+    return _fire_in_zones(engine, audience, due, now, default_tz)
+
+
+def _fire_in_zones(
+    engine: Engine,
+    audience: str,
+    due: dict[str | None, list[tuple[str, datetime, str]]],
+    now: datetime,
+    default_tz: str,
+) -> Fired:
+    """Candidates for the occasions due per time zone: (occasion, fire time, tag) lists.
+
+    The audience's members are read only for the zones where something fired.
+    """
     out: list[Candidate] = []
     if not due:
         return Fired(out, now)
     people = audience_zones(engine, audience, zones=list(due))
     ids = people.column("customer_id").to_pylist()
     for name, rows in _by_zone(people, default_tz).items():
-        for year, at in due.get(name, []):
-            tag = f"calendar:{trigger.calendar.value}:{year}"
-            out.extend(Candidate(ids[i], str(year), at, tag) for i in rows)
+        for occasion, at, tag in due.get(name, []):
+            out.extend(Candidate(ids[i], occasion, at, tag) for i in rows)
     return Fired(out, now)
 
 
@@ -362,20 +376,12 @@ def fire_schedule(
     now: datetime,
     default_tz: str,
 ) -> Fired:
-    due: dict[str | None, list[tuple[date, datetime]]] = {}
+    due: dict[str | None, list[tuple[str, datetime, str]]] = {}
     for name in audience_zone_names(engine, audience):
         tz = zone(name, default_tz)
         first = since.astimezone(tz).date()
         for d in schedule_days(trigger, first, now.astimezone(tz).date()):
             at = local_fire(d, trigger.schedule.at, tz)
             if since < at <= now:
-                due.setdefault(name, []).append((d, at))
-    out: list[Candidate] = []
-    if not due:
-        return Fired(out, now)
-    people = audience_zones(engine, audience, zones=list(due))
-    ids = people.column("customer_id").to_pylist()
-    for name, rows in _by_zone(people, default_tz).items():
-        for d, at in due.get(name, []):
-            out.extend(Candidate(ids[i], d.isoformat(), at, "schedule") for i in rows)
-    return Fired(out, now)
+                due.setdefault(name, []).append((d.isoformat(), at, "schedule"))
+    return _fire_in_zones(engine, audience, due, now, default_tz)
