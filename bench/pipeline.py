@@ -33,7 +33,7 @@ from closedloop.pipeline import load_imports, project_fields
 from closedloop.portrait.build import build_profiles
 from closedloop.portrait.traits import build_traits
 from closedloop.segments.audience import evaluate_segment
-from closedloop.tags.rules import build_tags
+from closedloop.tags.build import build_tags
 
 RFM_SQL = """
 SELECT ec.customer_id,
@@ -68,7 +68,7 @@ def run(persons: int, root: Path) -> dict[str, float | int | str]:
             "identity_s": lambda: resolve(engine, project.identity, clock),
             "profiles_s": lambda: build_profiles(engine, clock),
             "traits_s": lambda: build_traits(engine, project.traits, clock),
-            "tags_s": lambda: build_tags(engine, project.tags, clock),
+            "tags_s": lambda: build_tags(engine, project.tags, clock, root=project.root),
             "segments_s": lambda: [
                 evaluate_segment(engine, s, fields, clock) for s in project.segments.values()
             ],
