@@ -108,3 +108,41 @@ def test_month_zero_is_everyone_and_retention_is_a_share(
         assert all(0.0 <= c.retention(m) <= 1.0 for m in range(len(c.active)))
         assert len(c.active) == 4 - (c.month.month - 1)
     assert sum(sum(c.revenue) for c in found) == pytest.approx(len(orders))
+
+
+@pytest.mark.parametrize(
+    ("tz", "when", "month"),
+    [
+        ("UTC", datetime(2026, 1, 31, 20, 0, tzinfo=UTC), 1),
+        ("Asia/Shanghai", datetime(2026, 1, 31, 20, 0, tzinfo=UTC), 2),  # 04:00 on 1 Feb
+        ("America/New_York", datetime(2026, 3, 1, 3, 0, tzinfo=UTC), 2),  # 22:00 on 28 Feb
+        # Berlin on summer time from 29 March: 22:30 UTC on 31 March is 00:30 on 1 April
+        # (on winter time it would still be March).
+        ("Europe/Berlin", datetime(2026, 3, 31, 22, 30, tzinfo=UTC), 4),
+        ("Europe/Berlin", datetime(2026, 2, 28, 23, 30, tzinfo=UTC), 3),  # 00:30 on 1 March
+        ("Europe/Berlin", datetime(2026, 2, 28, 22, 30, tzinfo=UTC), 2),  # 23:30 on 28 Feb
+    ],
+)
+def test_months_are_the_reporting_zones_calendar_months(
+    engine: Engine, tz: str, when: datetime, month: int
+) -> None:
+    put(
+        engine,
+        [
+            ("a", ORDER, when, 10.0, "web"),
+            ("a", ORDER, datetime(2026, 4, 10, tzinfo=UTC), 5.0, "web"),
+        ],
+    )
+    # The period ends at noon UTC on 30 April: still April in each of these zones.
+    (c,) = cohorts(engine, START, datetime(2026, 4, 30, 12, tzinfo=UTC), tz=tz)
+    assert c.month == date(2026, month, 1)
+    assert len(c.active) == 4 - (month - 1)  # months since, up to April in that zone
+    assert c.active[4 - month] == 1 and c.revenue[4 - month] == pytest.approx(
+        5.0 if month < 4 else 15.0
+    )
+
+
+def test_an_unknown_reporting_zone_is_refused(engine: Engine) -> None:
+    put(engine, [("a", ORDER, d(1), 1.0, "web")])
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
+        cohorts(engine, START, END, tz="Mars/Olympus")

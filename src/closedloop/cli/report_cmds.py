@@ -146,7 +146,13 @@ def report_cohorts(
     with Engine(p.engine_url) as engine:
         try:
             found = cohorts(
-                engine, start, end, cohort_event=cohort_event, activity_event=activity_event, by=by
+                engine,
+                start,
+                end,
+                cohort_event=cohort_event,
+                activity_event=activity_event,
+                by=by,
+                tz=p.config.timezone,
             )
         except ValueError as e:
             raise fail(ClosedloopError(f"cohorts: {e}")) from None
