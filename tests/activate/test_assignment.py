@@ -246,6 +246,7 @@ AB = CampaignDef.model_validate(
                 "template": "long {{ name }}",
             },
         ],
+        "fallback_template": "a treat for you",  # the long subject reads the profile
     }
 )
 

@@ -33,7 +33,6 @@ import ibis
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from jinja2 import meta
 
 from closedloop.activate import tables as _tables  # noqa: F401  (declares `deliveries`)
 from closedloop.activate.assignment import (
@@ -49,10 +48,18 @@ from closedloop.activate.policy import (
     cap_blocked,
     fixed_reason,
     local_days,
+    personalisation_refused,
     send_slot,
     zone,
 )
-from closedloop.activate.templates import ENV, check_templates
+from closedloop.activate.templates import (
+    RECOMMENDED,
+    check_templates,
+    depersonalise,
+    personalised,
+    renderer,
+    uses,
+)
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import CampaignDef, Channel, ContactPolicy, GlobalControl
 from closedloop.core.engine import Engine
@@ -106,13 +113,59 @@ def effective_policy(campaign: CampaignDef, policy: ContactPolicy | None = None)
     return (policy or ContactPolicy()).overridden_by(campaign.policy)
 
 
+def all_texts(campaign: CampaignDef) -> list[str]:
+    """Every subject and template of the campaign: variants' and the fallback too."""
+    texts = [t for _, subject, template in message_texts(campaign) for t in (subject, template)]
+    if campaign.fallback_template is not None:
+        texts += [campaign.fallback_subject, campaign.fallback_template]
+    return texts
+
+
 def template_fields(campaign: CampaignDef) -> list[str]:
     """Profile columns the campaign's templates read: the only ones fetched per person."""
     names: set[str] = set()
-    for _, subject, template in message_texts(campaign):
-        for text in (subject, template):
-            names |= meta.find_undeclared_variables(ENV.parse(text))
+    for text in all_texts(campaign):
+        names |= uses(text).names
     return sorted(names & set(PROFILES.columns))
+
+
+def uses_recommended(campaign: CampaignDef) -> bool:
+    return any(RECOMMENDED in uses(text).names for text in all_texts(campaign))
+
+
+MANY = 20_000  # above this many people, read a whole table rather than an id list
+
+
+def refusing(engine: Engine, campaign: CampaignDef, people: Sequence[str]) -> set[str]:
+    """Those of ``people`` who refused personalisation (only asked if the content is personal)."""
+    if not people or not personalised(campaign):
+        return set()
+    refused = personalisation_refused(engine, None if len(people) > MANY else people)
+    return refused & set(people)
+
+
+def recommended_lists(
+    engine: Engine, campaign: CampaignDef, people: Sequence[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Each person's ``recommended`` products, when the templates read them."""
+    if not people or not uses_recommended(campaign):
+        return {}
+    from closedloop.predict.recommend import recommended_for
+
+    got = recommended_for(engine, None if len(people) > MANY else list(people), campaign.recommend)
+    return got
+
+
+def step_message(campaign: CampaignDef, step: Any) -> CampaignDef:
+    """The campaign as a journey's send step sends it (its keys override the campaign's)."""
+    spec = step.send
+    return campaign.model_copy(
+        update={
+            "channel": spec.channel or campaign.channel,
+            "subject": campaign.subject if spec.subject is None else spec.subject,
+            "template": spec.template or campaign.template,
+        }
+    )
 
 
 def run_campaign(
@@ -230,9 +283,18 @@ def run_campaign(
     message_ids: list[str | None] = [None] * n
     lines: list[str] = []
     render = variant_renderers(campaign)
+    fallback = (
+        (renderer(campaign.fallback_subject), renderer(campaign.fallback_template))
+        if campaign.fallback_template is not None
+        else None
+    )
     offer = campaign.offer.model_dump() if campaign.offer else None
     offer_code = campaign.offer.code if campaign.offer else None
     columns = {f: data.column(f).to_pylist() for f in fields}
+    to_send = [cid[i] for i in range(n) if status[i] == "sent"]
+    refused = refusing(engine, campaign, to_send)
+    recommended = recommended_lists(engine, campaign, to_send)
+    with_recs = uses_recommended(campaign)
     decided_iso = now.isoformat()
     for i in range(n):
         if status[i] != "sent":
@@ -240,8 +302,15 @@ def run_campaign(
         message_ids[i] = "msg_" + delivery_ids[i]
         ctx = {f: columns[f][i] for f in fields}
         ctx.update(offer=offer, campaign=campaign.name)
+        if with_recs:
+            ctx[RECOMMENDED] = recommended.get(cid[i], [])
         at = send_at[i]
         subject, body = render[variant[i]]
+        personal = cid[i] not in refused
+        if not personal:  # never content drawn from the profile (activate.templates)
+            ctx = depersonalise(ctx)
+            if fallback is not None:
+                subject, body = fallback
         lines.append(
             json.dumps(
                 {
@@ -259,6 +328,7 @@ def run_campaign(
                     "body": body(ctx),
                     "offer_code": offer_code,
                     "variant": variant[i],
+                    "personalised": personal,
                 },
                 ensure_ascii=False,
                 default=str,

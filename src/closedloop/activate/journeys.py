@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from closedloop.activate import journey_tables as _journey_tables
 from closedloop.activate.calendar import phase_times
-from closedloop.activate.campaign import Checkpoint, run_campaign
+from closedloop.activate.campaign import Checkpoint, run_campaign, step_message
 from closedloop.activate.policy import zone
 from closedloop.activate.templates import check_templates
 from closedloop.activate.triggers import Candidate, event_rows
@@ -370,14 +370,7 @@ class Walker:
         by_occasion: dict[str, list[Instance]] = defaultdict(list)
         for i in ready:
             by_occasion[i.occasion].append(i)
-        spec = step.send
-        message = self.c.model_copy(
-            update={
-                "channel": spec.channel or self.c.channel,
-                "subject": self.c.subject if spec.subject is None else spec.subject,
-                "template": spec.template or self.c.template,
-            }
-        )
+        message = step_message(self.c, step)
         for occasion, members in sorted(by_occasion.items()):
             delivery_occasion = f"{occasion}+{step.id}"
             ids = [i.customer_id for i in members]

@@ -36,6 +36,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from closedloop.core.definitions import Channel, ContactPolicy, PolicyAction, QuietHours
+from closedloop.core.engine import Engine
 
 I64 = npt.NDArray[np.int64]
 BOOL = npt.NDArray[np.bool_]
@@ -213,3 +214,28 @@ def cap_blocked(
             worst = np.maximum(worst, np.bincount(p[inside], minlength=n))
         blocked |= worst >= cap.max
     return blocked
+
+
+PERSONALISATION = "personalisation"
+"""The consent purpose (``context.consent.categoryPreferences``) for personalised content."""
+
+
+def personalisation_refused(engine: Engine, customers: Sequence[str] | None = None) -> set[str]:
+    """The customers whose latest stated ``personalisation`` consent is false.
+
+    Never stated is not a refusal (content drawn from one's own purchases is the norm until
+    refused); a refusal may be withdrawn by a later ``true``. Only events whose context can
+    hold the purpose are parsed (a substring guard that never skips one that does).
+    """
+    ev = engine.table("events")
+    ev = ev.filter(ev.context.contains(f'"{PERSONALISATION}"') | ev.context.contains("\\u"))
+    ec = engine.table("event_customers")
+    if customers is not None:
+        ec = ec.filter(ec.customer_id.isin(list(customers)))
+    j = ev.join(ec, "message_id")
+    said = j.context.cast("json")["consent"]["categoryPreferences"][PERSONALISATION]
+    facts = j.select("customer_id", "timestamp", said=said.unwrap_as("boolean"))
+    facts = facts.filter(facts.said.notnull())
+    latest = facts.group_by("customer_id").aggregate(said=facts.said.argmax(facts.timestamp))
+    refused = latest.filter(~latest.said).customer_id
+    return {str(c) for c in refused.to_pyarrow().to_pylist()}

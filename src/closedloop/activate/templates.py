@@ -1,54 +1,171 @@
 """Message content: Jinja2's sandbox with strict undefined, checked before anything is sent.
 
-A template may only read profile fields and the campaign's offer; an unknown name is a
-validation error (not a blank in a customer's message), and the sandbox stops templates from
-reaching Python internals.
+A template may only read profile fields, the campaign's offer and ``recommended`` (the
+customer's next-best products from ``predict.recommend``, each with the fields in
+``predict.recommend.FIELDS``); an unknown name is a validation error (not a blank in a
+customer's message), and the sandbox stops templates from reaching Python internals.
+
+Personalised content: a person who refused personalisation (``activate.policy``) may still
+get marketing they consented to, but never content drawn from their profile. Their render
+context is *depersonalised* — every profile field outside ``NOT_PERSONAL`` (how we address
+them and their membership account) is None and ``recommended`` is empty — so nothing
+personal can reach their message whatever the template says. A template that would then
+print a blank (a personal field used outside ``x or 'default'``, ``x|default(..)``, an
+``if`` test or a ``for`` over ``recommended``) needs the campaign's ``fallback_template``:
+validation says so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from closedloop.core.definitions import CampaignDef
 from closedloop.core.errors import Problem
 from closedloop.portrait.tables import PROFILES
+from closedloop.predict.recommend import FIELDS as RECOMMENDED_FIELDS
 
 ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
-ALLOWED = set(PROFILES.columns) | {"offer", "campaign"}
+RECOMMENDED = "recommended"
+ALLOWED = set(PROFILES.columns) | {"offer", "campaign", RECOMMENDED}
+NOT_PERSONAL = frozenset(
+    {"customer_id", "name", "email", "phone", "member_id", "timezone", "tier", "points"}
+)
+"""Profile fields that address the person or state their account, not profile them."""
+PERSONAL = frozenset((set(PROFILES.columns) | {RECOMMENDED}) - NOT_PERSONAL)
+
+
+@dataclass(frozen=True)
+class Uses:
+    """What one template reads: all names, personal ones printed bare, bad product fields."""
+
+    names: frozenset[str]
+    bare_personal: frozenset[str]  # would print a blank for a person who refused personalisation
+    bad_item_fields: frozenset[str]
+
+
+def uses(text: str) -> Uses:
+    """Analyse a template (raises ``TemplateSyntaxError``)."""
+    ast = ENV.parse(text)
+    names = frozenset(meta.find_undeclared_variables(ast))
+    loop_vars: set[str] = set()
+    for f in ast.find_all(nodes.For):
+        if isinstance(f.iter, nodes.Name) and f.iter.name == RECOMMENDED:
+            loop_vars |= {n.name for n in f.target.find_all(nodes.Name)}
+    bad: set[str] = set()
+    for g in ast.find_all(nodes.Getattr):
+        if _is_item(g.node, loop_vars) and g.attr not in RECOMMENDED_FIELDS:
+            bad.add(g.attr)
+    for gi in ast.find_all(nodes.Getitem):
+        key = gi.arg.value if isinstance(gi.arg, nodes.Const) else None
+        if _is_item(gi.node, loop_vars) and isinstance(key, str) and key not in RECOMMENDED_FIELDS:
+            bad.add(key)
+    bare: set[str] = set()
+    _bare(ast, None, bare)
+    return Uses(names, frozenset(bare & PERSONAL & names), frozenset(bad))
+
+
+def _is_item(node: nodes.Node, loop_vars: set[str]) -> bool:
+    """``r`` of ``for r in recommended``, or ``recommended[i]``."""
+    if isinstance(node, nodes.Name):
+        return node.name in loop_vars
+    return (
+        isinstance(node, nodes.Getitem)
+        and isinstance(node.node, nodes.Name)
+        and node.node.name == RECOMMENDED
+    )
+
+
+def _bare(node: nodes.Node, guard: bool | None, out: set[str]) -> None:
+    """Collect names read where a None (or an empty list) would print as a blank."""
+    if isinstance(node, nodes.Name):
+        if node.ctx == "load" and not guard:
+            out.add(node.name)
+        return
+    for field_name, child in node.iter_fields():
+        kids = child if isinstance(child, list) else [child]
+        for kid in kids:
+            if not isinstance(kid, nodes.Node):
+                continue
+            guarded = (
+                (isinstance(node, nodes.Or) and field_name == "left")
+                or (isinstance(node, nodes.If | nodes.CondExpr) and field_name == "test")
+                or (isinstance(node, nodes.For) and field_name == "iter")
+                or (
+                    isinstance(node, nodes.Filter)
+                    and node.name == "default"
+                    and field_name == "node"
+                )
+                or (isinstance(node, nodes.Test) and field_name == "node")
+            )
+            _bare(kid, guarded or (guard and isinstance(kid, nodes.Name)), out)
+
+
+def depersonalise(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The render context of a person who refused personalisation (see the module doc)."""
+    out = {k: (None if k in PERSONAL else v) for k, v in ctx.items()}
+    if RECOMMENDED in ctx:
+        out[RECOMMENDED] = []
+    return out
 
 
 def check_templates(campaign: CampaignDef) -> list[Problem]:
-    """Every version of the message (the campaign's and each variant's subject and template):
-    valid syntax, only known fields, an offer only if the campaign has one — so a missing field
-    is a validation error, not a blank in a customer's message."""
+    """Every version of the message (the campaign's, each variant's and the fallback's subject
+    and template): valid syntax, only known fields (and product fields of ``recommended``), an
+    offer only if the campaign has one, no personal field at all in the fallback, and a
+    fallback wherever a person who refused personalisation would otherwise get a blank — so
+    a missing field is a validation error, not a blank in a customer's message."""
     versions = [("", "", campaign.subject, campaign.template)]
     versions += [
         (f"variant {v.name!r}: ", f"variants.{i}.", v.subject, v.template)
         for i, v in enumerate(campaign.variants)
     ]
+    fallback = campaign.fallback_template is not None
+    if fallback:
+        versions.append(
+            ("fallback: ", "fallback_", campaign.fallback_subject, campaign.fallback_template or "")
+        )
     where = f"campaigns/{campaign.name}.yaml"
     problems: list[Problem] = []
     for label, prefix, subject, template in versions:
         for key, text in (("subject", subject), ("template", template)):
             place = prefix + key
             try:
-                ast = ENV.parse(text)
+                used = uses(text)
             except TemplateSyntaxError as e:
                 msg = f"{label}template error: {e.message} (template line {e.lineno})"
                 problems.append(Problem(where, msg, key=place))
                 continue
-            used = meta.find_undeclared_variables(ast)
-            for name in sorted(used - ALLOWED):
+            for name in sorted(used.names - ALLOWED):
                 problems.append(
                     Problem(where, f"{label}unknown field {name!r} in {key}", key=place)
                 )
-            if "offer" in used and campaign.offer is None:
+            for name in sorted(used.bad_item_fields):
+                known = ", ".join(RECOMMENDED_FIELDS)
+                msg = f"{label}unknown product field {name!r} of `recommended` in {key} ({known})"
+                problems.append(Problem(where, msg, key=place))
+            if "offer" in used.names and campaign.offer is None:
                 msg = f"{label}{key} uses `offer` but the campaign has none"
+                problems.append(Problem(where, msg, key=place))
+            personal = sorted(used.names & PERSONAL)
+            if prefix == "fallback_" and personal:
+                msg = (
+                    f"the fallback (for people who refused personalisation) must not read "
+                    f"profile data: {', '.join(personal)} in {key}"
+                )
+                problems.append(Problem(where, msg, key=place))
+            elif prefix != "fallback_" and used.bare_personal and not fallback:
+                names = ", ".join(sorted(used.bare_personal))
+                msg = (
+                    f"{label}{key} prints {names}, which a person who refused personalisation "
+                    f"must not get: declare `fallback_template` (a non-personalised version), "
+                    f"or write e.g. `{{{{ {sorted(used.bare_personal)[0]} or '...' }}}}`"
+                )
                 problems.append(Problem(where, msg, key=place))
     return problems
 
@@ -57,6 +174,17 @@ def check_templates(campaign: CampaignDef) -> list[Problem]:
 def compiled(text: str) -> Template:
     """Compile a template once per run, not once per person."""
     return ENV.from_string(text)
+
+
+def personalised(campaign: CampaignDef) -> bool:
+    """Whether any version of the message reads personal profile data or recommendations."""
+    from closedloop.activate.assignment import message_texts
+
+    return any(
+        uses(text).names & PERSONAL
+        for _, subject, template in message_texts(campaign)
+        for text in (subject, template)
+    )
 
 
 def render(text: str, profile: dict[str, Any], campaign: CampaignDef) -> str:

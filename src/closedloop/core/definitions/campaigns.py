@@ -454,6 +454,15 @@ class CampaignDef(Definition):
         default_factory=list,
         description="A/B/n versions of the message (each its own subject and template)",
     )
+    fallback_subject: str = Field(
+        "", description="subject of the non-personalised version (default: none)"
+    )
+    fallback_template: str | None = Field(
+        None,
+        min_length=1,
+        description="the non-personalised version, for people who refused personalisation",
+    )
+    recommend: int = Field(3, ge=1, le=20, description="products in `recommended` (templates)")
 
     @model_validator(mode="after")
     def _check_variants(self) -> CampaignDef:
