@@ -20,6 +20,7 @@ from closedloop.portrait import (
     localtime,
     tables,  # noqa: F401  (declares `profiles`)
 )
+from closedloop.portrait.accounts import build_accounts
 from closedloop.portrait.extras import (
     RELATION_EVENTS,
     RELATIONSHIP_COLUMNS,
@@ -378,4 +379,5 @@ def build_profiles(engine: Engine, clock: Clock | None = None, default_tz: str =
     with engine.temporary(localtime.offsets_table(zones, lo, as_of)) as offsets:
         base = base_expr(engine, as_of, offsets, zones, default_tz, facts=facts)
         engine.replace("profiles", finish(base, as_of))
+    build_accounts(engine, as_of)  # B2B accounts and their contacts (portrait.accounts)
     return engine.count("profiles")

@@ -40,6 +40,7 @@ from closedloop.core.clock import Clock
 from closedloop.core.definitions.traits import TraitDef
 from closedloop.core.engine import Engine
 from closedloop.portrait import localtime
+from closedloop.portrait.accounts import build_accounts
 from closedloop.portrait.build import (
     base_expr,
     build_profiles,
@@ -265,6 +266,7 @@ def refresh(
         rel = network(related, engine.table("identity_map"))
         base = base.left_join(rel, "customer_id").drop("customer_id_right")
         engine.replace(PROFILES.name, finish(fill_relationships(base), as_of))
+        build_accounts(engine, as_of)  # whole: see portrait.accounts
 
     as_of_lit = ibis.literal(as_of).cast(TS)
     ct = engine.table(COMPUTED_TRAITS.name)
