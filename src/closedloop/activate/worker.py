@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -229,11 +230,14 @@ def run_worker(
     on_tick: Checkpoint | None = None,
     clock: Clock | None = None,
     dedup_window: timedelta | None = None,
+    after_load: Callable[[Engine, int], object] | None = None,
 ) -> TickResult:
     """Tick every ``interval`` seconds until ``stop`` is set (or once); returns the last tick.
 
     With ``spool`` (a collector's spool folder) each pass first loads what was collected
     (``dedup_window`` as the collector's loader takes it: None recognises duplicates forever).
+    ``after_load(engine, accepted)`` runs between the load and the tick (``closedloop serve``
+    refreshes portraits, tags and segments there, so a segment entry fires in the same pass).
     """
     from closedloop.collect.drain import SpoolLoader  # collect's loader, only when draining
 
@@ -246,8 +250,9 @@ def run_worker(
             else None
         )
         while True:
-            if loader is not None:
-                loader.run_once()
+            accepted = loader.run_once().accepted if loader is not None else 0
+            if after_load is not None:
+                after_load(engine, accepted)
             last = tick(engine, project, (clock or Clock()).now())
             busy = last.entered or last.sent or last.held_out or last.suppressed or last.finished
             if on_tick is not None and busy:  # report ticks that did something

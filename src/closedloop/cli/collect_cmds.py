@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -17,14 +18,26 @@ err = Console(stderr=True)
 
 
 def _loader_command(
-    project: Path, spool: Path, window_days: float | None, journeys: bool
+    project: Path,
+    spool: Path,
+    window_days: float | None,
+    journeys: bool,
+    refresh_interval: float | None = None,
 ) -> list[str]:
     """The one process that owns the warehouse: the spool loader, or the journey worker.
 
     The worker loads the spool before each tick, so with journeys it replaces the loader
     (DuckDB allows one writing process) and reacts to events as soon as they are loaded.
+    With ``refresh_interval`` (not None) that process also refreshes identities, portraits,
+    tags and segments after every load that added events, and every ``refresh_interval``
+    seconds for the clock alone (0: only after loads) — ``closedloop.serving.owner``.
     """
-    if journeys:
+    if refresh_interval is not None:
+        command = [sys.executable, "-m", "closedloop.serving.owner"]
+        command += ["--refresh-interval", str(refresh_interval)]
+        if journeys:
+            command.append("--journeys")
+    elif journeys:
         command = [sys.executable, "-m", "closedloop.cli.main", "worker"]
     else:
         command = [sys.executable, "-m", "closedloop.collect.drain"]
@@ -58,6 +71,20 @@ def serve(
             help="run the journey worker (default: when a campaign has a trigger)",
         ),
     ] = None,
+    refresh: Annotated[
+        bool,
+        typer.Option(
+            "--refresh/--no-refresh",
+            help="refresh identities, portraits, tags and segments after each load",
+        ),
+    ] = True,
+    refresh_interval: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="seconds between refreshes for the clock alone (windows roll forward); 0: none",
+        ),
+    ] = 60.0,
 ) -> None:
     """Run the HTTP collector and its loader: Segment/RudderStack clients send here.
 
@@ -65,6 +92,9 @@ def serve(
     warehouse and moves spooled messages into `events`. If the loader dies it is restarted;
     acknowledged messages wait in the spool meanwhile. When campaigns have triggers, that
     process is the journey worker: it loads the spool, then fires triggers and sends.
+    After each load that added events (and every --refresh-interval seconds) that process
+    also brings the affected customers' identities, traits, tags and segment memberships up
+    to date, so an event shows in the profile and segments within seconds.
     """
     from closedloop.cli.common import fail, project_or_exit
     from closedloop.core.errors import ClosedloopError
@@ -104,7 +134,14 @@ def serve(
         problems = check_journeys(p)
         if problems:
             raise fail(DefinitionError(problems))
-    command = _loader_command(p.root, folder, dedup_window_days, journeys)
+    if refresh:  # the refresh runs the build's stages: refuse a project the build would refuse
+        from closedloop.pipeline import check_project
+
+        problems = check_project(p)
+        if problems:
+            raise fail(DefinitionError(problems))
+    interval = refresh_interval if refresh else None
+    command = _loader_command(p.root, folder, dedup_window_days, journeys, interval)
     loader = [subprocess.Popen(command)]  # noqa: S603 - our own interpreter and module
 
     def supervise() -> None:
@@ -119,6 +156,11 @@ def serve(
         f"collector on http://{host}:{port} ({workers} worker(s)), spool {folder}, "
         f"docs at http://{host}:{port}/docs" + (", journeys running" if journeys else "")
     )
+    # uvicorn re-raises the SIGTERM that stopped it once it has shut down; with the default
+    # action that kills this process before the `finally` below, leaving the warehouse owner
+    # running on (mid-refresh) after `serve` is gone. A no-op handler lets the `finally` stop
+    # and wait for it, so once `serve` has exited the warehouse is free.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         uvicorn.run(
             "closedloop.collect.server:app_from_env",

@@ -1,0 +1,34 @@
+"""The table written while serving: one row per live refresh (counts and timings only)."""
+
+from __future__ import annotations
+
+from closedloop.core.catalogue import Erasure, TableSpec, declare
+
+TS = "timestamp('UTC', 6)"
+
+LIVE_REFRESHES = declare(
+    TableSpec(
+        name="live_refreshes",
+        stage="segments",
+        description="One row per refresh run while serving: why it ran (start, events, clock), "
+        "its clock (segment entries it found carry it as entered_at), when it was committed, "
+        "and the seconds each stage took. Entry latency = finished_at − the event's arrival.",
+        columns={
+            "as_of": TS,
+            "finished_at": TS,
+            "reason": "string",  # 'start' | 'events' | 'clock'
+            "loaded": "int64",  # events the loads since the previous run accepted
+            "recomputed": "int64",  # customers whose portrait was recomputed
+            "entered": "int64",  # segment entries recorded, all segments
+            "exited": "int64",
+            "identity_s": "float64",
+            "portrait_s": "float64",
+            "tags_s": "float64",
+            "segments_s": "float64",
+            "lookup_s": "float64",
+            "seconds": "float64",
+        },
+        key=("finished_at",),
+        erasure=Erasure.NONE,
+    )
+)
