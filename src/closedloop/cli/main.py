@@ -87,6 +87,9 @@ def generate(
     persons: Annotated[int, typer.Option(min=1, max=1_000_000, help="number of persons")] = 10_000,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("brand"),
     seed: Annotated[int, typer.Option(help="random seed (same seed, same data)")] = 7,
+    accounts: Annotated[
+        int, typer.Option(min=0, help="B2B accounts whose contacts are members (default none)")
+    ] = 0,
 ) -> None:
     """Generate the synthetic brand: events, POS orders, CRM members, and the ground truth apart."""
     from rich.progress import Progress
@@ -95,7 +98,13 @@ def generate(
 
     with Progress(console=console) as progress:
         task = progress.add_task("generating", total=persons)
-        s = run(out, persons, seed=seed, progress=lambda n: progress.advance(task, n))
+        s = run(
+            out,
+            persons,
+            seed=seed,
+            progress=lambda n: progress.advance(task, n),
+            accounts=accounts,
+        )
     console.print(
         f"{s.persons:,} persons, {s.messages:,} messages, {s.order_rows:,} POS orders, "
         f"{s.crm_rows:,} CRM rows → {out}/data (truth in {out}/truth)"

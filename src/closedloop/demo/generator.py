@@ -2152,12 +2152,14 @@ def generate(
     seed: int = 7,
     chunk_size: int = 20_000,
     progress: Callable[[int], None] | None = None,
+    accounts: int = 0,
 ) -> GenerationSummary:
     """Write the synthetic brand for ``persons`` persons into ``out`` (``data/`` and ``truth/``).
 
     The same ``seed`` and ``persons`` give byte-identical files; ``chunk_size`` (rounded to
     whole blocks of ``BLOCK`` persons) only bounds memory. ``progress(n)`` is called with the
-    number of persons finished since the last call.
+    number of persons finished since the last call. ``accounts`` adds that many B2B accounts
+    whose contacts are members (``write_b2b``); 0, the default, leaves the brand as it was.
     """
     if not 1 <= persons <= MAX_PERSONS:
         raise ValueError(f"persons must be between 1 and {MAX_PERSONS:,}, got {persons:,}")
@@ -2178,6 +2180,9 @@ def generate(
     finally:
         sink.close()
     manifest = sink.manifest(seed, persons, out)
+    if accounts:  # the optional B2B slice (`write_b2b`); without it nothing changes
+        manifest["b2b"] = write_b2b(out, seed, accounts)
+        manifest["counts"]["messages"] += manifest["b2b"]["messages"]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return GenerationSummary(
         persons=persons,
@@ -2187,3 +2192,161 @@ def generate(
         reference_time=REFERENCE_TIME,
         out=out,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The B2B slice (optional): companies that buy for their offices, and their staff as contacts.
+# ---------------------------------------------------------------------------------------------
+
+B2B_INDUSTRIES: Final = ("Hospitality", "Retail", "Technology", "Finance", "Education", "Health")
+B2B_REGIONS: Final = ("East China", "North China", "South China", "Central China", "West China")
+B2B_SIZES: Final = (
+    ("1-10", 1, 10),
+    ("11-50", 11, 50),
+    ("51-200", 51, 200),
+    ("201-1000", 201, 1000),
+)
+B2B_SOFTWARE: Final = ("Kingdee", "Yonyou", "Excel", "SAP Business One", "DingTalk", "none")
+B2B_NAME_PARTS: Final = (
+    ("Jade", "Golden", "Blue Sky", "Harmony", "Lotus", "Pearl", "Summit", "Evergreen"),
+    ("Trading", "Hotels", "Tech", "Consulting", "Foods", "Clinics", "Learning", "Studios"),
+)
+# Per role: what the group call's context.traits.role says, and a job title for identify.
+B2B_ROLE_TEXTS: Final = {
+    "decision_maker": (("Decision Maker", "Owner"), ("Chief Executive Officer", "General Manager")),
+    "finance": (("Finance",), ("Chief Financial Officer", "Procurement Manager", "Accountant")),
+    "it": (("IT",), ("IT Administrator", "Software Engineer")),
+    "user": (("User",), ("Office Assistant", "Sales Associate", "Marketing Specialist")),
+}
+B2B_EVENTS: Final = ("Demo Requested", "Quote Requested", "Product Viewed", "Order Completed")
+
+
+def _b2b_roles(rng: np.random.Generator, k: int) -> list[str]:
+    """Roles of an account's ``k`` contacts: one decision maker, then finance and IT often."""
+    roles = ["decision_maker"]
+    for role, p in (("finance", 0.6), ("it", 0.5)):
+        if len(roles) < k and rng.random() < p:
+            roles.append(role)
+    return roles + ["user"] * (k - len(roles))
+
+
+def write_b2b(out: Path, seed: int, accounts: int) -> dict[str, int]:
+    """Add ``accounts`` companies to a generated brand: group calls and B2B events by members.
+
+    Each account has 2–6 contacts, distinct members of the brand, who send ``group`` calls
+    (``groupId`` and the company's traits; a later call may update only the head count or the
+    software) from the web or the app, and events carrying ``context.groupId``. A contact's
+    role is stated either with the group call (``context.traits.role``) or as a job title on
+    identify. The truth — each account's final traits, and who is a contact of which account
+    with which role — goes to ``truth/accounts.parquet`` and ``truth/account_contacts.parquet``.
+    A slice of thousands of messages, so it is written row by row from its own random stream:
+    the rest of the brand is the same with or without it.
+    """
+    rng = np.random.default_rng([seed, 1_000_000_007])
+    persons = pq.read_table(out / "truth" / "persons.parquet", columns=["person_id", "member_id"])
+    members = [
+        (p, m)
+        for p, m in zip(
+            persons.column("person_id").to_pylist(),
+            persons.column("member_id").to_pylist(),
+            strict=True,
+        )
+        if m is not None
+    ]
+    pool = rng.permutation(len(members))
+    sizes = rng.integers(2, 7, accounts)
+    if sizes.sum() > len(members):
+        raise ValueError(f"{accounts:,} accounts need more members than the {len(members):,} here")
+    lines: dict[str, list[str]] = {"web": [], "app": []}
+    truth_accounts: list[dict[str, Any]] = []
+    truth_contacts: list[dict[str, Any]] = []
+    truth_messages: list[dict[str, str]] = []
+    span = REF_MS - DAY_MS - H0_MS
+    used = 0
+    for a in range(accounts):
+        gid = f"acct_{rng.integers(0, 16**10):010x}"
+        band, lo, hi = B2B_SIZES[int(rng.integers(len(B2B_SIZES)))]
+        traits: dict[str, Any] = {
+            "name": f"{rng.choice(B2B_NAME_PARTS[0])} {rng.choice(B2B_NAME_PARTS[1])} Co. {a + 1}",
+            "industry": str(rng.choice(B2B_INDUSTRIES)),
+            "region": str(rng.choice(B2B_REGIONS)),
+            "size": band,
+            "employees": int(rng.integers(lo, hi + 1)),
+            "current_software": str(rng.choice(B2B_SOFTWARE)),
+        }
+        first = traits.copy()
+        k = int(sizes[a])
+        roles = _b2b_roles(rng, k)
+        start = H0_MS + int(rng.integers(0, span // 2))
+        latest = start  # the account's latest message so far
+        for c in range(k):
+            person, member = members[int(pool[used])]
+            used += 1
+            role = roles[c]
+            source = "web" if rng.random() < 0.6 else "app"
+            # distinct milliseconds per account and contact: "latest" never ties
+            t0 = start + c * 7 * DAY_MS + int(rng.integers(0, DAY_MS // 1000)) * 1000 + c
+            by_group = rng.random() < 0.5
+            said, titles = B2B_ROLE_TEXTS[role]
+            msgs: list[dict[str, Any]] = []
+            call: dict[str, Any] = {"type": "group", "groupId": gid, "traits": dict(first)}
+            if by_group:
+                call["context"] = {"traits": {"role": str(rng.choice(said))}}
+            msgs.append(call)
+            if not by_group:
+                title = str(rng.choice(titles))
+                msgs.append({"type": "identify", "traits": {"title": title}})
+            for _ in range(int(rng.integers(1, 6))):
+                event = str(rng.choice(B2B_EVENTS, p=[0.2, 0.2, 0.4, 0.2]))
+                m: dict[str, Any] = {"type": "track", "event": event}
+                if event == "Order Completed":
+                    m["properties"] = {
+                        "order_id": f"B{rng.integers(0, 16**12):012x}",
+                        "revenue": round(float(rng.uniform(200, 5000)), 2),
+                        "category": "office_tea",
+                    }
+                msgs.append(m)
+            ms = t0
+            if c == k - 1:  # the last contact tells, last of all, what changed since
+                traits["employees"] = int(rng.integers(lo, hi + 1))
+                if rng.random() < 0.5:
+                    traits["current_software"] = str(rng.choice(B2B_SOFTWARE))
+                update = {"employees": traits["employees"]}
+                update["current_software"] = traits["current_software"]
+                msgs.append({"type": "group", "groupId": gid, "traits": update})
+            for i, m in enumerate(msgs):
+                # at most 8 messages 20 days apart from a start in the first 310 days of 549:
+                # every call is inside the history, and no two of a contact share a time
+                ms += 1000 + int(rng.integers(0, DAY_MS * 20))
+                if c == k - 1 and i == len(msgs) - 1:
+                    ms = max(ms, latest + 1000)
+                latest = max(latest, ms)
+                mid = str(uuid4s(rng, 1)[0].as_py())
+                ctx = m.pop("context", {})
+                if m["type"] == "track":
+                    ctx["groupId"] = gid
+                line = {"messageId": mid, "userId": member, "timestamp": iso_text_ms(ms), **m}
+                if ctx:
+                    line["context"] = ctx
+                lines[source].append(json.dumps(line, separators=(",", ":")) + "\n")
+                truth_messages.append({"message_id": mid, "person_id": person})
+            truth_contacts.append({"account_id": gid, "person_id": person, "role": role})
+        truth_accounts.append({"account_id": gid, **traits})
+    for source, rows in lines.items():
+        if rows:
+            (out / "data" / "events" / source / "b2b-00000.jsonl").write_text("".join(rows))
+    truth = out / "truth"
+    pq.write_table(pa.Table.from_pylist(truth_accounts), truth / "accounts.parquet")
+    pq.write_table(pa.Table.from_pylist(truth_contacts), truth / "account_contacts.parquet")
+    pq.write_table(pa.Table.from_pylist(truth_messages), truth / "b2b_messages.parquet")
+    return {
+        "accounts": accounts,
+        "contacts": len(truth_contacts),
+        "messages": len(truth_messages),
+    }
+
+
+def iso_text_ms(ms: int) -> str:
+    """A UTC time in milliseconds since the epoch as ISO 8601 text with milliseconds."""
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
