@@ -541,3 +541,244 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---- preview ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PreviewMessage:
+    step: str  # the journey's send step ('' for a one-shot campaign)
+    channel: str
+    address: Any
+    subject: str
+    body: str
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What one person would get from a campaign today, and whether the policy stops it."""
+
+    campaign: str
+    customer_id: str
+    matched: tuple[str, str]  # the (identifier type, value) that found the person
+    in_audience: bool
+    group: str | None  # treatment, holdout or global_control (None: not eligible)
+    variant: str | None  # the assigned one (or the one asked for)
+    personalised: bool  # False: refused personalisation, so the non-personalised version
+    messages: list[PreviewMessage]
+    offer: dict[str, Any] | None
+    stopped_by: list[str]  # every rule that stops the message today, in the order applied
+    send_at: datetime | None  # when it would go out (quiet hours may postpone it)
+    postponed_by: str | None
+    already: str | None  # this occasion's decision, if one is logged
+
+    @property
+    def would_send(self) -> bool:
+        return not self.stopped_by
+
+
+def preview_campaign(
+    engine: Engine,
+    campaign: CampaignDef,
+    identifier: str,
+    *,
+    identity: Any,
+    id_type: str | None = None,
+    variant: str | None = None,
+    step: str | None = None,
+    occasion: str | None = None,
+    clock: Clock | None = None,
+    policy: ContactPolicy | None = None,
+    timezone: str | None = None,
+    global_control: GlobalControl | None = None,
+) -> Preview:
+    """Render the exact message(s) ``identifier``'s customer would get, and say why not.
+
+    The person is found by any identifier (``portrait.lookup.ProfileLookup``: e-mail, phone,
+    user id, customer id, aliases followed) and need not be in the audience. Content is
+    rendered as a run renders it — the variant of the deterministic assignment (or
+    ``variant``), recommended products, the offer, the non-personalised version for a person
+    who refused personalisation. The verdict applies the run's rules in the same order:
+    audience, consent and opt-out, address, global control and holdout, do-not-disturb and
+    quiet hours, frequency caps, and the no-response rule; nothing is written.
+    """
+    from closedloop.core.errors import InputError
+    from closedloop.portrait.lookup import ProfileLookup
+
+    bad = check_templates(campaign)
+    if bad:
+        raise DefinitionError(bad)
+    names = [v.name for v in campaign.variants]
+    if variant is not None and variant not in names:
+        known = ", ".join(names) or "none: the campaign has no variants"
+        raise InputError(f"campaign {campaign.name} has no variant {variant!r} ({known})")
+    sends = [s for s in campaign.journey if hasattr(s, "send")]
+    if step is not None and step not in [s.id for s in sends]:
+        known = ", ".join(s.id for s in sends)
+        raise InputError(f"campaign {campaign.name} has no send step {step!r} ({known})")
+    with ProfileLookup.open(engine, identity) as lookup:
+        match = lookup.find(identifier, id_type)
+    if match is None:
+        raise InputError(f"no customer has the identifier {identifier!r}")
+    profile = match.profile
+    if profile is None:
+        raise InputError(f"customer {match.customer_id} has no profile yet: run a build")
+    cid = match.customer_id
+    now = (clock or Clock()).now()
+    pol = effective_policy(campaign, policy)
+    default_tz = timezone or pol.default_timezone or "UTC"
+    key = occasion or now.date().isoformat()
+    stopped: list[str] = []
+
+    members = current_members(engine, campaign.audience)
+    in_audience = bool(members.filter(members.customer_id == cid).count().execute())
+    if not in_audience:
+        stopped.append(f"not_in_audience ({campaign.audience})")
+    upgrade_deliveries(engine)
+    d = engine.table("deliveries")
+    mine = d.filter((d.campaign == campaign.name) & (d.customer_id == cid))
+    logged = mine.filter(mine.occasion == key).select("status", "reason").to_pyarrow().to_pylist()
+    already = None
+    if logged:
+        r = logged[0]
+        already = f"{r['status']}" + (f" ({r['reason']})" if r["reason"] else "")
+        stopped.append(f"already_decided for occasion {key}: {already}")
+
+    address = profile.get(ADDRESS_FIELD[campaign.channel])
+    opt_field = OPT_OUT_FIELD.get(campaign.channel)
+    fixed = fixed_reason(
+        pol,
+        address=address,
+        consent=profile.get("consent_marketing"),
+        opted_out=profile.get(opt_field) if opt_field else None,
+    )
+    group: str | None = None
+    assigned: str | None = None
+    if fixed is not None:
+        stopped.append(fixed.value)
+    else:
+        drawn = campaign_groups(engine, campaign, [cid], global_control)
+        group, assigned = drawn.group[0], drawn.variant[0]
+        if group != "treatment":
+            stopped.append(group)  # holdout or global_control: measured, never messaged
+    tz_name = profile.get("timezone")
+    slot = send_slot(pol, zone(tz_name or None, default_tz), now)
+    if slot.send_at is None and slot.reason is not None:
+        stopped.append(slot.reason.value)
+    capped = _capped(
+        engine,
+        pol,
+        campaign.channel,
+        [cid],
+        [tz_name],
+        np.array([slot.local_day], dtype=np.int64),
+        np.array([True]),
+        default_tz,
+    )
+    if bool(capped[0]):
+        stopped.append(Reason.FREQUENCY_CAP.value)
+    silent = _journey_silence(engine, campaign, pol, mine, cid, now)
+    if silent is not None:
+        stopped.append(silent)
+
+    # The content, as a run renders it.
+    refused = cid in refusing(engine, campaign, [cid])
+    chosen = variant or assigned
+    if chosen is None and campaign.variants:  # not in the treatment group: show the first
+        chosen = campaign.variants[0].name
+    messages: list[PreviewMessage] = []
+    for s in sends:
+        if step is not None and s.id != step:
+            continue
+        message = step_message(campaign, s) if campaign.steps else campaign
+        ctx: dict[str, Any] = {f: profile.get(f) for f in template_fields(message)}
+        ctx.update(
+            offer=message.offer.model_dump() if message.offer else None, campaign=message.name
+        )
+        if uses_recommended(message):
+            ctx[RECOMMENDED] = recommended_lists(engine, message, [cid]).get(cid, [])
+        texts = {v: (sub, body) for v, sub, body in message_texts(message)}
+        subject, body = texts[(chosen or "") if message.variants else ""]
+        if refused:
+            ctx = depersonalise(ctx)
+            if message.fallback_template is not None:
+                subject, body = message.fallback_subject, message.fallback_template
+        messages.append(
+            PreviewMessage(
+                step=s.id if campaign.steps else "",
+                channel=message.channel.value,
+                address=profile.get(ADDRESS_FIELD[message.channel]),
+                subject=renderer(subject)(ctx),
+                body=renderer(body)(ctx),
+            )
+        )
+    return Preview(
+        campaign=campaign.name,
+        customer_id=cid,
+        matched=match.matched,
+        in_audience=in_audience,
+        group=group,
+        variant=chosen,
+        personalised=not refused,
+        messages=messages,
+        offer=campaign.offer.model_dump() if campaign.offer else None,
+        stopped_by=stopped,
+        send_at=slot.send_at,
+        postponed_by=slot.reason.value if slot.send_at is not None and slot.reason else None,
+        already=already,
+    )
+
+
+def _journey_silence(
+    engine: Engine,
+    campaign: CampaignDef,
+    pol: ContactPolicy,
+    mine: Any,
+    cid: str,
+    now: datetime,
+) -> str | None:
+    """The no-response rule for the person's current journey instance, if it stops them.
+
+    The rule stops a sequence until the next occasion, so it concerns journeys only: an
+    instance already stopped by it, or a live one whose last message is unanswered. As in
+    ``activate.journeys``, a response is one of the rule's events carrying the message's id,
+    or the campaign's goal event, within ``within_hours`` of the send.
+    """
+    rule = pol.no_response
+    if rule is None or campaign.trigger is None or not engine.exists("journey_state"):
+        return None
+    s = engine.table("journey_state")
+    s = s.filter((s.campaign == campaign.name) & (s.customer_id == cid))
+    rows = s.order_by([ibis.desc("updated_at"), ibis.desc("seq")]).limit(1)
+    latest = rows.select("occasion", "status", "reason").to_pyarrow().to_pylist()
+    if not latest:
+        return None
+    inst = latest[0]
+    if inst["status"] == "stopped" and inst["reason"] == "no_response":
+        return (
+            f"no_response (journey of occasion {inst['occasion']} stopped; next occasion may enter)"
+        )
+    if inst["status"] not in ("active", "waiting"):
+        return None
+    sent = mine.filter((mine.status == "sent") & mine.occasion.startswith(f"{inst['occasion']}+"))
+    when = ibis.coalesce(sent.send_at, sent.decided_at)
+    last = sent.mutate(at=when).order_by(ibis.desc("at")).limit(1)
+    rows = last.select("message_id", "at").to_pyarrow().to_pylist()
+    if not rows:
+        return None
+    message_id, at = rows[0]["message_id"], rows[0]["at"]
+    if at > now:
+        return None
+    deadline = at + timedelta(hours=rule.within_hours)
+    ev = engine.table("events")
+    ec = engine.table("event_customers").filter(lambda t: t.customer_id == cid)
+    names = sorted({*rule.responses, campaign.goal.event})
+    got = ev.filter(ev.event.isin(names) & (ev.timestamp >= at) & (ev.timestamp <= now))
+    got = got.join(ec, "message_id").select("event", "properties").to_pyarrow().to_pylist()
+    for e in got:
+        props = json.loads(e["properties"] or "{}")
+        mid = props.get("message_id") if isinstance(props, dict) else None
+        if e["event"] == campaign.goal.event or mid == message_id:
+            return None
+    if now < deadline:
+        return f"awaiting_response (to {message_id} until {deadline:%Y-%m-%d %H:%M} UTC)"
+    return f"no_response (to {message_id} sent {at:%Y-%m-%d %H:%M} UTC)"

@@ -116,6 +116,82 @@ def dry_run(
     _decide(project, name, occasion, as_of, dry=True, show=show)
 
 
+@campaign_app.command("preview")
+def preview_cmd(
+    name: str,
+    person: Annotated[
+        str, typer.Argument(help="any identifier: e-mail, phone, user id, customer id ...")
+    ],
+    project: ProjectDir = Path("."),
+    variant: Annotated[
+        str | None, typer.Option(help="render this variant (default: the person's own)")
+    ] = None,
+    step: Annotated[str | None, typer.Option(help="only this send step of a journey")] = None,
+    id_type: Annotated[
+        str | None, typer.Option("--type", "-t", help="identifier type (default: try every type)")
+    ] = None,
+    occasion: Occasion = None,
+    as_of: AsOf = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """The exact message(s) one person would get today, and whether the policy stops them and why."""
+    import dataclasses
+    import json
+
+    from closedloop.activate.campaign import preview_campaign
+    from closedloop.core.clock import Clock
+    from closedloop.core.engine import Engine
+
+    p = project_or_exit(project)
+    c = _campaign(p, name)
+    with Engine(p.engine_url) as engine:
+        try:
+            pv = preview_campaign(
+                engine,
+                c,
+                person,
+                identity=p.identity,
+                id_type=id_type,
+                variant=variant,
+                step=step,
+                occasion=occasion,
+                clock=Clock(as_of),
+                global_control=p.config.global_control,
+            )
+        except ClosedloopError as e:
+            raise fail(e) from None
+    if as_json:
+        doc = dataclasses.asdict(pv) | {"would_send": pv.would_send}
+        typer.echo(json.dumps(doc, default=str, ensure_ascii=False, indent=2))
+        return
+    t, v = pv.matched
+    out = console.print
+    out(f"campaign {pv.campaign} → customer {pv.customer_id} (by {t} {v})", markup=False)
+    who = f"group {pv.group or '—'}, variant {pv.variant or '—'}"
+    tone = "personalised" if pv.personalised else "NOT personalised (refused personalisation)"
+    out(f"  {who}; content {tone}", markup=False)
+    if pv.would_send:
+        when = f"{pv.send_at:%Y-%m-%d %H:%M} UTC" if pv.send_at else "now"
+        later = f" (postponed by {pv.postponed_by})" if pv.postponed_by else ""
+        out(f"  verdict: would be sent at {when}{later}", markup=False)
+    else:
+        out("  verdict: would NOT be sent today:", markup=False)
+        for why in pv.stopped_by:
+            out(f"    - {why}", markup=False)
+    for m in pv.messages:
+        head = f"step {m.step}: " if m.step else ""
+        out(f"\n── {head}{m.channel} to {m.address or '(no address)'}", markup=False)
+        out(f"subject: {m.subject}", markup=False, highlight=False)
+        out(m.body, markup=False, highlight=False)
+    if pv.offer:
+        o = pv.offer
+        out(
+            f"\noffer {o['code']}: {o['description']} — {o['conditions']} "
+            f"(expires after {o['expires_days']} days)",
+            markup=False,
+        )
+
+
 @campaign_app.command("reshuffle")
 def reshuffle_cmd(
     name: Annotated[
