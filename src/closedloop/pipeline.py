@@ -28,7 +28,7 @@ from closedloop.segments.audience import (
     Fields,
     SegmentResult,
     check_segment,
-    evaluate_segment,
+    evaluate_segments,
     segment_dependencies,
 )
 from closedloop.tags.build import build_tags
@@ -187,8 +187,7 @@ def build(
     report.tags = build_tags(engine, project.tags, clock, root=project.root)
     step("tags")
     fields = project_fields(project)
-    for seg in segment_order(project)[0]:
-        report.segments[seg.name] = evaluate_segment(engine, seg, fields, clock)
+    report.segments = evaluate_segments(engine, segment_order(project)[0], fields, clock)
     record_tag_uses(engine, project, [f"segment:{n}" for n in report.segments], clock)
     step("segments")
     materialise(engine)  # the profile lookup's serving store, rewritten to match this build

@@ -10,6 +10,7 @@ who came in; everyone else is untouched.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -28,6 +29,7 @@ from closedloop.core.conditions import (
     SegmentRef,
     SequenceCondition,
     compile_condition,
+    fields_used,
     leaves,
 )
 from closedloop.core.definitions import SegmentDef
@@ -63,26 +65,40 @@ class Fields:
         return types
 
 
-def audience_table(engine: Engine, fields: Fields) -> ir.Table:
-    """``profiles`` with one column per tag and per computed trait (null where absent)."""
+def audience_table(
+    engine: Engine, fields: Fields, needed: Collection[str] | None = None
+) -> ir.Table:
+    """``profiles`` with one column per tag and per computed trait (null where absent).
+
+    ``needed`` limits those columns to the names given (the fields a condition reads):
+    ``tag_values`` holds a row per customer and tag, and pivoting all fifty tags of a
+    catalogue over every customer for each segment was most of a segment's time, for
+    segments that read one tag or none.
+    """
     t = engine.table("profiles")
-    if fields.tags:
+    tag_names = [n for n in fields.tags if needed is None or n in needed]
+    traits = [(n, typ) for n, typ in fields.traits if needed is None or n in needed]
+    if tag_names:
         tv = engine.table("tag_values")
-        tags = tv.group_by("customer_id").aggregate(
-            **{name: tv.value.max(where=tv.tag == name) for name in fields.tags}
+        if needed is not None:
+            tv = tv.filter(tv.tag.isin(tag_names))
+        pivot = tv.group_by("customer_id").aggregate(
+            **{name: tv.value.max(where=tv.tag == name) for name in tag_names}
         )
-        t = t.left_join(tags, "customer_id").drop("customer_id_right")
-    if fields.traits:
+        t = t.left_join(pivot, "customer_id").drop("customer_id_right")
+    if traits:
         ct = engine.table("computed_traits")
-        traits = ct.group_by("customer_id").aggregate(
+        if needed is not None:
+            ct = ct.filter(ct.trait.isin([n for n, _ in traits]))
+        wide = ct.group_by("customer_id").aggregate(
             **{
                 name: (ct.number_value if typ == "float64" else ct.text_value).max(
                     where=ct.trait == name
                 )
-                for name, typ in fields.traits
+                for name, typ in traits
             }
         )
-        t = t.left_join(traits, "customer_id").drop("customer_id_right")
+        t = t.left_join(wide, "customer_id").drop("customer_id_right")
     return t
 
 
@@ -168,8 +184,20 @@ def segment_dependencies(seg: SegmentDef) -> set[str]:
     return {c.in_segment for c in leaves(seg.where) if isinstance(c, SegmentRef)}
 
 
-def members_expr(engine: Engine, seg: SegmentDef, fields: Fields, as_of: datetime) -> ir.Table:
-    t = with_derived(engine, audience_table(engine, fields), seg.where, as_of)
+def members_expr(
+    engine: Engine,
+    seg: SegmentDef,
+    fields: Fields,
+    as_of: datetime,
+    members: Mapping[str, ir.Table] | None = None,
+) -> ir.Table:
+    """The customers in ``seg`` as of ``as_of``: one ``customer_id`` column.
+
+    ``members`` may give other segments' members as evaluated in this run (``in_segment``
+    reads them instead of ``segment_membership``).
+    """
+    audience = audience_table(engine, fields, fields_used(seg.where))
+    t = with_derived(engine, audience, seg.where, as_of, members)
     return t.filter(compile_condition(seg.where, t)).select("customer_id")
 
 
@@ -177,30 +205,61 @@ def evaluate_segment(
     engine: Engine, seg: SegmentDef, fields: Fields, clock: Clock | None = None
 ) -> SegmentResult:
     """Re-evaluate one segment and record entries and exits in ``segment_membership``."""
+    return evaluate_segments(engine, [seg], fields, clock)[seg.name]
+
+
+def evaluate_segments(
+    engine: Engine, segs: Sequence[SegmentDef], fields: Fields, clock: Clock | None = None
+) -> dict[str, SegmentResult]:
+    """Re-evaluate segments (ordered so each follows those it names) in one membership write.
+
+    Each segment's members are materialised once; a later segment's ``in_segment`` reads them
+    (the same rows its open stays will hold). Then one diff against the open stays of all of
+    them closes the stays of those who left and opens stays for those who came in, and
+    ``segment_membership`` is rewritten once — not once per segment, which copied the whole
+    table twenty times in a twenty-segment build.
+    """
     as_of = (clock or Clock()).now()
     now = ibis.literal(as_of).cast(TS)
-    current = engine.scratch("seg_current", members_expr(engine, seg, fields, as_of))
+    if not segs:
+        return {}
+    names = [s.name for s in segs]
+    current: dict[str, ir.Table] = {}
+    for i, seg in enumerate(segs):
+        expr = members_expr(engine, seg, fields, as_of, current)
+        current[seg.name] = engine.scratch(f"seg_current_{i}", expr)
+    parts = [
+        t.select(segment=ibis.literal(n), customer_id=t.customer_id) for n, t in current.items()
+    ]
+    union = parts[0]
+    for p in parts[1:]:
+        union = union.union(p, distinct=False)
+    now_in = engine.scratch("seg_now_in", union)
+    keys = ["segment", "customer_id"]
     m = engine.table("segment_membership")
-    others = m.filter(m.segment != seg.name)
-    mine = m.filter(m.segment == seg.name)
+    others = m.filter(~m.segment.isin(names))
+    mine = m.filter(m.segment.isin(names))
     open_ = mine.filter(mine.exited_at.isnull())
     closed = mine.filter(mine.exited_at.notnull())
-    stay = open_.filter(open_.customer_id.isin(current.customer_id))
-    leaving = open_.filter(~open_.customer_id.isin(current.customer_id)).mutate(exited_at=now)
-    arriving = current.filter(~current.customer_id.isin(open_.customer_id)).select(
-        segment=ibis.literal(seg.name),
-        customer_id="customer_id",
-        entered_at=now,
-        exited_at=ibis.null(TS),
+    stay = open_.semi_join(now_in, keys)
+    leaving = open_.anti_join(now_in, keys).mutate(exited_at=now)
+    arriving = now_in.anti_join(open_, keys).select(
+        "segment", "customer_id", entered_at=now, exited_at=ibis.null(TS)
     )
-    entered = int(arriving.count().execute())
-    exited = int(leaving.count().execute())
-    size = int(current.count().execute())
-    if entered or exited:
+    size, entered, exited = _per_segment(now_in), _per_segment(arriving), _per_segment(leaving)
+    results = {
+        n: SegmentResult(n, size.get(n, 0), entered.get(n, 0), exited.get(n, 0)) for n in names
+    }
+    if any(r.entered or r.exited for r in results.values()):
         new = others.union(closed, distinct=False).union(stay, distinct=False)
         new = new.union(leaving, distinct=False).union(arriving, distinct=False)
         engine.replace("segment_membership", engine.scratch("seg_new", new))
-    return SegmentResult(seg.name, size, entered, exited)
+    return results
+
+
+def _per_segment(t: ir.Table) -> dict[str, int]:
+    rows = t.group_by("segment").aggregate(n=t.count()).to_pyarrow().to_pylist()
+    return {str(r["segment"]): int(r["n"]) for r in rows}
 
 
 def current_members(engine: Engine, segment: str) -> ir.Table:
@@ -235,7 +294,9 @@ def qualifying_columns(seg: SegmentDef, fields: Fields) -> dict[str, str]:
 
 def preview_expr(engine: Engine, seg: SegmentDef, fields: Fields, as_of: datetime) -> ir.Table:
     """Members as of ``as_of`` with the fields that qualified them — without writing anything."""
-    t = with_derived(engine, audience_table(engine, fields), seg.where, as_of)
+    t = with_derived(
+        engine, audience_table(engine, fields, fields_used(seg.where)), seg.where, as_of
+    )
     members = t.filter(compile_condition(seg.where, t))
     shown = {label: members[col] for label, col in qualifying_columns(seg, fields).items()}
     return members.select("customer_id", **shown).order_by("customer_id")

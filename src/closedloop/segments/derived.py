@@ -10,6 +10,7 @@ leaf's ``derived_column`` name, so the compiled condition is one expression over
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 
 import ibis
@@ -132,8 +133,18 @@ def sequence_flags(engine: Engine, leaf: SequenceCondition, as_of: datetime) -> 
     return hits.select("customer_id", ok=ibis.literal(True)).distinct()
 
 
-def with_derived(engine: Engine, table: ir.Table, cond: Condition, as_of: datetime) -> ir.Table:
-    """``table`` plus one column per event, sequence or segment leaf of ``cond``."""
+def with_derived(
+    engine: Engine,
+    table: ir.Table,
+    cond: Condition,
+    as_of: datetime,
+    members: Mapping[str, ir.Table] | None = None,
+) -> ir.Table:
+    """``table`` plus one column per event, sequence or segment leaf of ``cond``.
+
+    A segment leaf reads ``members[segment]`` (a ``customer_id`` table of that segment's
+    members, evaluated earlier in the same run) when given, else its open stays.
+    """
     seen: set[str] = set()
     for leaf in leaves(cond):
         if (
@@ -147,6 +158,9 @@ def with_derived(engine: Engine, table: ir.Table, cond: Condition, as_of: dateti
             counts = event_counts(engine, leaf, as_of).rename({name: "n"})
         elif isinstance(leaf, SequenceCondition):
             counts = sequence_flags(engine, leaf, as_of).rename({name: "ok"})
+        elif members is not None and leaf.in_segment in members:
+            m = members[leaf.in_segment]
+            counts = m.select("customer_id", **{name: ibis.literal(True)}).distinct()
         else:
             m = engine.table("segment_membership")
             m = m.filter((m.segment == leaf.in_segment) & m.exited_at.isnull())
