@@ -26,7 +26,7 @@ Steps, with their cost:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +43,17 @@ from closedloop.core.ids import customer_id_for, stable_hash64
 from closedloop.identity import tables  # noqa: F401  (declares the identity tables)
 from closedloop.identity.components import components_ibis, components_local
 from closedloop.identity.extract import identifier_occurrences
+from closedloop.identity.incremental import (
+    INCREMENTAL,
+    Plan,
+    blocks_digest,
+    config_digest,
+    full_plan,
+    last_run,
+    plan,
+    region,
+    region_occurrences,
+)
 from closedloop.identity.matching import probabilistic_pairs
 from closedloop.identity.normalise import BlockList, normalise
 from closedloop.identity.quality import suspects
@@ -64,6 +75,8 @@ class ResolveResult:
     probabilistic: int = 0  # links from scored record pairs (before rules and blocks)
     run_id: str = ""  # this run's rows in ``identity_changes``
     changed: frozenset[str] = frozenset()  # customers whose identifiers changed in this run
+    path: str = "full"  # 'full' or 'incremental' (see incremental.py)
+    new_messages: int = 0  # messages this run read identifiers from
 
 
 def _normalised_values(engine: Engine, occ: ir.Table, config: IdentityConfig) -> ir.Table:
@@ -122,7 +135,8 @@ def _message_pairs(engine: Engine, node_occ: ir.Table) -> ir.Table:
     right = node_occ.select(message_id="message_id", b="node", b_type="id_type")
     joined = left.join(right, "message_id").filter(lambda t: t.a < t.b)
     return joined.group_by("a", "a_type", "b", "b_type").aggregate(
-        messages=joined.message_id.nunique().cast("int64"),
+        # (message, identifier) is unique in node_occ, so each message counts once.
+        messages=joined.count().cast("int64"),
         message_id=joined.message_id.min(),
         last_ts=joined.ts.max(),
         kind=ibis.literal("message"),
@@ -162,62 +176,105 @@ def resolve(
     clock: Clock | None = None,
     *,
     reason: str = "",
+    incremental: bool = True,
 ) -> ResolveResult:
     """Resolve every identifier in the event log to a customer; write the identity tables.
 
-    ``reason`` is written to the ledger for any customer this run splits (``identity split``
-    passes what the person asked for).
+    Incremental when it can be (only events not resolved yet are read, only the clusters
+    they touch are recomputed; ``incremental.py`` says exactly when it falls back to a full
+    run), with the same result as a full run either way. ``reason`` is written to the
+    ledger for any customer this run splits (``identity split`` passes what the person asked
+    for); a run with a reason is full.
     """
     clock = clock or Clock()
     now = clock.now()
     _upgrade(engine)
-    occ = engine.scratch("id_occ", identifier_occurrences(engine, config))
+    p = plan(engine, config, reason=reason, allow=incremental)
+    if p.path == INCREMENTAL:
+        done = _run(engine, config, now, reason, p)
+        if done is not None:
+            return done
+        p = full_plan(engine, "a usable link left the touched region (closure check)")
+    done = _run(engine, config, now, reason, p)
+    if done is None:  # a full run has no region to leave
+        raise RuntimeError("a full resolution reported an open region")
+    return done
+
+
+def _run(
+    engine: Engine, config: IdentityConfig, now: datetime, reason: str, p: Plan
+) -> ResolveResult | None:
+    """One run on the path ``p`` chose; None if an incremental run's region is not closed."""
+    inc = p.path == INCREMENTAL
+    occ = engine.scratch("id_occ", identifier_occurrences(engine, config, p.messages))
     mapping = _normalised_values(engine, occ, config)
 
     refused = mapping.filter(mapping.value.isnull())
     refused_counts = (
         occ.join(refused, ["id_type", "raw_value"])
         .group_by("id_type", "raw_value", "reason")
-        .aggregate(messages=lambda t: t.message_id.nunique())
+        .aggregate(messages=lambda t: t.message_id.nunique().cast("int64"))
     )
-
     good = occ.join(mapping.filter(mapping.value.notnull()), ["id_type", "raw_value"])
-    node_occ = good.select(
+    new_occ = good.select(
         "message_id", "id_type", "value", "ts", node=good.id_type + ibis.literal(SEP) + good.value
     ).distinct()
-    node_occ = engine.scratch("id_node_occ", node_occ)
+    new_occ = engine.scratch("id_new_occ", new_occ)
 
-    pairs = engine.scratch("id_msg_pairs", _message_pairs(engine, node_occ))
-    scored, _model = probabilistic_pairs(engine, config, node_occ)
-    probabilistic = 0
+    region_t: ir.Table | None = None
+    if inc:
+        region_t = region(engine, new_occ.select("node").distinct())
+        node_occ = region_occurrences(engine, region_t, new_occ)
+    else:
+        node_occ = new_occ
+
+    # Evidence: pairs of identifiers seen in one message, and scored record pairs.
+    msg_pairs = _message_pairs(engine, node_occ)
+    if region_t is not None:
+        msg_pairs = _touching(msg_pairs, region_t)
+    pairs = engine.scratch("id_msg_pairs", msg_pairs)
+    if region_t is None:
+        scored, _model = probabilistic_pairs(engine, config, node_occ)
+    else:
+        scored = _stored_scored(engine, region_t)
     if scored is not None:
         scored = scored.anti_join(pairs, ["a", "b"])
-        probabilistic = int(scored.count().execute())
         schema = pairs.schema()
         same = scored.select(*[scored[c].cast(schema[c]).name(c) for c in pairs.columns])
         pairs = pairs.union(same, distinct=False)
     pairs = engine.scratch("id_pairs", pairs)
     blocked = engine.scratch("id_blocked", _blocked_pairs(engine, pairs))
     unblocked = pairs.anti_join(blocked, ["a", "b"])
+
+    # The region's own identifiers: their evidence is complete in node_occ.
+    own_occ = node_occ if region_t is None else node_occ.semi_join(region_t, "node")
     # Quarantined: values over their type's name limit, and values seen with too many
     # strong identifiers (only identifiers seen together count, not scored profile matches).
-    suspect = suspects(engine, config, node_occ)
+    suspect = suspects(engine, config, own_occ)
     limited = [t.name for t in config.types if t.max_names is not None]
     on_many_names = suspect.filter(suspect.id_type.isin(limited)).select("node")
-    quarantine = engine.scratch(
-        "id_quarantine",
-        _quarantined(unblocked.filter(unblocked.kind == "message"), config)
-        .union(on_many_names)
-        .distinct(),
+    quarantine = _quarantined(unblocked.filter(unblocked.kind == "message"), config).union(
+        on_many_names
     )
+    if region_t is not None:
+        # Verdicts outside the region cannot have changed: they are read back.
+        m = engine.table("identity_map").filter(lambda t: t.quarantined)
+        kept = m.select(node=m.id_type + ibis.literal(SEP) + m.id_value).anti_join(region_t, "node")
+        quarantine = quarantine.semi_join(region_t, "node").union(kept)
+    quarantine = engine.scratch("id_quarantine", quarantine.distinct())
     q_nodes = quarantine.node
     used = unblocked.filter(~unblocked.a.isin(q_nodes) & ~unblocked.b.isin(q_nodes))
+    if region_t is not None:
+        leaving = used.filter(~used.a.isin(region_t.node) | ~used.b.isin(region_t.node))
+        if int(leaving.count().execute()):
+            return None
 
     # Integer node ids, ordered, so both component algorithms label identically.
-    nodes = node_occ.group_by("node", "id_type", "value").aggregate(
-        first_seen=node_occ.ts.min(),
-        last_seen=node_occ.ts.max(),
-        messages=node_occ.message_id.nunique(),
+    nodes = own_occ.group_by("node", "id_type", "value").aggregate(
+        first_seen=own_occ.ts.min(),
+        last_seen=own_occ.ts.max(),
+        # (message, identifier) is unique in node_occ: a count is a distinct count.
+        messages=own_occ.count(),
     )
     nodes = nodes.mutate(node_id=ibis.row_number().over(order_by="node"))
     nodes = engine.scratch("id_nodes", nodes)
@@ -248,18 +305,42 @@ def resolve(
             comp_t = engine.scratch("id_components", t)
     else:
         comp_t = components_ibis(engine, nodes.select("node_id"), edges)
+    anchor = nodes.select(component="node_id", cluster="node")
+    clusters = engine.scratch(
+        "id_clusters",
+        nodes.join(comp_t, "node_id")
+        .join(anchor, "component")
+        .select("id_type", id_value="value", cluster="cluster"),
+    )
 
     comp_t, dropped = _enforce_rules(engine, config, nodes, comp_t, e)
 
     labelled = nodes.join(comp_t, "node_id").mutate(quarantined=nodes.node.isin(q_nodes))
     frame = labelled.to_pandas()
-    previous = engine.table("identity_map").to_pandas()
-    prev_customers = engine.table("customers").to_pandas()
-    assignment, aliases, ledger = _stable_ids(frame, previous, prev_customers, pairs, now, reason)
+    imap_all = engine.table("identity_map")
+    n_previous = int(imap_all.count().execute())
+    region_ids = imap_all.select("customer_id").limit(0)
+    if region_t is None:
+        previous = imap_all.to_pandas()
+        prev_customers = engine.table("customers").to_pandas()
+        taken = set(previous["customer_id"])
+    else:
+        keyed = imap_all.mutate(node=imap_all.id_type + ibis.literal(SEP) + imap_all.id_value)
+        previous = keyed.semi_join(region_t, "node").drop("node").to_pandas()
+        region_ids = engine.scratch(
+            "id_region_customers",
+            keyed.semi_join(region_t, "node").select("customer_id").distinct(),
+        )
+        prev_customers = engine.table("customers").semi_join(region_ids, "customer_id").to_pandas()
+        ids = imap_all.select("customer_id").distinct().to_pyarrow()
+        taken = set(ids["customer_id"].to_pylist())
+    assignment, aliases, ledger = _stable_ids(
+        frame, previous, prev_customers, pairs, now, reason, taken
+    )
 
     frame["customer_id"] = frame["component"].map(assignment)
     identity_map = pa.Table.from_pandas(
-        frame.rename(columns={"id_type": "id_type", "value": "id_value"})[
+        frame.rename(columns={"value": "id_value"})[
             [
                 "id_type",
                 "id_value",
@@ -273,17 +354,56 @@ def resolve(
         preserve_index=False,
     )
 
-    customers = _customers(frame, prev_customers, now)
     changes = _changes(previous, identity_map.to_pandas(), aliases, "", now)
+    customers = _customers(frame, prev_customers, now, set(changes["customer_id"]))
     # The run's id depends on its clock and on what it changed, so two runs at one clock
     # (tests, replays) that change different customers never share an id.
     digest = [f"{c}={k}" for c, k in zip(changes["customer_id"], changes["change"], strict=True)]
-    run_id = format(stable_hash64("resolve", now.isoformat(), str(len(previous)), *digest), "016x")
+    run_id = format(stable_hash64("resolve", now.isoformat(), str(n_previous), *digest), "016x")
     changes["run_id"] = run_id
+
+    with engine.temporary(dropped) as d:
+        dropped_t = engine.scratch("id_dropped", d)
+    flagged = pairs.left_join(blocked.mutate(is_blocked=ibis.literal(True)), ["a", "b"]).drop(
+        "a_right", "b_right"
+    )
+    flagged = flagged.left_join(dropped_t.select("a", "b", "rule"), ["a", "b"]).drop(
+        "a_right", "b_right"
+    )
+    st = ibis.cases(
+        (flagged.is_blocked.fill_null(False), "blocked"),
+        (flagged.a.isin(q_nodes) | flagged.b.isin(q_nodes), "quarantined"),
+        (flagged.rule.notnull(), "dropped: " + flagged.rule),
+        else_="used",
+    )
+    pairs_out = flagged.mutate(
+        a_value=flagged.a.split(SEP)[1],
+        b_value=flagged.b.split(SEP)[1],
+        status=st,
+        used=st == "used",
+    )
+    dropped_out = dropped_t.mutate(
+        a_value=dropped_t.a.split(SEP)[1], b_value=dropped_t.b.split(SEP)[1]
+    )
+    q = nodes.filter(nodes.node.isin(q_nodes))
+    by_name = q.node.isin(on_many_names.node)
+    quarantined_issues = q.select(
+        id_type="id_type",
+        raw_value="value",
+        reason=ibis.ifelse(
+            by_name,
+            "quarantined: seen under too many unrelated names",
+            "quarantined: seen with too many strong identifiers",
+        ),
+        messages="messages",
+    )
+
     # Every table of the resolution changes together or not at all: a crash half way
     # leaves the previous, consistent resolution (and no half-written ledger) in place.
     with _atomic(engine):
-        engine.replace("customers", customers)
+        w = _Writer(engine, region_t)
+        with engine.temporary(customers) as c:
+            w.put("customers", c, lambda t: ~t.customer_id.isin(region_ids.customer_id))
         if len(aliases):
             old_aliases = engine.table("customer_aliases").to_pandas()
             all_aliases = pd.concat([old_aliases, aliases], ignore_index=True)
@@ -296,65 +416,176 @@ def resolve(
             )
         if len(ledger):
             engine.append("merge_ledger", pa.Table.from_pandas(ledger, preserve_index=False))
-        engine.replace("identity_map", identity_map)
+        with engine.temporary(identity_map) as im:
+            w.put("identity_map", im, w.outside(("id_type", "id_value")))
         if len(changes):
             engine.append("identity_changes", pa.Table.from_pandas(changes, preserve_index=False))
-
-        with engine.temporary(dropped) as d:
-            dropped_t = engine.scratch("id_dropped", d)
-        flagged = pairs.left_join(blocked.mutate(is_blocked=ibis.literal(True)), ["a", "b"]).drop(
-            "a_right", "b_right"
-        )
-        flagged = flagged.left_join(dropped_t.select("a", "b", "rule"), ["a", "b"]).drop(
-            "a_right", "b_right"
-        )
-        st = ibis.cases(
-            (flagged.is_blocked.fill_null(False), "blocked"),
-            (flagged.a.isin(q_nodes) | flagged.b.isin(q_nodes), "quarantined"),
-            (flagged.rule.notnull(), "dropped: " + flagged.rule),
-            else_="used",
-        )
-        pairs_out = flagged.mutate(
-            a_value=flagged.a.split(SEP)[1],
-            b_value=flagged.b.split(SEP)[1],
-            status=st,
-            used=st == "used",
-        )
-        engine.replace("identity_edges", pairs_out)
-        engine.replace(
+        w.put("identity_edges", pairs_out, w.outside(("a_type", "a_value"), ("b_type", "b_value")))
+        w.put(
             "identity_dropped_links",
-            dropped_t.mutate(a_value=dropped_t.a.split(SEP)[1], b_value=dropped_t.b.split(SEP)[1]),
+            dropped_out,
+            w.outside(("a_type", "a_value"), ("b_type", "b_value")),
         )
-        q = nodes.filter(nodes.node.isin(q_nodes))
-        by_name = q.node.isin(on_many_names.node)
-        quarantined_issues = q.select(
-            id_type="id_type",
-            raw_value="value",
-            reason=ibis.ifelse(
-                by_name,
-                "quarantined: seen under too many unrelated names",
-                "quarantined: seen with too many strong identifiers",
+        if region_t is None:
+            engine.replace(
+                "identifier_issues", refused_counts.union(quarantined_issues, distinct=False)
+            )
+        else:
+            engine.replace(
+                "identifier_issues",
+                engine.scratch(
+                    "w_identifier_issues",
+                    _issues(engine, refused_counts, quarantined_issues, w),
+                ),
+            )
+        w.put(
+            "event_customers",
+            _event_customers(engine, node_occ, config),
+            lambda t: ~t.message_id.isin(node_occ.message_id),
+        )
+        w.put("identity_suspects", suspect, w.outside(("id_type", "id_value")))
+        w.put("identity_clusters", clusters, w.outside(("id_type", "id_value")))
+        occ_rows = new_occ.select("message_id", "id_type", id_value="value", ts="ts")
+        seen = p.messages.select("message_id")
+        if region_t is None:
+            engine.replace("identity_occurrences", occ_rows)
+            engine.replace("identity_messages", seen)
+        else:
+            engine.append("identity_occurrences", occ_rows)
+            engine.append("identity_messages", seen)
+        last = last_run(engine)
+        seq = int(str(last["seq"])) + 1 if last is not None else 1
+        engine.append(
+            "identity_runs",
+            pa.Table.from_pylist(
+                [
+                    {
+                        "seq": seq,
+                        "run_id": run_id,
+                        "path": p.path,
+                        "why": p.why,
+                        "config_digest": config_digest(config),
+                        "blocks_digest": blocks_digest(engine),
+                        "messages": int(engine.table("identity_messages").count().execute()),
+                        "new_messages": p.new_messages,
+                        "region_identifiers": len(frame),
+                        "ran_at": now,
+                    }
+                ]
             ),
-            messages="messages",
         )
-        engine.replace(
-            "identifier_issues", refused_counts.union(quarantined_issues, distinct=False)
-        )
-        engine.replace("event_customers", _event_customers(engine, node_occ, config))
-        engine.replace("identity_suspects", suspect)
 
+    return _result(engine, ledger, changes, run_id, p)
+
+
+class _Writer:
+    """Writes a table whole (full run) or its rows outside the region plus the region's."""
+
+    def __init__(self, engine: Engine, region_t: ir.Table | None) -> None:
+        self.engine = engine
+        self.region = region_t
+
+    def outside(self, *sides: tuple[str, str]) -> Callable[[ir.Table], ir.BooleanValue]:
+        """A filter keeping rows none of whose identifiers (type, value columns) is in the region."""
+
+        region_t = self.region
+
+        def keep(t: ir.Table) -> ir.BooleanValue:
+            if region_t is None:
+                return ibis.literal(False)
+            conds = [~(t[ty] + ibis.literal(SEP) + t[va]).isin(region_t.node) for ty, va in sides]
+            return ibis.and_(*conds)
+
+        return keep
+
+    def put(self, name: str, rows: ir.Table, keep: Callable[[ir.Table], ir.BooleanValue]) -> None:
+        if self.region is None:
+            self.engine.replace(name, rows)
+            return
+        old = self.engine.table(name)
+        merged = self.engine.conform(name, old.filter(keep(old))).union(
+            self.engine.conform(name, rows), distinct=False
+        )
+        # Materialised first: the new contents read the table they replace.
+        self.engine.replace(name, self.engine.scratch(f"w_{name}", merged))
+
+
+def _issues(
+    engine: Engine, refused_counts: ir.Table, quarantined_issues: ir.Table, w: _Writer
+) -> ir.Table:
+    """Refused values with the new messages' counts added; quarantine verdicts of the region
+    replaced. (A message is resolved once, so message counts of old and new runs add up.)"""
+    old = engine.table("identifier_issues")
+    is_q = old.reason.startswith("quarantined")
+    cols = ["id_type", "raw_value", "reason", "messages"]
+    refused_all = (
+        old.filter(~is_q)
+        .select(*cols)
+        .union(engine.conform("identifier_issues", refused_counts), distinct=False)
+    )
+    refused_all = refused_all.group_by("id_type", "raw_value", "reason").aggregate(
+        messages=refused_all.messages.sum()
+    )
+    old_q = old.filter(is_q)
+    old_q = old_q.filter(w.outside(("id_type", "raw_value"))(old_q)).select(*cols)
+    return (
+        engine.conform("identifier_issues", refused_all)
+        .union(engine.conform("identifier_issues", old_q), distinct=False)
+        .union(engine.conform("identifier_issues", quarantined_issues), distinct=False)
+    )
+
+
+def _touching(pairs: ir.Table, region_t: ir.Table) -> ir.Table:
+    """Pairs with an end in the region (their evidence is complete in the region's messages)."""
+    return pairs.filter(pairs.a.isin(region_t.node) | pairs.b.isin(region_t.node))
+
+
+def _stored_scored(engine: Engine, region_t: ir.Table) -> ir.Table:
+    """The scored record pairs touching the region, as the last run found them.
+
+    Valid because an incremental run has no new profile records (else it is full): the
+    model and every score are those of the last run.
+    """
+    e = engine.table("identity_edges")
+    e = e.filter(e.kind == "probabilistic")
+    e = e.mutate(
+        a=e.a_type + ibis.literal(SEP) + e.a_value, b=e.b_type + ibis.literal(SEP) + e.b_value
+    )
+    return _touching(e, region_t).select(
+        "a",
+        "a_type",
+        "b",
+        "b_type",
+        "messages",
+        "message_id",
+        "last_ts",
+        "kind",
+        "score",
+        "other_message_id",
+    )
+
+
+def _result(
+    engine: Engine, ledger: pd.DataFrame, changes: pd.DataFrame, run_id: str, p: Plan
+) -> ResolveResult:
+    """Figures of the resolution as written (the same whichever path wrote it)."""
+    imap = engine.table("identity_map")
+    issues = engine.table("identifier_issues")
+    edges = engine.table("identity_edges")
     return ResolveResult(
-        identifiers=len(frame),
-        customers=int(frame["customer_id"].nunique()),
-        quarantined=int(frame["quarantined"].sum()),
-        refused=int(refused.count().execute()),
+        identifiers=int(imap.count().execute()),
+        customers=int(engine.table("customers").count().execute()),
+        quarantined=int(imap.filter(imap.quarantined).count().execute()),
+        refused=int(issues.filter(~issues.reason.startswith("quarantined")).count().execute()),
         merges=int((ledger["action"] == "merge").sum()) if len(ledger) else 0,
-        links=int(used.count().execute()) - dropped.num_rows,
-        dropped=dropped.num_rows,
+        links=int(edges.filter(edges.status == "used").count().execute()),
+        dropped=int(engine.table("identity_dropped_links").count().execute()),
         splits=int((ledger["action"] == "split").sum()) if len(ledger) else 0,
-        probabilistic=probabilistic,
+        probabilistic=int(edges.filter(edges.kind == "probabilistic").count().execute()),
         run_id=run_id,
         changed=frozenset(changes["customer_id"]),
+        path=p.path,
+        new_messages=p.new_messages,
     )
 
 
@@ -517,18 +748,28 @@ def _event_customers(engine: Engine, node_occ: ir.Table, config: IdentityConfig)
     return best.select("message_id", "customer_id")
 
 
-def _customers(frame: pd.DataFrame, prev: pd.DataFrame, now: datetime) -> pa.Table:
+def _customers(
+    frame: pd.DataFrame, prev: pd.DataFrame, now: datetime, changed: set[str]
+) -> pa.Table:
+    """One row per customer; ``updated_at`` moves only for customers this run changed."""
     agg = frame.groupby("customer_id").agg(
         created_at=("first_seen", "min"), identifiers=("node", "count")
     )
     agg = agg.reset_index()
+    stamp = pd.Timestamp(now)
     if len(prev):
         old = dict(zip(prev["customer_id"], prev["created_at"], strict=True))
         agg["created_at"] = [
             min(old[c], t) if c in old and pd.notna(old[c]) else t
             for c, t in zip(agg["customer_id"], agg["created_at"], strict=True)
         ]
-    agg["updated_at"] = pd.Timestamp(now)
+        upd = dict(zip(prev["customer_id"], prev["updated_at"], strict=True))
+        agg["updated_at"] = [
+            stamp if c in changed or c not in upd or pd.isna(upd[c]) else upd[c]
+            for c in agg["customer_id"]
+        ]
+    else:
+        agg["updated_at"] = stamp
     return pa.Table.from_pandas(agg, preserve_index=False)
 
 
@@ -538,7 +779,8 @@ def _stable_ids(
     prev_customers: pd.DataFrame,
     pairs: ir.Table,
     now: datetime,
-    reason: str = "",
+    reason: str,
+    taken_ids: set[str],
 ) -> tuple[dict[int, str], pd.DataFrame, pd.DataFrame]:
     """Map component → customer id, keeping earlier ids; return (assignment, aliases, ledger)."""
     alias_cols = ["alias_id", "customer_id", "merged_at"]
@@ -587,7 +829,7 @@ def _stable_ids(
         .set_index("component")["node"]
     )
     merged_pairs: list[tuple[str, str]] = []
-    previous_ids = set(previous["customer_id"]) if len(previous) else set()
+    previous_ids = taken_ids  # every id in use before this run, in or out of the region
     for comp_key, anchor_value in anchors.items():
         comp = int(str(comp_key))
         anchor = str(anchor_value)
@@ -638,6 +880,8 @@ def _merge_evidence(
     involved = {c for p in merged for c in p}
     nodes = [n for n, c in owner.items() if c in involved]
     p = pairs.filter(pairs.a.isin(nodes) | pairs.b.isin(nodes)).to_pandas()
+    # One fixed order, so the evidence quoted never depends on how rows came back.
+    p = p.sort_values(["a", "b", "message_id"], kind="stable")
     out: dict[tuple[str, str], str] = {}
     for a, b, mid in zip(p["a"], p["b"], p["message_id"], strict=True):
         ca, cb = owner.get(a), owner.get(b)

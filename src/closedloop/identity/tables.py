@@ -72,6 +72,7 @@ IDENTITY_EDGES = declare(
             "kind": "string",
             "score": "float64",  # match probability of a probabilistic pair; null otherwise
             "other_message_id": "string",  # the second record of a probabilistic pair
+            "last_ts": TS,  # newest evidence of the pair ('past' blocks compare with it)
             # why an unused edge is unused: quarantined, blocked, dropped by a rule
             "status": "string",
         },
@@ -210,5 +211,72 @@ IDENTITY_CHANGES = declare(
         key=("run_id", "customer_id"),
         erasure=Erasure.DELETE_BY_CUSTOMER,
         erasure_column="customer_id",
+    )
+)
+
+# ---- State kept for incremental resolution (resolve.py, incremental.py) -----------------
+
+IDENTITY_OCCURRENCES = declare(
+    TableSpec(
+        name="identity_occurrences",
+        stage="identity",
+        description="Every accepted identifier found in each resolved message, normalised: "
+        "an incremental run reads the evidence of the customers it touches from here instead "
+        "of parsing the whole event log again.",
+        columns={"message_id": "string", "id_type": "string", "id_value": "string", "ts": TS},
+        key=("message_id", "id_type", "id_value"),
+        erasure=Erasure.DELETE_BY_MESSAGE,
+        erasure_column="message_id",
+    )
+)
+
+IDENTITY_MESSAGES = declare(
+    TableSpec(
+        name="identity_messages",
+        stage="identity",
+        description="Messages of the event log already resolved: the next run's new events "
+        "are those not listed here.",
+        columns={"message_id": "string"},
+        key=("message_id",),
+        erasure=Erasure.DELETE_BY_MESSAGE,
+        erasure_column="message_id",
+    )
+)
+
+IDENTITY_CLUSTERS = declare(
+    TableSpec(
+        name="identity_clusters",
+        stage="identity",
+        description="Each identifier's cluster before the merge rules: the connected component "
+        "of usable links (not blocked, no quarantined end), named by its smallest identifier. "
+        "New evidence can only change the clusters it touches.",
+        columns={"id_type": "string", "id_value": "string", "cluster": "string"},
+        key=("id_type", "id_value"),
+        erasure=Erasure.DELETE_BY_IDENTIFIER,
+        erasure_column="id_value",
+    )
+)
+
+IDENTITY_RUNS = declare(
+    TableSpec(
+        name="identity_runs",
+        stage="identity",
+        description="One row per resolution run: the path taken ('full' or 'incremental') and "
+        "why, with what the next run compares to choose its own path (the config's and the "
+        "blocks' digests, the messages resolved).",
+        columns={
+            "seq": "int64",  # 1, 2, ...: the latest run has the largest
+            "run_id": "string",
+            "path": "string",
+            "why": "string",
+            "config_digest": "string",
+            "blocks_digest": "string",
+            "messages": "int64",
+            "new_messages": "int64",
+            "region_identifiers": "int64",  # identifiers recomputed (all of them when full)
+            "ran_at": TS,
+        },
+        key=("run_id",),
+        erasure=Erasure.NONE,
     )
 )
