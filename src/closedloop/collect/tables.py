@@ -95,3 +95,19 @@ LOADS = declare(
         erasure=Erasure.NONE,
     )
 )
+
+INTAKE_KEYS = declare(
+    TableSpec(
+        name="intake_keys",
+        stage="collect",
+        description=(
+            "The loader's exactly-once index: a 96-bit hash of every messageId and failure id "
+            "written to events / failed_events, with when, and the write (seq) that added it."
+        ),
+        columns={"key_hi": "int64", "key_lo": "int32", "received_at": TS, "seq": "int64"},
+        key=("key_hi", "key_lo", "seq"),
+        # Only hashes: no message can be read back from them. Kept through an erasure, so a
+        # replay of an erased person's messages is still recognised and not loaded again.
+        erasure=Erasure.NONE,
+    )
+)
