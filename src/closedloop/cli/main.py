@@ -15,6 +15,7 @@ from closedloop.cli import (
     identity_cmds,
     journey_cmds,
     portrait_cmds,
+    predict_cmds,
     profile_cmds,
     report_cmds,
     segment_cmds,
@@ -167,6 +168,7 @@ report_cmds.register(app)
 journey_cmds.register(app)
 portrait_cmds.register(app)
 profile_cmds.register(app)
+predict_cmds.register(app)
 tag_cmds.register(app)
 
 if __name__ == "__main__":
