@@ -14,7 +14,10 @@ Leaves:
 * ``{sequence: [{event: A}, {event: B, where: [...]}], within: 2h}`` — "did A then B (then
   ...) within T", optionally only in the last D days or between dates; a last step with
   ``absent: true`` reads "A then *not* B within T";
-* ``{in_segment: NAME}`` — membership of another segment.
+* ``{in_segment: NAME}`` — membership of another segment;
+* ``{contacts: {role: [...], where: [...], did: {event: ...}}, count: {op: gte, value: 1}}`` —
+  in segments ``of: accounts`` only: how many of the account's contacts have one of the
+  roles, match the profile filters and did the event (``ContactsCondition``).
 
 Event, sequence and segment leaves are *derived columns*: core only names them
 (``derived_column``); the segments stage computes them (a count per customer, a membership
@@ -323,6 +326,36 @@ class SegmentRef(_Strict):
         return "__segment_" + self.in_segment
 
 
+ContactRole = Literal["decision_maker", "finance", "it", "user"]
+
+
+class ContactFilter(_Strict):
+    """Which contacts of an account count: by role, profile fields (all must hold), and what
+    they did (an event leaf evaluated on the contact's own events)."""
+
+    role: list[ContactRole] | None = Field(None, min_length=1)
+    where: list[FieldCondition] = Field(default_factory=list)
+    did: EventCondition | None = None
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _one_role(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class ContactsCondition(_Strict):
+    """An account has ``count`` (default: at least one) contacts matching ``contacts``."""
+
+    contacts: ContactFilter
+    count: CountBound = Field(default_factory=lambda: CountBound())
+
+    @property
+    def derived_column(self) -> str:
+        """The column (matching contacts per account) the segments stage provides."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return "__contacts_" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
 class AllOf(_Strict):
     all: list[Condition] = Field(min_length=1)
 
@@ -347,6 +380,7 @@ _TAGS = {
     "event": "did_event",
     "sequence": "did_sequence",
     "in_segment": "segment_ref",
+    "contacts": "did_contacts",
 }
 _TAG_OF_TYPE: dict[type, str] = {
     AllOf: "all_of",
@@ -356,6 +390,7 @@ _TAG_OF_TYPE: dict[type, str] = {
     EventCondition: "did_event",
     SequenceCondition: "did_sequence",
     SegmentRef: "segment_ref",
+    ContactsCondition: "did_contacts",
 }
 
 
@@ -375,12 +410,14 @@ Condition = Annotated[
     | Annotated[FieldCondition, Tag("field")]
     | Annotated[EventCondition, Tag("did_event")]
     | Annotated[SequenceCondition, Tag("did_sequence")]
-    | Annotated[SegmentRef, Tag("segment_ref")],
+    | Annotated[SegmentRef, Tag("segment_ref")]
+    | Annotated[ContactsCondition, Tag("did_contacts")],
     Discriminator(
         _kind,
         custom_error_type="condition",
         custom_error_message=(
-            "a condition needs one of the keys all, any, not, trait, event, sequence or in_segment"
+            "a condition needs one of the keys all, any, not, trait, event, sequence or "
+            "in_segment (or contacts, in segments of accounts)"
         ),
     ),
 ]
@@ -390,7 +427,7 @@ AnyOf.model_rebuild()
 NotOf.model_rebuild()
 
 
-Leaf = FieldCondition | EventCondition | SequenceCondition | SegmentRef
+Leaf = FieldCondition | EventCondition | SequenceCondition | SegmentRef | ContactsCondition
 
 
 def leaves(cond: Condition) -> Iterator[Leaf]:
@@ -436,7 +473,7 @@ def compile_condition(cond: Condition, table: ir.Table) -> ir.BooleanValue:
         return out
     if isinstance(cond, NotOf):
         return ~compile_condition(cond.not_, table)
-    if isinstance(cond, EventCondition):
+    if isinstance(cond, EventCondition | ContactsCondition):
         n = table[cond.derived_column].fill_null(0)
         bound = cond.count
         if bound.op is CountOp.GTE:
@@ -495,7 +532,7 @@ def evaluate_python(cond: Condition, row: Mapping[str, Any]) -> bool:
         return any(evaluate_python(c, row) for c in cond.any)
     if isinstance(cond, NotOf):
         return not evaluate_python(cond.not_, row)
-    if isinstance(cond, EventCondition):
+    if isinstance(cond, EventCondition | ContactsCondition):
         return count_matches(cond.count, int(row.get(cond.derived_column) or 0))
     if isinstance(cond, SegmentRef | SequenceCondition):
         return bool(row.get(cond.derived_column))

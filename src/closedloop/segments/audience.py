@@ -23,6 +23,7 @@ from closedloop.core.conditions import (
     AllOf,
     AnyOf,
     Condition,
+    ContactsCondition,
     EventCondition,
     FieldCondition,
     NotOf,
@@ -104,6 +105,10 @@ def audience_table(
 
 def check_segment(seg: SegmentDef, fields: Fields) -> list[Problem]:
     """Unknown fields and values of the wrong type, each pointing at the offending clause."""
+    if seg.of == "accounts":  # B2B: conditions over accounts (segments.accounts)
+        from closedloop.segments.accounts import check_account_segment
+
+        return check_account_segment(seg, fields.segments)
     types = fields.types()
     where = f"segments/{seg.name}.yaml"
     problems: list[Problem] = []
@@ -143,6 +148,9 @@ def check_segment(seg: SegmentDef, fields: Fields) -> list[Problem]:
                     ):
                         key = f"{path}.sequence.{k}.where.{i}"
                         problems.append(Problem(where, "ordering needs a number or text", key=key))
+        elif isinstance(c, ContactsCondition):
+            msg = "`contacts` selects accounts: give the segment `of: accounts`"
+            problems.append(Problem(where, msg, key=f"{path}.contacts"))
         else:
             problems.extend(_check_field(c, types, where, path))
 
@@ -223,6 +231,16 @@ def evaluate_segments(
     now = ibis.literal(as_of).cast(TS)
     if not segs:
         return {}
+    if any(s.of == "accounts" for s in segs):  # B2B: stays by account id (segments.accounts)
+        from closedloop.segments.accounts import evaluate_account_segment
+
+        done = {
+            s.name: SegmentResult(s.name, *evaluate_account_segment(engine, s, clock))
+            for s in segs
+            if s.of == "accounts"
+        }
+        done |= evaluate_segments(engine, [s for s in segs if s.of != "accounts"], fields, clock)
+        return {s.name: done[s.name] for s in segs}
     names = [s.name for s in segs]
     current: dict[str, ir.Table] = {}
     for i, seg in enumerate(segs):
@@ -284,8 +302,10 @@ def qualifying_columns(seg: SegmentDef, fields: Fields) -> dict[str, str]:
         elif isinstance(leaf, SequenceCondition):
             steps = [("not " if s.absent else "") + s.event for s in leaf.sequence]
             label = " then ".join(steps) + f" within {leaf.within}"
-        else:
+        elif isinstance(leaf, SegmentRef):
             label = f"in {leaf.in_segment}"
+        else:  # contacts: only in account segments (segments.accounts.qualifying)
+            continue
         while label in out and out[label] != leaf.derived_column:
             label += "'"
         out[label] = leaf.derived_column
@@ -294,6 +314,10 @@ def qualifying_columns(seg: SegmentDef, fields: Fields) -> dict[str, str]:
 
 def preview_expr(engine: Engine, seg: SegmentDef, fields: Fields, as_of: datetime) -> ir.Table:
     """Members as of ``as_of`` with the fields that qualified them — without writing anything."""
+    if seg.of == "accounts":  # member accounts (account_id, name, ...): segments.accounts
+        from closedloop.segments.accounts import account_preview_expr
+
+        return account_preview_expr(engine, seg, as_of)
     t = with_derived(
         engine, audience_table(engine, fields, fields_used(seg.where)), seg.where, as_of
     )

@@ -1,0 +1,245 @@
+"""Segments of accounts (B2B): ``of: accounts`` selects accounts, not customers.
+
+The condition language is the customers' one over another table: field leaves compare the
+``accounts`` columns (industry, employees, contacts by role, orders of all contacts, ...);
+a ``contacts`` leaf counts the account's contacts that have a role, match profile filters
+and did an event — "has a decision maker who requested a demo twice in 30 days" is
+``{contacts: {role: decision_maker, did: {event: Demo Requested, count: {value: 2},
+within_days: 30}}}``; "at least three contacts in finance or IT" is ``{contacts: {role:
+[finance, it]}, count: {value: 3}}``. A contact's event counts are the customers' own
+(``segments.derived.event_counts``), so the two kinds of segment read events the same way.
+``in_segment`` names another account segment. Event and sequence leaves are refused here:
+an account does nothing itself; its contacts do.
+
+Membership is kept apart from the customers' (``account_membership``, keyed by account id)
+as stays with entered and exited times, with the same diff as ``segments.audience``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from datetime import datetime
+
+import ibis
+import ibis.expr.datatypes as dt
+import ibis.expr.types as ir
+
+from closedloop.core.catalogue import Erasure, TableSpec, declare
+from closedloop.core.clock import Clock
+from closedloop.core.conditions import (
+    AllOf,
+    AnyOf,
+    Condition,
+    ContactsCondition,
+    EventCondition,
+    FieldCondition,
+    NotOf,
+    SegmentRef,
+    compile_condition,
+    leaves,
+)
+from closedloop.core.definitions import SegmentDef
+from closedloop.core.engine import Engine
+from closedloop.core.errors import Problem
+from closedloop.portrait.accounts import ACCOUNTS
+from closedloop.portrait.tables import PROFILES
+from closedloop.segments.derived import event_counts
+
+TS = "timestamp('UTC', 6)"
+
+ACCOUNT_MEMBERSHIP = declare(
+    TableSpec(
+        name="account_membership",
+        stage="segments",
+        description="Which accounts are (and were) in each account segment (`of: accounts`): "
+        "a row per stay, exited_at null while inside.",
+        columns={
+            "segment": "string",
+            "account_id": "string",
+            "entered_at": TS,
+            "exited_at": TS,
+        },
+        key=("segment", "account_id", "entered_at"),
+        erasure=Erasure.NONE,  # account ids, not persons
+    )
+)
+
+
+def _types(columns: dict[str, str]) -> dict[str, dt.DataType]:
+    return {c: dt.dtype(t) for c, t in columns.items()}
+
+
+def _check_field(
+    c: FieldCondition, types: dict[str, dt.DataType], where: str, key: str, what: str
+) -> list[Problem]:
+    if c.trait not in types:
+        close = difflib.get_close_matches(c.trait, list(types), n=3)
+        hint = f" (did you mean {' or '.join(repr(x) for x in close)}?)" if close else ""
+        return [Problem(where, f"unknown {what} field {c.trait!r}{hint}", key=f"{key}.trait")]
+    typ = types[c.trait]
+    for v in c.value if isinstance(c.value, list) else [c.value]:
+        if v is None:
+            continue
+        ok = (
+            (typ.is_numeric() and isinstance(v, int | float) and not isinstance(v, bool))
+            or (typ.is_string() and isinstance(v, str))
+            or (typ.is_boolean() and isinstance(v, bool))
+            or ((typ.is_timestamp() or typ.is_date()) and not isinstance(v, bool | int | float))
+        )
+        if not ok:
+            msg = f"field {c.trait!r} is {typ}, but the value {v!r} is {type(v).__name__}"
+            return [Problem(where, msg, key=f"{key}.value")]
+    return []
+
+
+def check_account_segment(seg: SegmentDef, segments: Sequence[str]) -> list[Problem]:
+    """Problems of an ``of: accounts`` segment, each pointing at the offending clause."""
+    where = f"segments/{seg.name}.yaml"
+    accounts = _types(ACCOUNTS.columns)
+    profiles = _types(PROFILES.columns)
+    problems: list[Problem] = []
+
+    def walk(c: Condition, path: str) -> None:
+        if isinstance(c, AllOf):
+            for i, x in enumerate(c.all):
+                walk(x, f"{path}.all.{i}")
+        elif isinstance(c, AnyOf):
+            for i, x in enumerate(c.any):
+                walk(x, f"{path}.any.{i}")
+        elif isinstance(c, NotOf):
+            walk(c.not_, f"{path}.not")
+        elif isinstance(c, FieldCondition):
+            problems.extend(_check_field(c, accounts, where, path, "account"))
+        elif isinstance(c, ContactsCondition):
+            for i, f in enumerate(c.contacts.where):
+                key = f"{path}.contacts.where.{i}"
+                problems.extend(_check_field(f, profiles, where, key, "profile"))
+        elif isinstance(c, SegmentRef):
+            if c.in_segment == seg.name or c.in_segment not in segments:
+                known = ", ".join(s for s in segments if s != seg.name)
+                msg = f"in_segment {c.in_segment!r} is not another segment (known: {known})"
+                problems.append(Problem(where, msg, key=f"{path}.in_segment"))
+        else:
+            kind = "event" if isinstance(c, EventCondition) else "sequence"
+            problems.append(
+                Problem(
+                    where,
+                    f"an account does no {kind}s itself: use `contacts: {{did: ...}}` "
+                    "to select accounts by what their contacts did",
+                    key=f"{path}.{kind}",
+                )
+            )
+
+    walk(seg.where, "where")
+    return problems
+
+
+def contact_counts(engine: Engine, leaf: ContactsCondition, as_of: datetime) -> ir.Table:
+    """(account_id, n): how many of each account's contacts match ``leaf.contacts``."""
+    c = engine.table("account_contacts").select("account_id", "customer_id", "role")
+    f = leaf.contacts
+    if f.role:
+        c = c.filter(c.role.isin(list(f.role)))
+    if f.where:
+        p = engine.table("profiles")
+        cols = sorted({x.trait for x in f.where})
+        j = c.join(p.select("customer_id", *cols), "customer_id")
+        c = j.filter(compile_condition(AllOf(all=list(f.where)), j)).select(
+            "account_id", "customer_id", "role"
+        )
+    if f.did is not None:
+        n = event_counts(engine, f.did, as_of)
+        j = c.left_join(n, "customer_id").drop("customer_id_right")
+        j = j.rename({f.did.derived_column: "n"})
+        c = j.filter(compile_condition(f.did, j)).select("account_id", "customer_id", "role")
+    return c.group_by("account_id").aggregate(n=c.count())
+
+
+def with_contact_columns(
+    engine: Engine, table: ir.Table, cond: Condition, as_of: datetime
+) -> ir.Table:
+    """``table`` (accounts) plus one column per ``contacts`` and ``in_segment`` leaf."""
+    seen: set[str] = set()
+    for leaf in leaves(cond):
+        if not isinstance(leaf, ContactsCondition | SegmentRef) or leaf.derived_column in seen:
+            continue
+        name = leaf.derived_column
+        seen.add(name)
+        if isinstance(leaf, ContactsCondition):
+            part = contact_counts(engine, leaf, as_of).rename({name: "n"})
+        else:
+            m = engine.table(ACCOUNT_MEMBERSHIP.name)
+            m = m.filter((m.segment == leaf.in_segment) & m.exited_at.isnull())
+            part = m.select("account_id", **{name: ibis.literal(True)}).distinct()
+        table = table.left_join(part, "account_id").drop("account_id_right")
+    return table
+
+
+def account_members_expr(engine: Engine, seg: SegmentDef, as_of: datetime) -> ir.Table:
+    """The accounts in ``seg`` as of ``as_of``: one ``account_id`` column."""
+    t = with_contact_columns(engine, engine.table("accounts"), seg.where, as_of)
+    return t.filter(compile_condition(seg.where, t)).select("account_id")
+
+
+def qualifying(seg: SegmentDef) -> dict[str, str]:
+    """Readable label → column, for the fields that explain why an account qualified."""
+    out: dict[str, str] = {}
+    for leaf in leaves(seg.where):
+        if isinstance(leaf, FieldCondition):
+            out.setdefault(leaf.trait, leaf.trait)
+        elif isinstance(leaf, ContactsCondition):
+            f = leaf.contacts
+            label = "contacts" + (f" ({', '.join(f.role)})" if f.role else "")
+            if f.did is not None:
+                window = f" in {f.did.within_days}d" if f.did.within_days else ""
+                label += f" who did {f.did.event}{window}"
+            while label in out and out[label] != leaf.derived_column:
+                label += "'"
+            out[label] = leaf.derived_column
+        elif isinstance(leaf, SegmentRef):
+            out[f"in {leaf.in_segment}"] = leaf.derived_column
+    return out
+
+
+def account_preview_expr(engine: Engine, seg: SegmentDef, as_of: datetime) -> ir.Table:
+    """Member accounts with their name and the fields that qualified them (writes nothing)."""
+    t = with_contact_columns(engine, engine.table("accounts"), seg.where, as_of)
+    members = t.filter(compile_condition(seg.where, t))
+    shown = {label: members[col] for label, col in qualifying(seg).items() if label != "name"}
+    return members.select("account_id", "name", **shown).order_by("account_id")
+
+
+def evaluate_account_segment(
+    engine: Engine, seg: SegmentDef, clock: Clock | None = None
+) -> tuple[int, int, int]:
+    """Re-evaluate an account segment; record entries and exits. Returns (size, in, out)."""
+    as_of = (clock or Clock()).now()
+    now = ibis.literal(as_of).cast(TS)
+    current = engine.scratch("acct_seg_current", account_members_expr(engine, seg, as_of))
+    m = engine.table(ACCOUNT_MEMBERSHIP.name)
+    others = m.filter(m.segment != seg.name)
+    mine = m.filter(m.segment == seg.name)
+    open_ = mine.filter(mine.exited_at.isnull())
+    closed = mine.filter(mine.exited_at.notnull())
+    stay = open_.semi_join(current, "account_id")
+    leaving = open_.anti_join(current, "account_id").mutate(exited_at=now)
+    arriving = current.anti_join(open_, "account_id").select(
+        segment=ibis.literal(seg.name), account_id="account_id", entered_at=now
+    )
+    arriving = arriving.mutate(exited_at=ibis.null(TS))
+    entered = int(arriving.count().execute())
+    exited = int(leaving.count().execute())
+    size = int(current.count().execute())
+    if entered or exited:
+        new = others.union(closed, distinct=False).union(stay, distinct=False)
+        new = new.union(leaving, distinct=False).union(arriving, distinct=False)
+        engine.replace(ACCOUNT_MEMBERSHIP.name, engine.scratch("acct_seg_new", new))
+    return size, entered, exited
+
+
+def current_account_members(engine: Engine, segment: str) -> ir.Table:
+    m = engine.table(ACCOUNT_MEMBERSHIP.name)
+    return m.filter((m.segment == segment) & m.exited_at.isnull()).select(
+        "account_id", "entered_at"
+    )
