@@ -5,6 +5,8 @@ from __future__ import annotations
 import ibis
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import closedloop.activate.tables
 import closedloop.measure.tables
@@ -12,7 +14,7 @@ import closedloop.portrait.tables
 import closedloop.segments.tables
 import closedloop.tags.tables  # noqa: F401  (declare every stage's tables)
 from closedloop.core.catalogue import CATALOGUE, STAGES, Catalogue, Erasure, TableSpec
-from closedloop.core.engine import Engine
+from closedloop.core.engine import Engine, table_differences
 
 
 def test_every_table_has_an_owner_a_key_and_an_erasure_rule() -> None:
@@ -112,3 +114,54 @@ def test_file_engine_persists(tmp_path: object) -> None:
     with Engine(f"duckdb:///{path}") as e:
         assert e.count("tag_values") == 1
         assert e.can("local_arrow") and not e.can("nothing")
+
+
+_ROWS = st.lists(
+    st.tuples(
+        st.one_of(st.none(), st.integers(-3, 3)),
+        st.one_of(st.none(), st.floats(-1e6, 1e6, allow_nan=False)),
+        st.one_of(st.none(), st.lists(st.sampled_from("abc"), max_size=3)),
+    ),
+    max_size=12,
+)
+
+
+def _table(rows: list[tuple[int | None, float | None, list[str] | None]]) -> pa.Table:
+    return pa.table(
+        {
+            "i": pa.array([r[0] for r in rows], pa.int64()),
+            "f": pa.array([r[1] for r in rows], pa.float64()),
+            "a": pa.array([r[2] for r in rows], pa.list_(pa.string())),
+        }
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=_ROWS, data=st.data())
+def test_table_differences_ignore_order_and_rounding_but_nothing_else(
+    rows: list[tuple[int | None, float | None, list[str] | None]], data: st.DataObject
+) -> None:
+    """Two engines' copies of a table: equal in any row order, floats to ``rtol``."""
+    shuffled = data.draw(st.permutations(rows))
+    nudged = [(i, None if f is None else f * (1 + 1e-12), a) for i, f, a in shuffled]
+    assert table_differences(_table(rows), _table(nudged), rtol=1e-9) == []
+    if rows:
+        k = data.draw(st.integers(0, len(rows) - 1))
+        i, f, a = rows[k]
+        changed = list(rows)
+        changed[k] = (i, f, [*(a or []), "z"])
+        assert table_differences(_table(rows), _table(changed)) != []
+        assert table_differences(_table(rows), _table(rows[:k] + rows[k + 1 :])) != []
+        changed[k] = (i, 1.0 if f is None else f + max(1.0, abs(f) * 1e-6), a)
+        assert table_differences(_table(rows), _table(changed), rtol=1e-9) != []
+
+
+def test_table_differences_name_the_column_and_types() -> None:
+    a = pa.table({"x": pa.array([1, 2], pa.int64())})
+    assert table_differences(a, pa.table({"x": pa.array([1, 3], pa.int64())})) == [
+        "row 1 x: 2 != 3"
+    ]
+    assert table_differences(a, pa.table({"x": pa.array([1, 2], pa.int32())})) == [
+        "x: type int64 != int32"
+    ]
+    assert table_differences(a, pa.table({"y": [1, 2]})) == ["columns ['x'] != ['y']"]
