@@ -47,10 +47,10 @@ from closedloop.core.engine import Engine
 log = logging.getLogger(__name__)
 _decode = msgspec.json.Decoder().decode
 PASS_BYTES = 64 * 1024 * 1024  # read at most this much spool per pass (~140,000 messages)
-# Messages per warehouse write. Each write costs a semi-join of its ids against the whole
-# event log and a DuckDB commit, so small chunks cost more CPU per message (measured here:
-# 8.7 µs at 10,000 rows, 4.8 at 50,000, 3.9 at 200,000); a few chunks per pass still let
-# one be written while the next is built.
+# Messages per warehouse write. Each write costs a probe of the key index and a DuckDB
+# commit (before the index: a semi-join against the whole event log), so small chunks cost
+# more CPU per message (measured with the semi-join: 8.7 µs at 10,000 rows, 4.8 at 50,000,
+# 3.9 at 200,000); a few chunks per pass still let one be written while the next is built.
 CHUNK_ROWS = 50_000
 MAX_CHUNKS_IN_FLIGHT = 2  # built chunks waiting for the writer (bounds memory)
 
@@ -79,8 +79,10 @@ class SpoolLoader:
         chunk_rows: int = CHUNK_ROWS,
         clock: Clock | None = None,
         dedup_window: timedelta | None = None,
+        indexed: bool | None = None,
     ) -> None:
         self.engine = engine
+        self.indexed = indexed  # Intake's choice of dedup path (None: by the engine)
         self.sources = {s.name: s for s in sources}
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -211,6 +213,7 @@ class SpoolLoader:
                         location=f"spool:{self.folder}",
                         clock=self.clock,
                         dedup_window=self.dedup_window,
+                        indexed=self.indexed,
                     )
                     intakes[source_name] = (intake, intake.builder())
                 builder = intakes[source_name][1]

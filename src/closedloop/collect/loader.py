@@ -271,16 +271,19 @@ _Ints32 = npt.NDArray[np.int32]
 _Seconds = npt.NDArray[np.uint32]
 
 
-def key_hashes(kind: bytes, ids: Sequence[str]) -> tuple[_Ints, _Ints32]:
-    """The 96-bit keys of ``ids`` of one kind: blake2b of kind, NUL, id, as int64 and int32.
+def key_hashes(
+    kind: bytes, ids: pa.Array | pa.ChunkedArray | Sequence[str]
+) -> tuple[_Ints, _Ints32]:
+    """The 96-bit keys of ``ids`` of one kind: blake2b of the id's UTF-8 bytes, personalised
+    with the kind (so a message id and a failure id never share a key), as int64 and int32.
 
     96 bits make a collision among 10^10 ids about 10^-9 likely. Hashing happens here, not in
     SQL, so every backend (and a backend upgrade) computes the same keys.
     """
-    prefix = kind + b"\0"
-    digests = b"".join(
-        [blake2b(prefix + i.encode("utf-8", "surrogatepass"), digest_size=12).digest() for i in ids]
-    )
+    if not isinstance(ids, pa.Array | pa.ChunkedArray):
+        ids = pa.array(ids, pa.string())
+    raw = ids.cast(pa.binary()).to_pylist()  # bytes straight from Arrow: no str, no encode
+    digests = b"".join([blake2b(i, digest_size=12, person=kind).digest() for i in raw])
     pairs = np.frombuffer(digests, dtype=_KEY_DTYPE)
     return pairs["hi"].astype(np.int64), pairs["lo"].astype(np.int32)
 
@@ -413,7 +416,7 @@ class KeyStore:
             self._load(engine)
             self.ready = True
             return
-        t = engine.table(tables.INTAKE_KEYS.name)
+        t = engine.con.table(tables.INTAKE_KEYS.name)  # exists: made by the first load
         fresh = engine.to_arrow(t.filter(t.seq > self.seq))
         self._take(fresh)
 
@@ -469,7 +472,7 @@ class KeyStore:
             t = t.filter(t[id_col].notnull()).group_by(id_col).aggregate(at=t[at_col].max())
             ids = engine.to_arrow(t)
             for batch in ids.to_batches(1_000_000):
-                hi, lo = key_hashes(kind, batch[id_col].to_pylist())
+                hi, lo = key_hashes(kind, batch[id_col])
                 parts.append(_key_rows(hi, lo, batch["at"], 1))
         # The loader before intake_keys wrote external ids, then events: a crash between the
         # two left external ids of messages that are not in events. Drop them; the re-run
@@ -587,8 +590,8 @@ class Intake:
         # Seconds, rounded down: an event received in the cutoff's own second still counts.
         floor = 1 if cutoff is None else max(1, int(cutoff.timestamp()))
         events, external, failures = chunk.events, chunk.external_ids, chunk.failures
-        m_hi, m_lo = key_hashes(_MESSAGE, events["message_id"].to_pylist())
-        f_hi, f_lo = key_hashes(_FAILURE, failures["failure_id"].to_pylist())
+        m_hi, m_lo = key_hashes(_MESSAGE, events["message_id"])
+        f_hi, f_lo = key_hashes(_FAILURE, failures["failure_id"])
         with store.lock, store.rolled_back_on_error(), _transaction(engine):
             store.catch_up(engine)
             last = store.keys.lookup(m_hi, m_lo)
@@ -610,7 +613,9 @@ class Intake:
                 ]
             )
             if keys.num_rows:
-                engine.append(tables.INTAKE_KEYS.name, keys)
+                with engine.temporary(keys) as fresh_keys:
+                    name = tables.INTAKE_KEYS.name
+                    engine.con.insert(name, engine.conform(name, fresh_keys))
             if external.num_rows:
                 with engine.temporary(external) as fresh:
                     if again.any():
