@@ -138,6 +138,10 @@ def accounts_expr(
     ev = ev.filter(ev.timestamp <= ibis.literal(as_of).cast(TS))
     groups = ev.filter(ev.type == "group")
     props = groups.properties.cast("json")
+    # The group's traits, parsed once (a JSON column would not survive a PostgreSQL scratch).
+    gt = props["traits"]
+    values = {t: _text(gt[t]) for t in TEXT_TRAITS}
+    values["employees"] = _text(gt["employees"]).try_cast("float64").round().cast("int64")
     groups = engine.scratch(
         "accounts_groups",
         groups.select(
@@ -145,7 +149,7 @@ def accounts_expr(
             "timestamp",
             "traits",
             account_id=_text(props["groupId"]),
-            group_traits=props["traits"],
+            **values,
         ).filter(lambda t: t.account_id.notnull()),
     )
     if int(groups.count().execute()) == 0:
@@ -218,10 +222,7 @@ def accounts_expr(
     )
 
     # The account's traits: per field, the latest non-empty value any group call stated.
-    gt = groups.group_traits
-    values = {t: _text(gt[t]) for t in TEXT_TRAITS}
-    values["employees"] = _text(gt["employees"]).try_cast("float64").round().cast("int64")
-    g = groups.select("account_id", "timestamp", **values)
+    g = groups
     traits = g.group_by("account_id").aggregate(
         first_seen=g.timestamp.min(),
         last_seen=g.timestamp.max(),
