@@ -146,3 +146,20 @@ def test_a_wrong_account_segment_fails_validation_with_lines(tmp_path: Path) -> 
     assert any(
         p.startswith("segments/bad_accounts.yaml:6 [where.any.1.event]") for p in problems
     ), problems
+
+
+def test_validate_reports_accounts_yaml_with_lines(tmp_path: Path) -> None:
+    from closedloop.cli.main import app
+
+    init_project(tmp_path / "p")
+    r = runner.invoke(app, ["validate", "-p", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "p" / "accounts.yaml").write_text(
+        "role_sources:\n  - {from: crm, trait: title}\ndefault_role: boss\n"
+    )
+    r = runner.invoke(app, ["validate", "-p", str(tmp_path / "p")], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert "accounts.yaml:2 [role_sources.0.from]" in r.output
+    assert "accounts.yaml:3 [default_role]" in r.output
+    r = runner.invoke(app, ["account", "list", "-p", str(tmp_path / "p")])
+    assert r.exit_code == 0 and "0 accounts" in r.output

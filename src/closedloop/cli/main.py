@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from closedloop.cli import (
+    account_cmds,
     campaign_cmds,
     collect_cmds,
     identity_cmds,
@@ -56,6 +57,12 @@ def validate(project: ProjectDir = Path(".")) -> None:
 
     p = project_or_exit(project)
     problems = check_project(p) + check_journeys(p)
+    try:  # accounts.yaml: where B2B contacts' roles are read (core.definitions.accounts)
+        from closedloop.core.definitions.accounts import load_accounts
+
+        load_accounts(p.root)
+    except DefinitionError as e:
+        problems += e.problems
     if problems:
         raise fail(DefinitionError(problems))
     console.print(
@@ -170,6 +177,7 @@ portrait_cmds.register(app)
 profile_cmds.register(app)
 predict_cmds.register(app)
 tag_cmds.register(app)
+account_cmds.register(app)
 
 if __name__ == "__main__":
     app()
