@@ -190,6 +190,8 @@ def resolve(
     now = clock.now()
     _upgrade(engine)
     p = plan(engine, config, reason=reason, allow=incremental)
+    if p.path == INCREMENTAL and p.new_messages == 0:
+        return _nothing_new(engine, config, now, p)
     if p.path == INCREMENTAL:
         done = _run(engine, config, now, reason, p)
         if done is not None:
@@ -453,29 +455,42 @@ def _run(
         else:
             engine.append("identity_occurrences", occ_rows)
             engine.append("identity_messages", seen)
-        last = last_run(engine)
-        seq = int(str(last["seq"])) + 1 if last is not None else 1
-        engine.append(
-            "identity_runs",
-            pa.Table.from_pylist(
-                [
-                    {
-                        "seq": seq,
-                        "run_id": run_id,
-                        "path": p.path,
-                        "why": p.why,
-                        "config_digest": config_digest(config),
-                        "blocks_digest": blocks_digest(engine),
-                        "messages": int(engine.table("identity_messages").count().execute()),
-                        "new_messages": p.new_messages,
-                        "region_identifiers": len(frame),
-                        "ran_at": now,
-                    }
-                ]
-            ),
-        )
+        _record_run(engine, config, p, run_id, len(frame), now)
 
     return _result(engine, ledger, changes, run_id, p)
+
+
+def _record_run(
+    engine: Engine, config: IdentityConfig, p: Plan, run_id: str, region_size: int, now: datetime
+) -> None:
+    """Append this run's row to ``identity_runs`` (inside the run's transaction)."""
+    last = last_run(engine)
+    row = {
+        "seq": int(str(last["seq"])) + 1 if last is not None else 1,
+        "run_id": run_id,
+        "path": p.path,
+        "why": p.why,
+        "config_digest": config_digest(config),
+        "blocks_digest": blocks_digest(engine),
+        "messages": int(engine.table("identity_messages").count().execute()),
+        "new_messages": p.new_messages,
+        "region_identifiers": region_size,
+        "ran_at": now,
+    }
+    engine.append("identity_runs", pa.Table.from_pylist([row]))
+
+
+def _nothing_new(engine: Engine, config: IdentityConfig, now: datetime, p: Plan) -> ResolveResult:
+    """An incremental run without new events: nothing can change; only the run is recorded.
+
+    Its id is what a full run that changes nothing would get.
+    """
+    n_previous = int(engine.table("identity_map").count().execute())
+    run_id = format(stable_hash64("resolve", now.isoformat(), str(n_previous)), "016x")
+    with _atomic(engine):
+        _record_run(engine, config, p, run_id, 0, now)
+    none = pd.DataFrame({"customer_id": pd.Series([], dtype=str)})
+    return _result(engine, pd.DataFrame(), none, run_id, p)
 
 
 class _Writer:
