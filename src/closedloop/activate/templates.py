@@ -56,7 +56,8 @@ def uses(text: str) -> Uses:
     loop_vars: set[str] = set()
     for f in ast.find_all(nodes.For):
         if isinstance(f.iter, nodes.Name) and f.iter.name == RECOMMENDED:
-            loop_vars |= {n.name for n in f.target.find_all(nodes.Name)}
+            found = [f.target, *f.target.find_all(nodes.Name)]  # a name, or a tuple of them
+            loop_vars |= {n.name for n in found if isinstance(n, nodes.Name)}
     bad: set[str] = set()
     for g in ast.find_all(nodes.Getattr):
         if _is_item(g.node, loop_vars) and g.attr not in RECOMMENDED_FIELDS:
@@ -81,12 +82,24 @@ def _is_item(node: nodes.Node, loop_vars: set[str]) -> bool:
     )
 
 
-def _bare(node: nodes.Node, guard: bool | None, out: set[str]) -> None:
-    """Collect names read where a None (or an empty list) would print as a blank."""
+def _bare(
+    node: nodes.Node, guard: bool | None, out: set[str], tested: frozenset[str] = frozenset()
+) -> None:
+    """Collect names read where a None (or an empty list) would print as a blank.
+
+    ``tested``: names an enclosing ``if`` has tested true (its body never sees them empty).
+    """
     if isinstance(node, nodes.Name):
-        if node.ctx == "load" and not guard:
+        if node.ctx == "load" and not guard and node.name not in tested:
             out.add(node.name)
         return
+    inner = tested
+    if isinstance(node, nodes.If):
+        inner = tested | {
+            n.name
+            for n in [node.test, *node.test.find_all(nodes.Name)]
+            if isinstance(n, nodes.Name)
+        }
     for field_name, child in node.iter_fields():
         kids = child if isinstance(child, list) else [child]
         for kid in kids:
@@ -103,7 +116,8 @@ def _bare(node: nodes.Node, guard: bool | None, out: set[str]) -> None:
                 )
                 or (isinstance(node, nodes.Test) and field_name == "node")
             )
-            _bare(kid, guarded or (guard and isinstance(kid, nodes.Name)), out)
+            scope = inner if field_name == "body" else tested
+            _bare(kid, guarded or (guard and isinstance(kid, nodes.Name)), out, scope)
 
 
 def depersonalise(ctx: dict[str, Any]) -> dict[str, Any]:
