@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from closedloop.core.definitions import load_project
 from closedloop.core.engine import Engine
 from tests.collect.conftest import free_port, request
@@ -174,3 +176,65 @@ def test_serve_without_refresh_only_loads(tmp_path: Path) -> None:
     with Engine(load_project(proj).engine_url) as engine:
         assert engine.count("events") == 1
         assert not engine.exists("profiles") and not engine.exists("live_refreshes")
+
+
+def _state(engine: Engine) -> tuple[Any, Any, list[tuple[str, str]]]:
+    """Profiles, traits and current segment members, customers named by an identifier."""
+    from tests.portrait.test_refresh import keyed
+
+    profiles, traits = keyed(engine)
+    m = engine.table("identity_map").to_pyarrow().to_pylist()
+    key: dict[str, str] = {}
+    for r in m:
+        k = f"{r['id_type']}:{r['id_value']}"
+        key[r["customer_id"]] = min(key.get(r["customer_id"], k), k)
+    s = engine.table("segment_membership")
+    rows = s.filter(s.exited_at.isnull()).to_pyarrow().to_pylist()
+    members = sorted((r["segment"], key.get(r["customer_id"], r["customer_id"])) for r in rows)
+    return profiles, traits, members
+
+
+@pytest.mark.slow  # two generated warehouses, a killed refresh and its repair (about 40 s)
+@pytest.mark.parametrize("kill_after", [0.0, 1.0])
+def test_a_refresh_killed_half_way_is_repaired_by_the_next_run(
+    tmp_path: Path, kill_after: float
+) -> None:
+    """SIGKILL the warehouse owner during its refresh; its next run equals a clean build."""
+    from closedloop.demo.generator import generate
+    from closedloop.demo.project import init_project, relative_data_dir
+    from closedloop.pipeline import build, load_imports
+
+    generate(tmp_path / "brand", 300)
+    data = tmp_path / "brand" / "data"
+    live, clean = tmp_path / "live", tmp_path / "clean"
+    for root in (live, clean):
+        init_project(root, data_dir=relative_data_dir(root, data))
+    project = load_project(live)
+    with Engine(project.engine_url) as engine:
+        load_imports(engine, project)
+    command = [sys.executable, "-m", "closedloop.serving.owner", "--project", str(live)]
+    command += ["--spool", str(live / "spool")]
+    killed = subprocess.Popen(command, stderr=subprocess.PIPE)
+    wal = live / "warehouse.duckdb.wal"
+    deadline = time.monotonic() + 120
+    while not wal.exists():  # the refresh has started writing
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(kill_after)
+    killed.kill()
+    killed.wait(timeout=30)
+    with Engine(project.engine_url) as engine:  # killed before the refresh finished
+        assert not engine.exists("live_refreshes") or engine.count("live_refreshes") == 0
+    repair = subprocess.run([*command, "--once"], capture_output=True, timeout=300, check=False)
+    assert repair.returncode == 0, repair.stderr.decode()[-2000:]
+    reference = load_project(clean)
+    with Engine(reference.engine_url) as engine:
+        build(engine, reference)
+        expected = _state(engine)
+    with Engine(project.engine_url) as engine:
+        got = _state(engine)
+        runs = engine.table("live_refreshes").to_pyarrow().to_pylist()
+    assert runs and runs[-1]["reason"] == "start"
+    assert got[0] == expected[0]
+    assert got[1] == expected[1]
+    assert got[2] == expected[2]

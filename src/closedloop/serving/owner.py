@@ -33,8 +33,13 @@ def run_loader(
     refresher: LiveRefresher | None,
     dedup_window: timedelta | None = None,
     idle_seconds: float = 0.05,
+    once: bool = False,
 ) -> None:
-    """Load the spool pass after pass until ``stop``; refresh after each pass."""
+    """Load the spool pass after pass until ``stop``; refresh after each pass.
+
+    ``once``: one pass (load, then the start-up refresh) and return — a cron job's run, or a
+    repair after a crash.
+    """
     import closedloop.collect.tables  # noqa: F401 - declares the tables written here
     from closedloop.collect.drain import SpoolLoader
     from closedloop.core.definitions import load_project
@@ -46,6 +51,8 @@ def run_loader(
         while not stop.is_set():
             moved = loader.run_once()
             ran = refresher(engine, moved.accepted) if refresher is not None else None
+            if once:
+                return
             if moved.records == 0 and ran is None:
                 stop.wait(idle_seconds)
 
@@ -64,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-refresh", action="store_true", help="load only, refresh nothing")
     parser.add_argument("--dedup-window-days", type=float, default=None)
+    parser.add_argument("--once", action="store_true", help="one pass and its refresh, then exit")
     args = parser.parse_args(argv)
     window = None if args.dedup_window_days is None else timedelta(days=args.dedup_window_days)
     logging.basicConfig(level=logging.INFO, format="serve: %(message)s")
@@ -90,9 +98,17 @@ def main(argv: list[str] | None = None) -> None:
             dedup_window=window,
             on_tick=log.info,
             after_load=refresher,
+            once=args.once,
         )
     else:
-        run_loader(project.root, Path(args.spool), stop, refresher=refresher, dedup_window=window)
+        run_loader(
+            project.root,
+            Path(args.spool),
+            stop,
+            refresher=refresher,
+            dedup_window=window,
+            once=args.once,
+        )
 
 
 if __name__ == "__main__":
