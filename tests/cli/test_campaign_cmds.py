@@ -174,3 +174,19 @@ def test_preview_of_a_person_who_refused_personalisation(built_once: Path) -> No
     (msg,) = doc["messages"]
     assert doc["personalised"] is False
     assert people[0]["top_category"] not in msg["body"] and "your favourites" in msg["body"]
+
+
+def test_dry_run_shows_who_lost_arbitration_and_to_whom(built: Path) -> None:
+    camp = built / "campaigns"
+    (camp / "winback.yaml").write_text(
+        (camp / "winback.yaml").read_text() + "arbitration: priority\n"
+    )
+    (camp / "thanks.yaml").write_text(
+        "name: thanks\naudience: lapsed_buyers\ntemplate: 'Thank you, {{ name }}'\n"
+        "priority: 5\narbitration: priority\nholdout: 0.1\n"
+    )
+    args = ["winback", "-p", str(built), "--as-of", AS_OF, "--show", "500"]
+    r = runner.invoke(app, ["campaign", "dry-run", *args])
+    assert r.exit_code == 0, r.output
+    assert "lost arbitration to thanks" in r.output
+    assert "0 would be messaged" in r.output  # every lapsed buyer goes to the higher priority

@@ -42,9 +42,11 @@ from closedloop.activate.assignment import (
     variant_renderers,
 )
 from closedloop.activate.policy import (
+    LOST,
     OPT_OUT_FIELD,
     Reason,
     Slot,
+    arbitrate,
     cap_blocked,
     fixed_reason,
     local_days,
@@ -181,6 +183,7 @@ def run_campaign(
     dry_run: bool = False,
     customers: Sequence[str] | None = None,
     global_control: GlobalControl | None = None,
+    rivals: Sequence[CampaignDef] = (),
 ) -> CampaignRun:
     """Decide and write this occasion's messages for everyone in the audience not yet decided.
 
@@ -196,6 +199,11 @@ def run_campaign(
 
     ``global_control`` is the project's: its members are excluded (``held_out`` in group
     ``global_control``); holdout and variants are drawn by ``activate.assignment``.
+
+    ``rivals`` are the project's other campaigns: with ``arbitration`` set, a person who
+    qualifies for several arbitrating campaigns belongs to one (``activate.policy.arbitrate``)
+    and the others record ``lost_arbitration:WINNER`` — decided before the holdout split,
+    like consent, so each campaign's groups are drawn from the people it may message.
     """
     bad_templates = check_templates(campaign)
     if bad_templates:  # a missing field is an error before anyone is decided, not a blank
@@ -245,6 +253,12 @@ def run_campaign(
             reason[i] = r.value
             continue
         eligible.append(i)
+    lost = arbitrate(engine, campaign, rivals, [cid[i] for i in eligible])
+    if lost:
+        for i in eligible:
+            if cid[i] in lost:
+                reason[i] = LOST + lost[cid[i]]
+        eligible = [i for i in eligible if cid[i] not in lost]
     drawn = campaign_groups(engine, campaign, [cid[i] for i in eligible], global_control)
     for i, g, v in zip(eligible, drawn.group, drawn.variant, strict=True):
         group[i], variant[i] = g, v
@@ -590,6 +604,7 @@ def preview_campaign(
     policy: ContactPolicy | None = None,
     timezone: str | None = None,
     global_control: GlobalControl | None = None,
+    rivals: Sequence[CampaignDef] = (),
 ) -> Preview:
     """Render the exact message(s) ``identifier``'s customer would get, and say why not.
 
@@ -653,8 +668,11 @@ def preview_campaign(
     )
     group: str | None = None
     assigned: str | None = None
+    lost = arbitrate(engine, campaign, rivals, [cid]) if fixed is None else {}
     if fixed is not None:
         stopped.append(fixed.value)
+    elif lost:
+        stopped.append(LOST + lost[cid])
     else:
         drawn = campaign_groups(engine, campaign, [cid], global_control)
         group, assigned = drawn.group[0], drawn.variant[0]

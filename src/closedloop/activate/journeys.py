@@ -384,6 +384,7 @@ class Walker:
                 checkpoint=self.hook,
                 customers=ids,
                 global_control=self.project.config.global_control,
+                rivals=list(self.project.campaigns.values()),
             )
             self.result += WalkResult(run.sent, run.held_out, run.suppressed)
             self.hook("journey_sent")

@@ -60,6 +60,7 @@ def _decide(
                 clock=clock,
                 dry_run=dry,
                 global_control=p.config.global_control,
+                rivals=list(p.campaigns.values()),
             )
         except ClosedloopError as e:
             raise fail(e) from None
@@ -76,7 +77,7 @@ def _decide(
         f"{run.held_out:,} held out, {run.suppressed:,} stopped by the contact policy"
     )
     for reason, n in sorted((run.reasons or {}).items(), key=lambda x: -x[1]):
-        console.print(f"    {reason}: {n:,}")
+        console.print(f"    {_reason(reason)}: {n:,}")
     if dry and run.decisions is not None and run.decisions.num_rows:
         rows = run.decisions.select(
             ["customer_id", "group", "variant", "status", "reason", "send_at"]
@@ -93,15 +94,25 @@ def _decide(
             people.add_column(head, overflow="fold")
         for r in rows[:show]:
             at = r["send_at"].strftime("%Y-%m-%d %H:%M") if r["send_at"] else "—"
-            cells = (
+            cells = [
                 str(r[k] or "—") for k in ("customer_id", "group", "variant", "status", "reason")
-            )
+            ]
+            cells[4] = _reason(cells[4])
             people.add_row(*cells, at)
         console.print(people)
         if len(rows) > show:
             console.print(f"  (first {show:,} of {len(rows):,} people; --show N for more)")
     if not dry and run.outbox is not None:
         console.print(f"  outbox: {run.outbox}")
+
+
+def _reason(reason: str) -> str:
+    """A suppression reason as people read it."""
+    from closedloop.activate.policy import LOST
+
+    if reason.startswith(LOST):
+        return f"lost arbitration to {reason[len(LOST) :]}"
+    return reason
 
 
 @campaign_app.command("dry-run")
@@ -157,6 +168,7 @@ def preview_cmd(
                 occasion=occasion,
                 clock=Clock(as_of),
                 global_control=p.config.global_control,
+                rivals=list(p.campaigns.values()),
             )
         except ClosedloopError as e:
             raise fail(e) from None
@@ -177,7 +189,7 @@ def preview_cmd(
     else:
         out("  verdict: would NOT be sent today:", markup=False)
         for why in pv.stopped_by:
-            out(f"    - {why}", markup=False)
+            out(f"    - {_reason(why)}", markup=False)
     for m in pv.messages:
         head = f"step {m.step}: " if m.step else ""
         out(f"\n── {head}{m.channel} to {m.address or '(no address)'}", markup=False)

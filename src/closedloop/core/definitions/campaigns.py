@@ -431,6 +431,13 @@ def step_targets(step: Any) -> list[tuple[str, str | None]]:
 
 
 # ---- the campaign -------------------------------------------------------------------------
+class Arbitration(StrEnum):
+    """How a person who qualifies for several campaigns the same day is given to one."""
+
+    PRIORITY = "priority"  # the highest priority wins (then the name)
+    VALUE = "value"  # the highest expected value wins; priority when scores are missing
+
+
 class CampaignDef(Definition):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
@@ -463,6 +470,24 @@ class CampaignDef(Definition):
         description="the non-personalised version, for people who refused personalisation",
     )
     recommend: int = Field(3, ge=1, le=20, description="products in `recommended` (templates)")
+    arbitration: Arbitration | None = Field(
+        None,
+        description="compete with the project's other arbitrating campaigns for each person: "
+        "by priority, or by expected value (value_model score x value_per_conversion)",
+    )
+    value_model: str | None = Field(None, min_length=1, description="a model in model_scores")
+    value_per_conversion: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_value(self) -> CampaignDef:
+        if (self.value_model is None) != (self.value_per_conversion is None):
+            raise ValueError("`value_model` and `value_per_conversion` go together")
+        if self.arbitration is Arbitration.VALUE and self.value_model is None:
+            raise ValueError(
+                "arbitration: value needs `value_model` (a model in model_scores: the "
+                "chance to convert) and `value_per_conversion`"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_variants(self) -> CampaignDef:
