@@ -122,21 +122,27 @@ def role_python(text: str | None, config: AccountsConfig) -> str:
 
 
 def _empty(engine: Engine) -> None:
+    """Both tables empty (swapped whole, like a build), left alone when they are already."""
     for spec in (ACCOUNTS, ACCOUNT_CONTACTS):
-        engine.drop(spec.name)
-        engine.ensure(spec)
+        if not engine.exists(spec.name) or engine.count(spec.name):
+            engine.replace(spec.name, spec.schema.to_pyarrow().empty_table())
 
 
 def accounts_expr(
     engine: Engine, as_of: datetime, config: AccountsConfig | None = None
 ) -> tuple[ir.Table, ir.Table] | None:
     """(accounts, account_contacts) as of ``as_of``; None when no group call exists yet."""
-    from closedloop.portrait.build import customer_events, exact_sum, may_hold
+    from closedloop.portrait.build import exact_sum, may_hold
 
     config = config or AccountsConfig()
-    ev = customer_events(engine)
-    ev = ev.filter(ev.timestamp <= ibis.literal(as_of).cast(TS))
-    groups = ev.filter(ev.type == "group")
+    raw = engine.table("events")
+    raw = raw.filter(raw.timestamp <= ibis.literal(as_of).cast(TS))
+    ec = engine.table("event_customers").select("message_id", "customer_id")
+    # Group calls first, then their customers: the whole log is never joined to customers.
+    groups = raw.filter(raw.type == "group")
+    if int(groups.count().execute()) == 0:  # a consumer brand: one cheap filtered count
+        return None
+    groups = groups.join(ec, "message_id")
     props = groups.properties.cast("json")
     # The group's traits, parsed once (a JSON column would not survive a PostgreSQL scratch).
     gt = props["traits"]
@@ -157,7 +163,7 @@ def accounts_expr(
     known = groups.select("account_id").distinct()
     # The contacts' events, with the account each names (a group call's own, or context's).
     contacts_of = groups.select("customer_id").distinct()
-    mine = ev.semi_join(contacts_of, "customer_id")
+    mine = raw.join(ec.semi_join(contacts_of, "customer_id"), "message_id")
     ctx = mine.context.cast("json")
     named = ibis.ifelse(
         may_hold(mine.context, "groupId"), _text(ctx["groupId"]), ibis.null("string")
