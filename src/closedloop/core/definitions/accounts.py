@@ -18,7 +18,10 @@ case-insensitive keywords — first matching rule wins, else ``default``::
       - {role: decision_maker, match: [director, head, vp]}
     default_role: user
 
-Without the file these defaults apply (``AccountsConfig()``).
+Without the file these defaults apply (``AccountsConfig()``). ``closedloop validate`` checks
+the file (file:line [key]); ``portrait.accounts.build_accounts(engine, as_of, config)`` applies
+it. The portrait build and refresh call it with the defaults until the pipeline hands them the
+project's file (``load_accounts(project.root)``).
 """
 
 from __future__ import annotations
