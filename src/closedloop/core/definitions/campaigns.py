@@ -212,12 +212,17 @@ class ScheduleTrigger(Definition):
     schedule: Schedule
 
 
-_TRIGGER_KEYS = ("event", "segment_entry", "date_trait", "calendar", "schedule")
+def _tag(member: Any) -> Tag:
+    """A union member's tag: its kind key in brackets, so that error locations
+    (``steps.0.<wait_for>.on_timeout``) never mistake it for a key."""
+    return Tag(f"<{member.kind}>")
 
 
-def _key_kind(keys: tuple[str, ...]) -> Any:
-    """The tag of a trigger or step: the one kind key present in its mapping, in brackets so
-    that error locations (``steps.0.<wait_for>.on_timeout``) never mistake it for a key."""
+def _by_key(what: str, *members: Any) -> Discriminator:
+    """The one discriminator of a union recognised by key, as the condition language
+    recognises its leaves (triggers and steps): the member whose ``kind`` key the mapping
+    holds — exactly one of them, else an error naming the keys."""
+    keys = tuple(m.kind for m in members)
 
     def kind(data: Any) -> str | None:
         if isinstance(data, dict):
@@ -226,19 +231,21 @@ def _key_kind(keys: tuple[str, ...]) -> Any:
         kind = getattr(type(data), "kind", None)
         return None if kind is None else f"<{kind}>"
 
-    return kind
+    return Discriminator(
+        kind,
+        custom_error_type=f"{what}_kind",
+        custom_error_message=f"a {what} needs exactly one of: " + ", ".join(keys),
+    )
 
 
 Trigger = Annotated[
-    Annotated[EventTrigger, Tag("<event>")]
-    | Annotated[SegmentEntryTrigger, Tag("<segment_entry>")]
-    | Annotated[DateTrigger, Tag("<date_trait>")]
-    | Annotated[CalendarTrigger, Tag("<calendar>")]
-    | Annotated[ScheduleTrigger, Tag("<schedule>")],
-    Discriminator(
-        _key_kind(_TRIGGER_KEYS),
-        custom_error_type="trigger_kind",
-        custom_error_message="a trigger needs exactly one of: " + ", ".join(_TRIGGER_KEYS),
+    Annotated[EventTrigger, _tag(EventTrigger)]
+    | Annotated[SegmentEntryTrigger, _tag(SegmentEntryTrigger)]
+    | Annotated[DateTrigger, _tag(DateTrigger)]
+    | Annotated[CalendarTrigger, _tag(CalendarTrigger)]
+    | Annotated[ScheduleTrigger, _tag(ScheduleTrigger)],
+    _by_key(
+        "trigger", EventTrigger, SegmentEntryTrigger, DateTrigger, CalendarTrigger, ScheduleTrigger
     ),
 ]
 
@@ -403,19 +410,13 @@ class ExitStep(Definition):
     exit: Literal[True] = True
 
 
-_STEP_KEYS = ("send", "wait_for", "wait", "branch", "exit")
-
 Step = Annotated[
-    Annotated[SendStep, Tag("<send>")]
-    | Annotated[WaitStep, Tag("<wait>")]
-    | Annotated[WaitForStep, Tag("<wait_for>")]
-    | Annotated[BranchStep, Tag("<branch>")]
-    | Annotated[ExitStep, Tag("<exit>")],
-    Discriminator(
-        _key_kind(_STEP_KEYS),
-        custom_error_type="step_kind",
-        custom_error_message="a step needs exactly one of: " + ", ".join(_STEP_KEYS),
-    ),
+    Annotated[SendStep, _tag(SendStep)]
+    | Annotated[WaitStep, _tag(WaitStep)]
+    | Annotated[WaitForStep, _tag(WaitForStep)]
+    | Annotated[BranchStep, _tag(BranchStep)]
+    | Annotated[ExitStep, _tag(ExitStep)],
+    _by_key("step", SendStep, WaitForStep, WaitStep, BranchStep, ExitStep),
 ]
 
 
