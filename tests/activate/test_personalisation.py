@@ -181,3 +181,28 @@ def test_recommended_products_are_rendered_in_rank_order(engine: Engine, tmp_pat
         m["customer_id"]: m["body"] for m in map(json.loads, run.outbox.read_text().splitlines())
     }
     assert bodies and all(b == f"1.{PRODUCT}-1 2.{PRODUCT}-2 " for b in bodies.values())
+
+
+def test_a_declared_personalisation_trait_is_honoured_too(engine: Engine, tmp_path: Path) -> None:
+    from closedloop.activate.policy import personalisation_refused
+    from closedloop.portrait.tables import COMPUTED_TRAITS
+
+    setup(engine, {"c000": False}, 4)  # c000 refused by consent
+    values = [("c001", "No", None), ("c002", "yes", None), ("c003", None, 0.0)]
+    rows = [
+        {"customer_id": c, "trait": "personalisation", "number_value": n, "text_value": t}
+        | {"computed_at": NOW}
+        for c, t, n in values
+    ]
+    engine.replace(
+        "computed_traits", pa.Table.from_pylist(rows, COMPUTED_TRAITS.schema.to_pyarrow())
+    )
+    assert personalisation_refused(engine) == {"c000", "c001", "c003"}
+    assert personalisation_refused(engine, ["c001", "c002"]) == {"c001"}
+    c = campaign(template="{{ top_category or 'teas' }}")
+    run = run_campaign(engine, c, outbox_dir=tmp_path, occasion="o", clock=Clock(NOW))
+    assert run.outbox is not None
+    got = {
+        m["customer_id"]: m["body"] for m in map(json.loads, run.outbox.read_text().splitlines())
+    }
+    assert all((b == "teas") == (cid in {"c000", "c001", "c003"}) for cid, b in got.items())

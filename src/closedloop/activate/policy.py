@@ -226,13 +226,36 @@ PERSONALISATION = "personalisation"
 """The consent purpose (``context.consent.categoryPreferences``) for personalised content."""
 
 
-def personalisation_refused(engine: Engine, customers: Sequence[str] | None = None) -> set[str]:
-    """The customers whose latest stated ``personalisation`` consent is false.
+REFUSING = ("false", "no", "0", "n", "off", "opted_out", "refused")
+"""Text values of a declared ``personalisation`` trait that mean a refusal."""
 
-    Never stated is not a refusal (content drawn from one's own purchases is the norm until
-    refused); a refusal may be withdrawn by a later ``true``. Only events whose context can
-    hold the purpose are parsed (a substring guard that never skips one that does).
+
+def personalisation_refused(engine: Engine, customers: Sequence[str] | None = None) -> set[str]:
+    """The customers who refused personalisation, by either of two statements:
+
+    * the consent purpose: their latest stated ``personalisation`` in
+      ``context.consent.categoryPreferences`` is false (never stated is not a refusal —
+      content drawn from one's own purchases is the norm until refused — and a later true
+      withdraws it). Only events whose context can hold the purpose are parsed (a substring
+      guard that never skips one that does);
+    * a declared trait named ``personalisation`` (e.g. a ``kind: profile`` trait merging a CRM
+      field) whose value is false, 0 or a refusing word (``REFUSING``).
+
+    Either is enough: the most restrictive statement wins.
     """
+    refused = _refused_by_consent(engine, customers)
+    if engine.exists("computed_traits"):
+        t = engine.table("computed_traits")
+        t = t.filter(t.trait == PERSONALISATION)
+        if customers is not None:
+            t = t.filter(t.customer_id.isin(list(customers)))
+        says_no = t.text_value.strip().lower().isin(list(REFUSING)) | (t.number_value == 0)
+        rows = t.filter(says_no).customer_id.to_pyarrow().to_pylist()
+        refused |= {str(c) for c in rows}
+    return refused
+
+
+def _refused_by_consent(engine: Engine, customers: Sequence[str] | None) -> set[str]:
     ev = engine.table("events")
     ev = ev.filter(ev.context.contains(f'"{PERSONALISATION}"') | ev.context.contains("\\u"))
     ec = engine.table("event_customers")
