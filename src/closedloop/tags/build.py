@@ -31,13 +31,17 @@ from closedloop.tags.values import (
     first_last_values,
     manual_values,
     model_values,
+    profile_bucket_values,
     rfm_values,
     rule_values,
+    tag_events,
     top_n_values,
+    value_key,
     with_default,
 )
 
 TS = "timestamp('UTC', 6)"
+EVENT_TAGS = (TagType.FIRST, TagType.LAST, TagType.TOP_N)
 
 
 @dataclass
@@ -81,6 +85,31 @@ def sql_values(engine: Engine, tag: TagDef) -> ir.Table:
     return t.group_by("customer_id").aggregate(value=t.value.min())
 
 
+def shared_events(
+    engine: Engine, tags: dict[str, TagDef], now: datetime
+) -> dict[str, tuple[ir.Table, str]]:
+    """Per event tag, the materialised events it shares with other tags on the same event.
+
+    Event tags (first, last, top-N) each joined the events they read with
+    ``event_customers``; tags on the same event (or on all track events) now read one
+    scratch table made once (``values.tag_events``). A tag alone on its event keeps its own
+    narrower query (nothing to share).
+    """
+    groups: dict[str | None, list[TagDef]] = {}
+    for tag in tags.values():
+        if tag.type in EVENT_TAGS:
+            groups.setdefault(tag.event, []).append(tag)
+    out: dict[str, tuple[ir.Table, str]] = {}
+    for i, (event, group) in enumerate(sorted(groups.items(), key=lambda kv: kv[0] or "")):
+        if len(group) < 2:
+            continue
+        keys = sorted({value_key(t) for t in group})
+        table = engine.scratch(f"tag_events_{i}", tag_events(engine, event, keys, now))
+        for t in group:
+            out[t.name] = (table, f"v{keys.index(value_key(t))}")
+    return out
+
+
 def plan_tag(
     engine: Engine,
     tag: TagDef,
@@ -88,17 +117,22 @@ def plan_tag(
     root: Path,
     stack: ExitStack,
     events_at: datetime | None,
+    shared: tuple[ir.Table, str] | None = None,
 ) -> TagPlan:
+    """``shared``: the tag's events from ``shared_events`` (event tags only)."""
     t = tag.type
     if t is TagType.RULE:
         return TagPlan(rule_values(engine, tag), events_at)
     if t is TagType.BUCKET:
+        direct = profile_bucket_values(engine, tag)
+        if direct is not None:
+            return TagPlan(direct, events_at)
         return TagPlan(with_default(engine, bucket_values(engine, tag), tag.default), events_at)
     if t in (TagType.FIRST, TagType.LAST):
-        v = first_last_values(engine, tag, now)
+        v = first_last_values(engine, tag, now, shared)
         return TagPlan(with_default(engine, v, tag.default), events_at)
     if t is TagType.TOP_N:
-        return TagPlan(top_n_values(engine, tag, now), events_at)
+        return TagPlan(top_n_values(engine, tag, now, shared), events_at)
     if t is TagType.RFM:
         return TagPlan(rfm_values(engine, tag), events_at)
     if t is TagType.SQL:
@@ -146,9 +180,11 @@ def build_tags(
     root = root or Path()
     computed_at = ibis.literal(now).cast(TS)
     events_at = _latest(engine, "events", "received_at")
+    shared = shared_events(engine, tags, now)
     with ExitStack() as stack:
         plans = {
-            name: plan_tag(engine, tag, now, root, stack, events_at) for name, tag in tags.items()
+            name: plan_tag(engine, tag, now, root, stack, events_at, shared.get(name))
+            for name, tag in tags.items()
         }
         parts = []
         for name, plan in plans.items():

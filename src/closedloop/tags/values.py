@@ -16,6 +16,7 @@ import ibis.expr.types as ir
 from closedloop.core.conditions import compile_condition
 from closedloop.core.definitions.tags import BucketRange, RfmPart, TagDef, TagType
 from closedloop.core.engine import Engine
+from closedloop.portrait.extras import join_ranked
 
 TS = "timestamp('UTC', 6)"
 
@@ -75,6 +76,34 @@ def bucket_values(engine: Engine, tag: TagDef) -> ir.Table:
     return j.select("customer_id", value=ibis.cases(*cases, else_=labels[-1]))
 
 
+def profile_bucket_values(engine: Engine, tag: TagDef) -> ir.Table | None:
+    """``with_default(bucket_values(...), default)`` for a profile field, in one scan.
+
+    Every customer has a profile row, so the default needs no join back to ``profiles``:
+    a customer without a value (or outside every range) gets it directly. None when the
+    field is a computed trait (``bucket_values`` and ``with_default`` then).
+    """
+    assert tag.field is not None  # noqa: S101 - checked by check_tag
+    p = engine.table("profiles")
+    if tag.field not in p.columns:
+        return None
+    x = p[tag.field].cast("float64")
+    if tag.ranges:
+        value = _ranges_expr(tag.ranges, x)
+    else:
+        labels = percentile_labels(tag)
+        known = p.filter(x.notnull())
+        kx = known[tag.field].cast("float64")
+        cuts = known.aggregate(**{f"c{i}": kx.quantile(q) for i, q in enumerate(tag.percentiles)})
+        p = p.cross_join(cuts)
+        x = p[tag.field].cast("float64")
+        cases = [(x <= p[f"c{i}"], labels[i]) for i in range(len(tag.percentiles))]
+        value = ibis.ifelse(x.notnull(), ibis.cases(*cases, else_=labels[-1]), ibis.null("string"))
+    if tag.default is not None:
+        value = value.fill_null(tag.default)
+    return p.select("customer_id", value=value)
+
+
 def _event_value(e: ir.Table, tag: TagDef) -> ir.StringValue:
     if tag.column is not None:
         return e[tag.column].cast("string")
@@ -82,14 +111,54 @@ def _event_value(e: ir.Table, tag: TagDef) -> ir.StringValue:
     return e.properties.cast("json")[tag.property].unwrap_as("string")
 
 
-def matching_events(engine: Engine, tag: TagDef, now: datetime) -> ir.Table:
-    """The customer's events the tag reads, with the value column ``v`` (non-null).
+def value_key(tag: TagDef) -> str:
+    """What an event tag reads from each event: a column or a property."""
+    return f"column:{tag.column}" if tag.column is not None else f"property:{tag.property}"
 
-    Events are filtered and narrowed to four columns before they meet ``event_customers``,
-    so the join carries only what the tag reads.
+
+def tag_events(engine: Engine, event: str | None, keys: list[str], now: datetime) -> ir.Table:
+    """The customers' events that event tags on ``event`` read, once for all of them.
+
+    One row per event (up to ``now``, named ``event``, or every track event when None) with
+    its customer, time, message id and one column ``v{i}`` per value ``keys[i]`` (see
+    ``value_key``). Tags sharing it filter their window and non-empty values from it
+    (``matching_events``), so the join with ``event_customers`` is made once, not per tag.
     """
     e = engine.table("events")
     as_of = ibis.literal(now).cast(TS)
+    e = e.filter(e.timestamp <= as_of)
+    e = e.filter(e.event == event) if event else e.filter(e.type == "track")
+    cols = {}
+    for i, key in enumerate(keys):
+        kind, _, name = key.partition(":")
+        cols[f"v{i}"] = (
+            e[name].cast("string")
+            if kind == "column"
+            else e.properties.cast("json")[name].unwrap_as("string")
+        )
+    e = e.select("message_id", "timestamp", **cols)
+    ec = engine.table("event_customers")
+    j = e.join(ec, "message_id")
+    return j.select(ec.customer_id, e.timestamp, e.message_id, *[e[c] for c in cols])
+
+
+def matching_events(
+    engine: Engine, tag: TagDef, now: datetime, shared: tuple[ir.Table, str] | None = None
+) -> ir.Table:
+    """The customer's events the tag reads, with the value column ``v`` (non-null).
+
+    Events are filtered and narrowed to four columns before they meet ``event_customers``,
+    so the join carries only what the tag reads. ``shared`` gives ``tag_events`` already
+    materialised for this tag's event, and the name of its value column: the same rows.
+    """
+    as_of = ibis.literal(now).cast(TS)
+    if shared is not None:
+        e, column = shared
+        if tag.window_days:
+            e = e.filter(e.timestamp > as_of - ibis.interval(days=tag.window_days))
+        e = e.select("customer_id", "timestamp", "message_id", v=e[column])
+        return e.filter(e.v.notnull() & (e.v != ""))
+    e = engine.table("events")
     e = e.filter(e.timestamp <= as_of)
     e = e.filter(e.event == tag.event) if tag.event else e.filter(e.type == "track")
     if tag.window_days:
@@ -101,9 +170,11 @@ def matching_events(engine: Engine, tag: TagDef, now: datetime) -> ir.Table:
     return j.select(ec.customer_id, e.timestamp, e.message_id, e.v)
 
 
-def first_last_values(engine: Engine, tag: TagDef, now: datetime) -> ir.Table:
+def first_last_values(
+    engine: Engine, tag: TagDef, now: datetime, shared: tuple[ir.Table, str] | None = None
+) -> ir.Table:
     """The value on the first (or last) matching event; same-time ties go to the message id."""
-    e = matching_events(engine, tag, now)
+    e = matching_events(engine, tag, now, shared)
     first = tag.type is TagType.FIRST
     order = (
         [e.timestamp, e.message_id] if first else [ibis.desc(e.timestamp), ibis.desc(e.message_id)]
@@ -113,15 +184,17 @@ def first_last_values(engine: Engine, tag: TagDef, now: datetime) -> ir.Table:
     return top.select("customer_id", value=top.v)
 
 
-def top_n_values(engine: Engine, tag: TagDef, now: datetime) -> ir.Table:
+def top_n_values(
+    engine: Engine, tag: TagDef, now: datetime, shared: tuple[ir.Table, str] | None = None
+) -> ir.Table:
     """The N most frequent values, most frequent first, comma-separated; ties by value."""
-    e = matching_events(engine, tag, now)
+    e = matching_events(engine, tag, now, shared)
     counts = e.group_by("customer_id", "v").aggregate(n=e.count())
     rank = ibis.row_number().over(
         group_by=counts.customer_id, order_by=[ibis.desc(counts.n), counts.v]
     )
     top = counts.mutate(rank=rank).filter(lambda t: t.rank < tag.n)
-    return top.group_by("customer_id").aggregate(value=top.v.group_concat(",", order_by=top.rank))
+    return join_ranked(top, top.v, top.rank, tag.n, "value")
 
 
 def rfm_values(engine: Engine, tag: TagDef) -> ir.Table:
