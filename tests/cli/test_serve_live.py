@@ -29,7 +29,8 @@ KEY = "wk_web_0123456789"
 FILES = {
     "closedloop.yaml": "name: brand\nengine: duckdb:///warehouse.duckdb\ntimezone: UTC\n"
     f"sources:\n  - {{name: web, channel: web, write_key: {KEY}}}\n",
-    "identity.yaml": "types:\n  - {name: member_id, priority: 100, strong: true, paths: [user_id]}\n",
+    "identity.yaml": "types:\n  - {name: member_id, priority: 100, strong: true, paths: [user_id]}\n"
+    "  - {name: email, normaliser: email, priority: 80, strong: true, paths: [traits.email]}\n",
     "traits/orders_30d.yaml": "name: orders_30d\nevent: Order Completed\naggregation: count\n"
     "window_days: 30\n",
     "segments/buyers.yaml": "name: buyers\nwhere: {trait: orders_30d, op: gte, value: 1}\n",
@@ -238,3 +239,42 @@ def test_a_refresh_killed_half_way_is_repaired_by_the_next_run(
     assert got[0] == expected[0]
     assert got[1] == expected[1]
     assert got[2] == expected[2]
+
+
+THANKS = """\
+name: thanks
+audience: buyers
+holdout: 0.01
+template: "thanks {{ name }}"
+trigger: {segment_entry: buyers}
+steps:
+  - {id: thanks, send: {template: "thanks {{ name }}"}}
+"""
+
+
+def test_a_segment_entry_found_by_the_live_refresh_fires_its_journey(tmp_path: Path) -> None:
+    """serve with a segment-entry journey: an order over HTTP → buyers → a message."""
+    from tests.activate.test_journey import outbox_lines
+
+    proj = write_project(tmp_path / "brand", FILES | {"campaigns/thanks.yaml": THANKS})
+    proc, url = start_serve(proj, "--refresh-interval", "0")
+    try:
+        who = {"userId": "u1", "messageId": "i1", "writeKey": KEY}
+        traits = {"name": "Li", "email": "li@example.cn"}
+        consent = {"consent": {"categoryPreferences": {"marketing": True}}}  # policy asks
+        identify = who | {"traits": traits, "context": consent}
+        assert request(url + "/v1/i", identify).status == 200
+        order = {"event": "Order Completed", "properties": {"order_id": "o1", "revenue": 3}}
+        assert request(url + "/v1/t", who | order | {"messageId": "m1"}).status == 200
+        deadline = time.monotonic() + 90
+        while not outbox_lines(proj / "outbox"):
+            assert proc.poll() is None, "serve exited"
+            assert time.monotonic() < deadline, "no message within 90 s"
+            time.sleep(0.2)
+    finally:
+        stop_serve(proc)
+    lines = outbox_lines(proj / "outbox")
+    assert [x["body"] for x in lines] == ["thanks Li"]
+    with Engine(load_project(proj).engine_url) as engine:
+        m = engine.table("segment_membership").to_pyarrow().to_pylist()
+    assert [(r["segment"], r["customer_id"]) for r in m] == [("buyers", lines[0]["customer_id"])]
