@@ -201,6 +201,20 @@ def per_size(sizes: list[int], work: Path) -> dict[str, Any]:
     out[f"scan_over_index_{last}"] = round(
         out[f"scan_chunk_ms_{last}"] / out[f"index_chunk_ms_{last}"], 2
     )
+    # CPU time (all threads, DuckDB's included) is the steadier figure on a shared machine:
+    # it does not count time spent waiting for a core.
+    for path in ("index", "scan"):
+        out[f"{path}_cpu_growth_ratio"] = round(
+            out[f"{path}_chunk_cpu_ms_{last}"] / out[f"{path}_chunk_cpu_ms_{first}"], 2
+        )
+    out[f"scan_over_index_cpu_{last}"] = round(
+        out[f"scan_chunk_cpu_ms_{last}"] / out[f"index_chunk_cpu_ms_{last}"], 2
+    )
+    print(
+        f"CPU per chunk, {last} vs {first}: key index x{out['index_cpu_growth_ratio']}, "
+        f"semi-join x{out['scan_cpu_growth_ratio']}; at {last} the semi-join costs "
+        f"x{out[f'scan_over_index_cpu_{last}']} the key index's CPU"
+    )
     print(
         f"per chunk, {last} vs {first}: key index x{out['index_growth_ratio']}, "
         f"semi-join x{out['scan_growth_ratio']}; at {last} the semi-join costs "

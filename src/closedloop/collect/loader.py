@@ -300,8 +300,10 @@ class KeyTable:
 
     Open addressing with linear probing, at most 70% full: a probe or an insert of n keys
     is a few vectorised passes over those n keys (each pass resolves most of the rest), so
-    its cost does not depend on how many keys are held. 16 bytes a slot: 20M keys take
-    about 0.5 GB (32M slots).
+    its cost does not depend on how many keys are held. A key's home slot is the top bits
+    of its hash, so keys sorted by hash are in slot order: filling an empty table (a
+    process's first read of ``intake_keys``, a growth) is one sort and one running maximum.
+    16 bytes a slot: 20M keys take 0.5 GB (32M slots).
     """
 
     def __init__(self, capacity: int = 1 << 16) -> None:
@@ -309,11 +311,16 @@ class KeyTable:
         self.size = 0
 
     def _alloc(self, keys: int) -> None:
-        slots = 1 << max(4, (math.ceil(keys / _MAX_FILL) - 1).bit_length())  # a power of 2
-        self._hi: _Ints = np.zeros(slots, np.int64)
-        self._lo: _Ints32 = np.zeros(slots, np.int32)
-        self._at: _Seconds = np.zeros(slots, np.uint32)
-        self._mask = slots - 1
+        bits = max(4, (math.ceil(keys / _MAX_FILL) - 1).bit_length())  # a power of 2 slots
+        self._hi: _Ints = np.zeros(1 << bits, np.int64)
+        self._lo: _Ints32 = np.zeros(1 << bits, np.int32)
+        self._at: _Seconds = np.zeros(1 << bits, np.uint32)
+        self._mask = (1 << bits) - 1
+        self._shift = np.uint64(64 - bits)
+
+    def _home(self, hi: _Ints) -> _Ints:
+        home: _Ints = (hi.view(np.uint64) >> self._shift).astype(np.int64)
+        return home
 
     def __len__(self) -> int:
         return self.size
@@ -326,7 +333,7 @@ class KeyTable:
         """When each key was last received (seconds since 1970), 0 where never."""
         found: _Seconds = np.zeros(len(hi), np.uint32)
         todo = np.arange(len(hi))
-        slot = hi & self._mask
+        slot = self._home(hi)
         while todo.size:
             at = self._at[slot]
             used = at != 0
@@ -340,15 +347,44 @@ class KeyTable:
         """Insert keys; a key already held keeps the later of its two times."""
         if self.size + len(hi) > _MAX_FILL * len(self._at):
             old = self._at != 0
-            held = (self._hi[old], self._lo[old], self._at[old])
-            self._alloc(self.size + len(hi))  # at least twice the slots: amortised growth
+            hi = np.concatenate([self._hi[old], hi])
+            lo = np.concatenate([self._lo[old], lo])
+            at = np.concatenate([self._at[old], at])
+            self._alloc(len(hi))  # at least twice the slots: amortised growth
             self.size = 0
-            self._place(*held)
-        self._place(hi, lo, at)
+        if self.size == 0:
+            self._fill(hi, lo, at)
+        else:
+            self._place(hi, lo, at)
+
+    def _fill(self, hi: _Ints, lo: _Ints32, at: _Seconds) -> None:
+        """Fill the empty table: sorted by hash, slot i of the run holds max(home, i)."""
+        order = np.argsort(hi.view(np.uint64))
+        hi, lo, at = hi[order], lo[order], at[order]
+        if len(hi) > 1 and (hi[1:] == hi[:-1]).any():
+            # A key written twice (loaded again after its window) or, about never, two keys
+            # sharing 64 bits: order by the whole key and keep each key once, latest time.
+            order = np.lexsort((lo, hi.view(np.uint64)))
+            hi, lo, at = hi[order], lo[order], at[order]
+            starts = np.flatnonzero(
+                np.concatenate([[True], (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])])
+            )
+            hi, lo, at = hi[starts], lo[starts], np.maximum.reduceat(at, starts)
+        step = np.arange(len(hi))
+        where = np.maximum.accumulate(self._home(hi) - step) + step if len(hi) else step
+        fits = where <= self._mask
+        self._hi[where[fits]], self._lo[where[fits]], self._at[where[fits]] = (
+            hi[fits],
+            lo[fits],
+            at[fits],
+        )
+        self.size = int(fits.sum())
+        if not fits.all():  # the run passed the last slot: those wrap round to the start
+            self._place(hi[~fits], lo[~fits], at[~fits])
 
     def _place(self, hi: _Ints, lo: _Ints32, at: _Seconds) -> None:
         todo = np.arange(len(hi))
-        slot = hi & self._mask
+        slot = self._home(hi)
         while todo.size:
             now = self._at[slot]
             free = now == 0
@@ -387,13 +423,22 @@ def _transaction(engine: Engine) -> Iterator[None]:
     engine.con.raw_sql("COMMIT")
 
 
+@dataclass
+class _Latest:
+    """The last write (seq) committed to a warehouse whose every writer is in this process
+    (a DuckDB file: one read-write process at a time); None until the first write here."""
+
+    seq: int | None = None
+
+
 class KeyStore:
     """This process's copy of one warehouse's ``intake_keys``, kept in step with it."""
 
-    def __init__(self, lock: threading.Lock) -> None:
+    def __init__(self, lock: threading.Lock, latest: _Latest | None) -> None:
         self.keys = KeyTable()
         self.seq = 0  # the highest write (seq) held
         self.lock = lock  # held around probe + write by every writer of this warehouse here
+        self.latest = latest  # None where other processes may write too (PostgreSQL)
         self.ready = False
 
     @contextmanager
@@ -416,6 +461,8 @@ class KeyStore:
             self._load(engine)
             self.ready = True
             return
+        if self.latest is not None and self.latest.seq == self.seq:
+            return  # nobody else wrote since: no query needed
         t = engine.con.table(tables.INTAKE_KEYS.name)  # exists: made by the first load
         fresh = engine.to_arrow(t.filter(t.seq > self.seq))
         self._take(fresh)
@@ -504,7 +551,7 @@ def _key_rows(hi: _Ints, lo: _Ints32, at: pa.Array | pa.ChunkedArray, seq: int) 
 
 
 _STORES: weakref.WeakKeyDictionary[Engine, KeyStore] = weakref.WeakKeyDictionary()
-_FILE_LOCKS: dict[str, threading.Lock] = {}
+_FILE_LOCKS: dict[str, tuple[threading.Lock, _Latest]] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -517,11 +564,12 @@ def key_store(engine: Engine) -> KeyStore:
     with _REGISTRY_LOCK:
         store = _STORES.get(engine)
         if store is None:
-            memory = engine.url in ("duckdb://", "duckdb:///:memory:")
-            lock = (
-                threading.Lock() if memory else _FILE_LOCKS.setdefault(engine.url, threading.Lock())
-            )
-            store = _STORES[engine] = KeyStore(lock)
+            if engine.url in ("duckdb://", "duckdb:///:memory:"):
+                lock, latest = threading.Lock(), _Latest()
+            else:
+                lock, latest = _FILE_LOCKS.setdefault(engine.url, (threading.Lock(), _Latest()))
+            local = engine.backend == "duckdb"
+            store = _STORES[engine] = KeyStore(lock, latest if local else None)
         return store
 
 
@@ -592,47 +640,54 @@ class Intake:
         events, external, failures = chunk.events, chunk.external_ids, chunk.failures
         m_hi, m_lo = key_hashes(_MESSAGE, events["message_id"])
         f_hi, f_lo = key_hashes(_FAILURE, failures["failure_id"])
-        with store.lock, store.rolled_back_on_error(), _transaction(engine):
-            store.catch_up(engine)
-            last = store.keys.lookup(m_hi, m_lo)
-            new = last < floor
-            new_failure = store.keys.lookup(f_hi, f_lo) == 0
-            if not new.all():
-                events = events.filter(pa.array(new))
-            if external.num_rows and len(events) != chunk.events.num_rows:
-                external = external.filter(pc.is_in(external["message_id"], events["message_id"]))
-            # A message loaded before, outside the window, is loaded again: its external ids
-            # may be stored already (the only case that reads event_external_ids).
-            again = new & (last != 0)
-            failures = failures.filter(pa.array(new_failure))
-            seq = store.seq + 1
-            keys = pa.concat_tables(
-                [
-                    _key_rows(m_hi[new], m_lo[new], events["received_at"], seq),
-                    _key_rows(f_hi[new_failure], f_lo[new_failure], failures["failed_at"], seq),
-                ]
-            )
-            if keys.num_rows:
-                with engine.temporary(keys) as fresh_keys:
-                    name = tables.INTAKE_KEYS.name
-                    engine.con.insert(name, engine.conform(name, fresh_keys))
-            if external.num_rows:
-                with engine.temporary(external) as fresh:
-                    if again.any():
-                        stored = engine.table("event_external_ids")
-                        key = list(tables.EVENT_EXTERNAL_IDS.key)
-                        engine.append("event_external_ids", fresh.anti_join(stored, key))
-                    else:
-                        engine.append("event_external_ids", fresh)
-            if events.num_rows:
-                engine.append("events", events)
-            if failures.num_rows:
-                engine.append("failed_events", failures)
-        if keys.num_rows:  # committed: now this process's copy may hold them
-            store.keys.add(
-                keys["key_hi"].to_numpy(), keys["key_lo"].to_numpy(), _seconds(keys["received_at"])
-            )
-            store.seq = seq
+        with store.lock:
+            with store.rolled_back_on_error(), _transaction(engine):
+                store.catch_up(engine)
+                last = store.keys.lookup(m_hi, m_lo)
+                new = last < floor
+                new_failure = store.keys.lookup(f_hi, f_lo) == 0
+                if not new.all():
+                    events = events.filter(pa.array(new))
+                if external.num_rows and len(events) != chunk.events.num_rows:
+                    external = external.filter(
+                        pc.is_in(external["message_id"], events["message_id"])
+                    )
+                # A message loaded before, outside the window, is loaded again: its external ids
+                # may be stored already (the only case that reads event_external_ids).
+                again = new & (last != 0)
+                failures = failures.filter(pa.array(new_failure))
+                seq = store.seq + 1
+                keys = pa.concat_tables(
+                    [
+                        _key_rows(m_hi[new], m_lo[new], events["received_at"], seq),
+                        _key_rows(f_hi[new_failure], f_lo[new_failure], failures["failed_at"], seq),
+                    ]
+                )
+                if keys.num_rows:
+                    with engine.temporary(keys) as fresh_keys:
+                        name = tables.INTAKE_KEYS.name
+                        engine.con.insert(name, engine.conform(name, fresh_keys))
+                if external.num_rows:
+                    with engine.temporary(external) as fresh:
+                        if again.any():
+                            stored = engine.table("event_external_ids")
+                            key = list(tables.EVENT_EXTERNAL_IDS.key)
+                            engine.append("event_external_ids", fresh.anti_join(stored, key))
+                        else:
+                            engine.append("event_external_ids", fresh)
+                if events.num_rows:
+                    engine.append("events", events)
+                if failures.num_rows:
+                    engine.append("failed_events", failures)
+            if keys.num_rows:  # committed: now this process's copy may hold them
+                store.keys.add(
+                    keys["key_hi"].to_numpy(),
+                    keys["key_lo"].to_numpy(),
+                    _seconds(keys["received_at"]),
+                )
+                store.seq = seq
+            if store.latest is not None:
+                store.latest.seq = store.seq
         return int(events.num_rows)
 
     def _write_scanning(self, chunk: Chunk) -> int:
