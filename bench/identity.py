@@ -5,6 +5,11 @@ Run as ``python bench/identity.py [--persons N] [--edges E] [--small S]``. Figur
 * accuracy at N persons (default 100,000) against the generator's truth: pairwise precision,
   recall and F1 over identifiers, recall over evidence-linkable pairs, the share of persons
   resolved exactly; and the resolve time;
+* incremental resolution at the same sizes: the newest share of events (``--new-share``,
+  default 1%) is held back, everything else resolved (``resolve_first_s``), the held events
+  appended and resolved incrementally (``incremental_s``), then a full run forced on the same
+  state (``resolve_s``, the baseline of ``incremental_vs_full``) must change nothing
+  (``incremental_equals_full``: no customer changed and the identity tables are unchanged);
 * probabilistic matching at S (default 10,000) and N persons: time, links, precision, recall
   and F1 of the scored member-id links — the same threshold at both sizes, to show it holds
   when the base grows and strangers sharing name and birthday multiply;
@@ -34,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ibis
 import numpy as np
 import pyarrow as pa
 from scipy.sparse import coo_matrix
@@ -50,9 +56,43 @@ from closedloop.identity.matching import probabilistic_pairs
 from closedloop.identity.resolve import resolve
 from closedloop.pipeline import load_imports
 
+IDENTITY_TABLES = (
+    "identity_map",
+    "customers",
+    "customer_aliases",
+    "event_customers",
+    "identity_edges",
+    "identity_dropped_links",
+    "identifier_issues",
+    "identity_suspects",
+    "identity_clusters",
+)
 
-def accuracy(persons: int, root: Path) -> dict[str, Any]:
-    """Generate, load, resolve; score identity and matching against the truth."""
+
+def _hold_back(engine: Engine, share: float) -> pa.Table:
+    """Remove the newest ``share`` of events from the log and return them (to append later)."""
+    ev = engine.table("events")
+    n = int(ev.count().execute())
+    k = max(1, int(n * share))
+    newest = ev.order_by([ibis.desc(ev.timestamp), ev.message_id]).limit(k)
+    held = newest.to_pyarrow()
+    keep = ev.anti_join(newest.select("message_id"), "message_id")
+    engine.replace("events", engine.scratch("bench_kept_events", keep))
+    return held
+
+
+def _unchanged(engine: Engine, before: dict[str, str]) -> bool:
+    """Whether every identity table still holds exactly the rows snapped as ``before``."""
+    for name, snap in before.items():
+        now, old = engine.table(name), engine.con.table(snap)
+        if int(now.difference(old).count().execute()) or int(old.difference(now).count().execute()):
+            print(f"incremental != full in {name}", flush=True)
+            return False
+    return True
+
+
+def accuracy(persons: int, root: Path, new_share: float = 0.01) -> dict[str, Any]:
+    """Generate, load, resolve (full, incremental, full again); score against the truth."""
     fig: dict[str, Any] = {"persons": persons}
     t = time.perf_counter()
     summary = generate(root / "brand", persons)
@@ -63,9 +103,30 @@ def accuracy(persons: int, root: Path) -> dict[str, Any]:
         t = time.perf_counter()
         load_imports(engine, project)
         fig["load_s"] = round(time.perf_counter() - t, 2)
+        clock = Clock(summary.reference_time)
+        held = _hold_back(engine, new_share)
+        fig["new_events"] = held.num_rows
         t = time.perf_counter()
-        r = resolve(engine, project.identity, Clock(summary.reference_time))
+        resolve(engine, project.identity, clock)
+        fig["resolve_first_s"] = round(time.perf_counter() - t, 2)
+        engine.append("events", held)
+        t = time.perf_counter()
+        inc = resolve(engine, project.identity, clock)
+        fig["incremental_s"] = round(time.perf_counter() - t, 2)
+        fig["incremental_path"] = inc.path
+        fig["incremental_changed_customers"] = len(inc.changed)
+        runs = engine.table("identity_runs")
+        last = runs.order_by(ibis.desc(runs.seq)).limit(1).to_pyarrow().to_pylist()[0]
+        fig["incremental_region_identifiers"] = last["region_identifiers"]
+        snaps = {}
+        for name in IDENTITY_TABLES:
+            snaps[name] = f"bench_snap_{name}"
+            engine.con.create_table(snaps[name], engine.table(name), overwrite=True)
+        t = time.perf_counter()
+        r = resolve(engine, project.identity, clock, incremental=False)
         fig["resolve_s"] = round(time.perf_counter() - t, 2)
+        fig["incremental_vs_full"] = round(fig["incremental_s"] / fig["resolve_s"], 3)
+        fig["incremental_equals_full"] = not r.changed and _unchanged(engine, snaps)
         fig["identifiers"] = r.identifiers
         fig["customers"] = r.customers
         fig["probabilistic_links"] = r.probabilistic
@@ -88,7 +149,7 @@ def accuracy(persons: int, root: Path) -> dict[str, Any]:
 
 def time_matching(engine: Engine, project: Project) -> dict[str, Any]:
     """Matching alone, timed, over the node occurrences the last resolve left in scratch."""
-    node_occ = engine.con.table("_scratch_id_node_occ")
+    node_occ = engine.con.table("_scratch_id_new_occ")
     out: dict[str, Any] = {}
     t = time.perf_counter()
     links, model = probabilistic_pairs(engine, project.identity, node_occ)
@@ -214,6 +275,12 @@ def main() -> None:
     ap.add_argument("--edges", type=int, default=10_000_000)
     ap.add_argument("--no-portable", action="store_true")
     ap.add_argument(
+        "--new-share",
+        type=float,
+        default=0.01,
+        help="share of the newest events resolved incrementally after the rest (0.01 = 1%%)",
+    )
+    ap.add_argument(
         "--matching-persons",
         type=int,
         default=0,
@@ -238,7 +305,7 @@ def main() -> None:
     sizes = sorted({args.small, args.persons})
     for persons in sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            fig[f"accuracy_{persons}"] = accuracy(persons, Path(tmp))
+            fig[f"accuracy_{persons}"] = accuracy(persons, Path(tmp), args.new_share)
             print(json.dumps(fig[f"accuracy_{persons}"]), flush=True)
     if args.matching_persons:
         with tempfile.TemporaryDirectory() as tmp:

@@ -71,4 +71,7 @@ def identifier_occurrences(
     for p in parts[1:]:
         union = union.union(p, distinct=False)
     raw = union.raw_value.strip()
-    return prepare(engine, union.filter(raw.notnull() & (raw != "")).distinct())
+    # Not made distinct here: every reader de-duplicates what it needs (distinct raw values
+    # to normalise, distinct messages per refused value, distinct (message, identifier)),
+    # so a distinct over every occurrence would be paid once for nothing.
+    return prepare(engine, union.filter(raw.notnull() & (raw != "")))

@@ -32,10 +32,14 @@ falls back to a full run if it does not hold. A run is **full** exactly when:
 4. ``identity_blocks`` changed since the last run (a split or block re-partitions customers
    anywhere);
 5. messages resolved before are no longer in the event log (erased);
-6. probabilistic matching is configured and a new event carries a profile record (a name):
-   the Fellegi–Sunter model is fitted without labels over *all* record pairs, so one new
-   record can move the weights and re-score pairs anywhere;
-7. the closure check above fails.
+6. the closure check above fails.
+
+Probabilistic matching is not local: the Fellegi–Sunter model is fitted without labels over
+*all* record pairs, so one new CRM row can move the weights and re-score pairs anywhere. An
+incremental run therefore refits it over every record — kept per message in
+``identity_records``, so no old JSON is parsed again — and every identifier of a scored pair
+that appeared, vanished or changed (score, evidence) since the last run is touched too. The
+scored pairs are few, so the region stays small.
 
 The path taken and why are recorded in ``identity_runs``.
 """
@@ -50,7 +54,6 @@ import ibis.expr.types as ir
 from closedloop.core.definitions import IdentityConfig
 from closedloop.core.engine import Engine
 from closedloop.core.ids import stable_hash64
-from closedloop.identity.extract import prepare
 
 SEP = "\x1f"
 FULL = "full"
@@ -92,21 +95,6 @@ def full_plan(engine: Engine, why: str) -> Plan:
     return Plan(FULL, why, ids, int(ids.count().execute()))
 
 
-def _has_records(engine: Engine, config: IdentityConfig, messages: ir.Table) -> bool:
-    """Whether any of ``messages`` is a profile record the matching would compare."""
-    mc = config.matching
-    if mc is None:
-        return False
-    events = engine.table("events").semi_join(messages, "message_id")
-    events = events.filter(events.traits.notnull())
-    node = events.traits.cast("json")
-    for k in mc.name.split(".")[1:]:
-        node = node[k]
-    name = node.unwrap_as("string").strip()
-    hits = prepare(engine, events.filter(name.notnull() & (name != "")).select("message_id"))
-    return int(hits.count().execute()) > 0
-
-
 def plan(engine: Engine, config: IdentityConfig, *, reason: str, allow: bool) -> Plan:
     """Choose the path of this run (see the module docstring for exactly when it is full)."""
     if not allow:
@@ -130,8 +118,6 @@ def plan(engine: Engine, config: IdentityConfig, *, reason: str, allow: bool) ->
         "id_run_messages", events.select("message_id").anti_join(seen, "message_id")
     )
     n_new = int(new.count().execute())
-    if n_new and _has_records(engine, config, new):
-        return full_plan(engine, "new profile records: matching refits its model over all records")
     return Plan(INCREMENTAL, f"{n_new} new message(s)", new, n_new)
 
 

@@ -82,11 +82,25 @@ def _json_text(column: ir.StringValue, path: str) -> ir.StringValue:
     return node.unwrap_as("string")
 
 
-def records(
-    engine: Engine, config: IdentityConfig, mc: MatchingConfig, node_occ: ir.Table
+RECORD_FIELDS = ("name", "birthday", "city", "gender", "email", "phone")
+
+
+def record_rows(
+    engine: Engine,
+    config: IdentityConfig,
+    mc: MatchingConfig,
+    node_occ: ir.Table,
+    messages: ir.Table | None = None,
 ) -> ir.Table:
-    """One record per anchor identifier: (anchor, anchor_type, message_id, ts, fields...)."""
+    """One row per message with a name: (message_id, ts, anchor, anchor_type, fields...).
+
+    Every field of ``RECORD_FIELDS`` is a column (null when not configured), so the rows can
+    be kept between runs (``identity_records``): each depends on its own message only, and an
+    incremental run parses only the new messages' JSON. ``messages`` limits the events read.
+    """
     events = engine.table("events")
+    if messages is not None:
+        events = events.semi_join(messages, "message_id")
     events = events.filter(events.traits.notnull())
     fields = {"name": mc.name, "birthday": mc.birthday, "city": mc.city, "gender": mc.gender}
     sel = {
@@ -111,17 +125,33 @@ def records(
     anchors = occ.mutate(r=top).filter(lambda t: t.r == 0)
     anchors = anchors.select("message_id", anchor="node", anchor_type="id_type")
     rec = rec.join(anchors, "message_id")
+    missing = {f: ibis.literal(None, type="string") for f in RECORD_FIELDS if f not in rec.columns}
+    rec = rec.mutate(**missing)
+    out = rec.select("message_id", "ts", "anchor", "anchor_type", *RECORD_FIELDS)
+    return prepare(engine, out)
+
+
+def best_records(rows: ir.Table, present: list[str]) -> ir.Table:
+    """One record per anchor identifier, the most complete (a CRM row over a bare sign-up)."""
+    rec = rows.select("message_id", "ts", "anchor", "anchor_type", *present)
     if "email" in rec.columns:
         # Computed once per record, not once per compared pair.
         user = rec.email.split("@")[0]
         rec = rec.mutate(email_user=user, email_digits=user.re_replace("[^0-9]", ""))
-    # The most complete record speaks for its identifier (a CRM row over a bare sign-up).
     filled = sum(
         (ibis.cases((rec[c].isnull(), 0), else_=1) for c in rec.columns if c in LEVELS),
         ibis.literal(0),
     )
     one = ibis.row_number().over(group_by=rec.anchor, order_by=[ibis.desc(filled), rec.message_id])
-    return prepare(engine, rec.mutate(r=one).filter(lambda t: t.r == 0).drop("r"))
+    return rec.mutate(r=one).filter(lambda t: t.r == 0).drop("r")
+
+
+def records(
+    engine: Engine, config: IdentityConfig, mc: MatchingConfig, node_occ: ir.Table
+) -> ir.Table:
+    """One record per anchor identifier: (anchor, anchor_type, message_id, ts, fields...)."""
+    present = [f for f in LEVELS if getattr(mc, f) is not None]
+    return best_records(record_rows(engine, config, mc, node_occ), present)
 
 
 def _level(name: str, t: ir.Table) -> ir.IntegerValue:
@@ -289,9 +319,12 @@ def random_pair_u(
 
 
 def probabilistic_pairs(
-    engine: Engine, config: IdentityConfig, node_occ: ir.Table
+    engine: Engine, config: IdentityConfig, node_occ: ir.Table, rows: ir.Table | None = None
 ) -> tuple[ir.Table | None, MatchModel | None]:
-    """Links from scored record pairs, shaped like the message pairs of ``resolve``."""
+    """Links from scored record pairs, shaped like the message pairs of ``resolve``.
+
+    ``rows``: the per-message records (``record_rows``) when the caller has them already.
+    """
     mc = config.matching
     if mc is None:
         return None, None
@@ -299,7 +332,9 @@ def probabilistic_pairs(
         # Levenshtein lives in PostgreSQL's contrib extension (a constant statement).
         engine.con.raw_sql("CREATE EXTENSION IF NOT EXISTS fuzzystrmatch")
     present = [f for f in LEVELS if getattr(mc, f) is not None]
-    rec = engine.scratch("pm_records", records(engine, config, mc, node_occ))
+    if rows is None:
+        rows = record_rows(engine, config, mc, node_occ)
+    rec = engine.scratch("pm_records", best_records(rows, present))
     pairs = engine.scratch("pm_pairs", blocked_pairs(rec, mc, present))
     # Fields every blocking rule fixes are equal in every compared pair: no evidence there.
     always = set.intersection(*[set(r) for r in mc.blocking])
@@ -337,4 +372,13 @@ def probabilistic_pairs(
     return engine.scratch("pm_links", out), model
 
 
-__all__ = ["MatchModel", "fit", "probabilistic_pairs", "probability", "records"]
+__all__ = [
+    "RECORD_FIELDS",
+    "MatchModel",
+    "best_records",
+    "fit",
+    "probabilistic_pairs",
+    "probability",
+    "record_rows",
+    "records",
+]

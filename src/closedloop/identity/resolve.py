@@ -54,8 +54,8 @@ from closedloop.identity.incremental import (
     region,
     region_occurrences,
 )
-from closedloop.identity.matching import probabilistic_pairs
-from closedloop.identity.normalise import BlockList, normalise
+from closedloop.identity.matching import probabilistic_pairs, record_rows
+from closedloop.identity.normalise import BlockList, normalise_many
 from closedloop.identity.quality import suspects
 from closedloop.identity.rules import Link, Rules, refine
 
@@ -80,27 +80,38 @@ class ResolveResult:
 
 
 def _normalised_values(engine: Engine, occ: ir.Table, config: IdentityConfig) -> ir.Table:
-    """(id_type, raw_value, value, reason) for every distinct raw value, normalised in Python."""
+    """(id_type, raw_value, value, reason) for every distinct raw value, normalised in Python.
+
+    One batch per identifier type (``normalise_many``), and the block list run over the
+    accepted values of a batch at once.
+    """
     distinct = occ.select("id_type", "raw_value").distinct().to_pyarrow()
     types = {t.name: t for t in config.types}
     blocks = BlockList(config)
-    values: list[str | None] = []
-    reasons: list[str | None] = []
+    by_type: dict[str, list[str]] = {}
     for id_type, raw in zip(
         distinct["id_type"].to_pylist(), distinct["raw_value"].to_pylist(), strict=True
     ):
-        t = types[id_type]
-        n = normalise(raw, t.normaliser, config.default_region)
-        if n.value is not None and blocks.blocked(raw, n.value):
-            values.append(None)
-            reasons.append("blocked value")
-        else:
-            values.append(n.value)
-            reasons.append(n.reason)
+        by_type.setdefault(id_type, []).append(raw)
+    id_types: list[str] = []
+    raws: list[str] = []
+    values: list[str | None] = []
+    reasons: list[str | None] = []
+    for id_type, batch in by_type.items():
+        vals, why = normalise_many(batch, types[id_type].normaliser, config.default_region)
+        ok = [i for i, v in enumerate(vals) if v is not None]
+        hits = blocks.blocked_many([batch[i] for i in ok], [vals[i] for i in ok])
+        for i, hit in zip(ok, hits, strict=True):
+            if hit:
+                vals[i], why[i] = None, "blocked value"
+        id_types.extend([id_type] * len(batch))
+        raws.extend(batch)
+        values.extend(vals)
+        reasons.extend(why)
     mapping = pa.table(
         {
-            "id_type": distinct["id_type"],
-            "raw_value": distinct["raw_value"],
+            "id_type": pa.array(id_types, pa.string()),
+            "raw_value": pa.array(raws, pa.string()),
             "value": pa.array(values, pa.string()),
             "reason": pa.array(reasons, pa.string()),
         }
@@ -223,22 +234,47 @@ def _run(
     ).distinct()
     new_occ = engine.scratch("id_new_occ", new_occ)
 
+    # Profile records for matching: the new messages' rows, beside the kept ones.
+    mc = config.matching
+    rows: ir.Table | None = None
+    new_rows: ir.Table | None = None
+    if mc is not None:
+        new_rows = engine.scratch(
+            "id_new_records", record_rows(engine, config, mc, new_occ, p.messages)
+        )
+        rows = new_rows
+        if inc:
+            kept_rows = engine.table("identity_records")
+            rows = engine.scratch(
+                "id_records",
+                engine.conform("identity_records", kept_rows).union(
+                    engine.conform("identity_records", new_rows), distinct=False
+                ),
+            )
+
     region_t: ir.Table | None = None
+    scored: ir.Table | None = None
     if inc:
-        region_t = region(engine, new_occ.select("node").distinct())
+        touched = new_occ.select("node")
+        if mc is not None:
+            # The model is refitted over every record; identifiers whose scored pair
+            # appeared, vanished or changed are touched too.
+            scored, _model = probabilistic_pairs(engine, config, new_occ, rows)
+            moved = _moved_scores(engine, scored)
+            touched = touched.union(moved.select(node="a")).union(moved.select(node="b"))
+        region_t = region(engine, touched.distinct())
         node_occ = region_occurrences(engine, region_t, new_occ)
+        if scored is not None:
+            scored = _touching(scored, region_t)
     else:
         node_occ = new_occ
+        scored, _model = probabilistic_pairs(engine, config, node_occ, rows)
 
     # Evidence: pairs of identifiers seen in one message, and scored record pairs.
     msg_pairs = _message_pairs(engine, node_occ)
     if region_t is not None:
         msg_pairs = _touching(msg_pairs, region_t)
     pairs = engine.scratch("id_msg_pairs", msg_pairs)
-    if region_t is None:
-        scored, _model = probabilistic_pairs(engine, config, node_occ)
-    else:
-        scored = _stored_scored(engine, region_t)
     if scored is not None:
         scored = scored.anti_join(pairs, ["a", "b"])
         schema = pairs.schema()
@@ -452,9 +488,13 @@ def _run(
         if region_t is None:
             engine.replace("identity_occurrences", occ_rows)
             engine.replace("identity_messages", seen)
+            if new_rows is not None:
+                engine.replace("identity_records", new_rows)
         else:
             engine.append("identity_occurrences", occ_rows)
             engine.append("identity_messages", seen)
+            if new_rows is not None:
+                engine.append("identity_records", new_rows)
         _record_run(engine, config, p, run_id, len(frame), now)
 
     return _result(engine, ledger, changes, run_id, p)
@@ -555,29 +595,42 @@ def _touching(pairs: ir.Table, region_t: ir.Table) -> ir.Table:
     return pairs.filter(pairs.a.isin(region_t.node) | pairs.b.isin(region_t.node))
 
 
-def _stored_scored(engine: Engine, region_t: ir.Table) -> ir.Table:
-    """The scored record pairs touching the region, as the last run found them.
+PAIR_COLUMNS = (
+    "a",
+    "a_type",
+    "b",
+    "b_type",
+    "messages",
+    "message_id",
+    "last_ts",
+    "kind",
+    "score",
+    "other_message_id",
+)
 
-    Valid because an incremental run has no new profile records (else it is full): the
-    model and every score are those of the last run.
+
+def _moved_scores(engine: Engine, scored: ir.Table | None) -> ir.Table:
+    """(a, b) of scored record pairs that differ from those the last run kept, either way.
+
+    The last run's are the ``probabilistic`` rows of ``identity_edges``; pairs that are also
+    message pairs were not kept as scored pairs, so they are left out of the new ones too.
     """
     e = engine.table("identity_edges")
-    e = e.filter(e.kind == "probabilistic")
     e = e.mutate(
         a=e.a_type + ibis.literal(SEP) + e.a_value, b=e.b_type + ibis.literal(SEP) + e.b_value
     )
-    return _touching(e, region_t).select(
-        "a",
-        "a_type",
-        "b",
-        "b_type",
-        "messages",
-        "message_id",
-        "last_ts",
-        "kind",
-        "score",
-        "other_message_id",
-    )
+    old = _pair_columns(e.filter(e.kind == "probabilistic"))
+    if scored is None:
+        return engine.scratch("id_moved_scores", old.select("a", "b"))
+    new = _pair_columns(scored.anti_join(e.filter(e.kind == "message"), ["a", "b"]))
+    moved = new.difference(old).union(old.difference(new))
+    return engine.scratch("id_moved_scores", moved.select("a", "b"))
+
+
+def _pair_columns(t: ir.Table) -> ir.Table:
+    """The columns of an evidence pair, with the types ``identity_edges`` stores them in."""
+    spec = {"messages": "int64", "score": "float64", "last_ts": "timestamp('UTC', 6)"}
+    return t.select(*[t[c].cast(spec.get(c, "string")).name(c) for c in PAIR_COLUMNS])
 
 
 def _result(
@@ -619,26 +672,31 @@ def _changes(
     """
     cols = ["customer_id", "run_id", "change", "changed_at"]
 
-    def members(f: pd.DataFrame) -> dict[str, frozenset[str]]:
+    def owners(f: pd.DataFrame) -> pd.DataFrame:
         if not len(f):
-            return {}
-        keys = f["id_type"] + SEP + f["id_value"]
-        return {str(c): frozenset(g) for c, g in keys.groupby(f["customer_id"])}
+            return pd.DataFrame({"key": pd.Series([], dtype=str), "c": pd.Series([], dtype=str)})
+        return pd.DataFrame({"key": f["id_type"] + SEP + f["id_value"], "c": f["customer_id"]})
 
-    old, new = members(previous), members(current)
+    # Compared by counting, not by building a set per customer: a customer is unchanged when
+    # all its old identifiers are still its own and it has no others.
+    o, n = owners(previous), owners(current)
+    m = o.merge(n, on="key", suffixes=("_old", "_new"))
+    kept = {str(k): int(v) for k, v in m[m["c_old"] == m["c_new"]].groupby("c_old").size().items()}
+    old_n = {str(k): int(v) for k, v in o.groupby("c").size().items()}
+    new_n = {str(k): int(v) for k, v in n.groupby("c").size().items()}
     merged = set(aliases["alias_id"]) if len(aliases) else set()
     rows: list[tuple[str, str, str, datetime]] = []
-    for c in sorted(set(old) | set(new)):
-        before, after = old.get(c), new.get(c)
-        if before == after:
+    for c in sorted(set(old_n) | set(new_n)):
+        before, after, same = old_n.get(c), new_n.get(c), kept.get(c, 0)
+        if before == after == same:
             continue
         if after is None:
             change = "merged" if c in merged else "gone"
         elif before is None:
             change = "new"
-        elif before < after:
+        elif same == before:
             change = "grown"
-        elif after < before:
+        elif same == after:
             change = "shrunk"
         else:
             change = "changed"

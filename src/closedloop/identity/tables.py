@@ -280,3 +280,28 @@ IDENTITY_RUNS = declare(
         erasure=Erasure.NONE,
     )
 )
+
+IDENTITY_RECORDS = declare(
+    TableSpec(
+        name="identity_records",
+        stage="identity",
+        description="Profile records (messages with a name) as probabilistic matching reads "
+        "them, one per message, kept so an incremental run refits the model without parsing "
+        "the whole event log.",
+        columns={
+            "message_id": "string",
+            "ts": TS,
+            "anchor": "string",  # the message's highest-priority identifier (type, value)
+            "anchor_type": "string",
+            "name": "string",
+            "birthday": "string",
+            "city": "string",
+            "gender": "string",
+            "email": "string",
+            "phone": "string",
+        },
+        key=("message_id",),
+        erasure=Erasure.DELETE_BY_MESSAGE,
+        erasure_column="message_id",
+    )
+)
