@@ -56,16 +56,15 @@ def prepare(engine: Engine, expr: ir.Table) -> ir.Table:
 
 
 def identifier_occurrences(
-    engine: Engine, config: IdentityConfig, messages: ir.Table | None = None
+    engine: Engine, config: IdentityConfig, events: ir.Table | None = None
 ) -> ir.Table:
     """Every (message_id, id_type, raw_value, ts) found in the event log, non-empty values only.
 
-    ``messages`` (a table of message_id) limits the scan to those events: an incremental
-    run reads only the events it has not resolved yet.
+    ``events`` (rows of the event log) limits the scan to those: an incremental run reads
+    only the events it has not resolved yet.
     """
-    events = engine.table("events")
-    if messages is not None:
-        events = events.semi_join(messages, "message_id")
+    if events is None:
+        events = engine.table("events")
     parts = [_path_values(engine, events, t, p) for t in config.types for p in t.paths]
     union = parts[0]
     for p in parts[1:]:

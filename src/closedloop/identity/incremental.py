@@ -66,8 +66,8 @@ class Plan:
 
     path: str
     why: str
-    messages: ir.Table  # (message_id) of the events this run extracts identifiers from
-    new_messages: int
+    events: ir.Table  # the events this run reads identifiers from: all, or the new ones
+    new_messages: int  # how many new events an incremental run reads (0 when full)
 
 
 def config_digest(config: IdentityConfig) -> str:
@@ -90,9 +90,7 @@ def last_run(engine: Engine) -> dict[str, object] | None:
 
 
 def full_plan(engine: Engine, why: str) -> Plan:
-    events = engine.table("events")
-    ids = engine.scratch("id_run_messages", events.select("message_id"))
-    return Plan(FULL, why, ids, int(ids.count().execute()))
+    return Plan(FULL, why, engine.table("events"), 0)
 
 
 def plan(engine: Engine, config: IdentityConfig, *, reason: str, allow: bool) -> Plan:
@@ -114,9 +112,9 @@ def plan(engine: Engine, config: IdentityConfig, *, reason: str, allow: bool) ->
     kept = int(seen.semi_join(events, "message_id").count().execute())
     if kept != n_seen:
         return full_plan(engine, f"{n_seen - kept} resolved message(s) were erased since")
-    new = engine.scratch(
-        "id_run_messages", events.select("message_id").anti_join(seen, "message_id")
-    )
+    # The new events themselves, copied once: every later step reads only these rows, and
+    # events appended meanwhile wait for the next run.
+    new = engine.scratch("id_new_events", events.anti_join(seen, "message_id"))
     n_new = int(new.count().execute())
     return Plan(INCREMENTAL, f"{n_new} new message(s)", new, n_new)
 

@@ -90,17 +90,17 @@ def record_rows(
     config: IdentityConfig,
     mc: MatchingConfig,
     node_occ: ir.Table,
-    messages: ir.Table | None = None,
+    events: ir.Table | None = None,
 ) -> ir.Table:
     """One row per message with a name: (message_id, ts, anchor, anchor_type, fields...).
 
     Every field of ``RECORD_FIELDS`` is a column (null when not configured), so the rows can
     be kept between runs (``identity_records``): each depends on its own message only, and an
-    incremental run parses only the new messages' JSON. ``messages`` limits the events read.
+    incremental run parses only the new messages' JSON. ``events``: the rows to read (all
+    by default).
     """
-    events = engine.table("events")
-    if messages is not None:
-        events = events.semi_join(messages, "message_id")
+    if events is None:
+        events = engine.table("events")
     events = events.filter(events.traits.notnull())
     fields = {"name": mc.name, "birthday": mc.birthday, "city": mc.city, "gender": mc.gender}
     sel = {

@@ -76,7 +76,7 @@ class ResolveResult:
     run_id: str = ""  # this run's rows in ``identity_changes``
     changed: frozenset[str] = frozenset()  # customers whose identifiers changed in this run
     path: str = "full"  # 'full' or 'incremental' (see incremental.py)
-    new_messages: int = 0  # messages this run read identifiers from
+    new_messages: int = 0  # messages this run found identifiers in (all of them when full)
 
 
 def _normalised_values(engine: Engine, occ: ir.Table, config: IdentityConfig) -> ir.Table:
@@ -219,7 +219,11 @@ def _run(
 ) -> ResolveResult | None:
     """One run on the path ``p`` chose; None if an incremental run's region is not closed."""
     inc = p.path == INCREMENTAL
-    occ = engine.scratch("id_occ", identifier_occurrences(engine, config, p.messages))
+    occ = engine.scratch("id_occ", identifier_occurrences(engine, config, p.events))
+    # The messages this run resolved: those it found a raw identifier in (a message without
+    # any is read again next time, and again yields nothing).
+    seen = engine.scratch("id_seen", occ.select("message_id").distinct())
+    n_seen = int(seen.count().execute())
     mapping = _normalised_values(engine, occ, config)
 
     refused = mapping.filter(mapping.value.isnull())
@@ -240,7 +244,7 @@ def _run(
     new_rows: ir.Table | None = None
     if mc is not None:
         new_rows = engine.scratch(
-            "id_new_records", record_rows(engine, config, mc, new_occ, p.messages)
+            "id_new_records", record_rows(engine, config, mc, new_occ, p.events)
         )
         rows = new_rows
         if inc:
@@ -484,7 +488,6 @@ def _run(
         w.put("identity_suspects", suspect, w.outside(("id_type", "id_value")))
         w.put("identity_clusters", clusters, w.outside(("id_type", "id_value")))
         occ_rows = new_occ.select("message_id", "id_type", id_value="value", ts="ts")
-        seen = p.messages.select("message_id")
         if region_t is None:
             engine.replace("identity_occurrences", occ_rows)
             engine.replace("identity_messages", seen)
@@ -495,13 +498,19 @@ def _run(
             engine.append("identity_messages", seen)
             if new_rows is not None:
                 engine.append("identity_records", new_rows)
-        _record_run(engine, config, p, run_id, len(frame), now)
+        _record_run(engine, config, p, run_id, len(frame), n_seen, now)
 
-    return _result(engine, ledger, changes, run_id, p)
+    return _result(engine, ledger, changes, run_id, p, n_seen)
 
 
 def _record_run(
-    engine: Engine, config: IdentityConfig, p: Plan, run_id: str, region_size: int, now: datetime
+    engine: Engine,
+    config: IdentityConfig,
+    p: Plan,
+    run_id: str,
+    region_size: int,
+    read: int,
+    now: datetime,
 ) -> None:
     """Append this run's row to ``identity_runs`` (inside the run's transaction)."""
     last = last_run(engine)
@@ -513,7 +522,7 @@ def _record_run(
         "config_digest": config_digest(config),
         "blocks_digest": blocks_digest(engine),
         "messages": int(engine.table("identity_messages").count().execute()),
-        "new_messages": p.new_messages,
+        "new_messages": read,
         "region_identifiers": region_size,
         "ran_at": now,
     }
@@ -528,9 +537,9 @@ def _nothing_new(engine: Engine, config: IdentityConfig, now: datetime, p: Plan)
     n_previous = int(engine.table("identity_map").count().execute())
     run_id = format(stable_hash64("resolve", now.isoformat(), str(n_previous)), "016x")
     with _atomic(engine):
-        _record_run(engine, config, p, run_id, 0, now)
+        _record_run(engine, config, p, run_id, 0, 0, now)
     none = pd.DataFrame({"customer_id": pd.Series([], dtype=str)})
-    return _result(engine, pd.DataFrame(), none, run_id, p)
+    return _result(engine, pd.DataFrame(), none, run_id, p, 0)
 
 
 class _Writer:
@@ -634,7 +643,12 @@ def _pair_columns(t: ir.Table) -> ir.Table:
 
 
 def _result(
-    engine: Engine, ledger: pd.DataFrame, changes: pd.DataFrame, run_id: str, p: Plan
+    engine: Engine,
+    ledger: pd.DataFrame,
+    changes: pd.DataFrame,
+    run_id: str,
+    p: Plan,
+    read: int,
 ) -> ResolveResult:
     """Figures of the resolution as written (the same whichever path wrote it)."""
     imap = engine.table("identity_map")
@@ -653,7 +667,7 @@ def _result(
         run_id=run_id,
         changed=frozenset(changes["customer_id"]),
         path=p.path,
-        new_messages=p.new_messages,
+        new_messages=read,
     )
 
 
