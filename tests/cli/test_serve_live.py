@@ -266,10 +266,10 @@ def test_a_segment_entry_found_by_the_live_refresh_fires_its_journey(tmp_path: P
         assert request(url + "/v1/i", identify).status == 200
         order = {"event": "Order Completed", "properties": {"order_id": "o1", "revenue": 3}}
         assert request(url + "/v1/t", who | order | {"messageId": "m1"}).status == 200
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 150  # a loaded machine: the bound is loose
         while not outbox_lines(proj / "outbox"):
             assert proc.poll() is None, "serve exited"
-            assert time.monotonic() < deadline, "no message within 90 s"
+            assert time.monotonic() < deadline, "no message within 150 s"
             time.sleep(0.2)
     finally:
         stop_serve(proc)
