@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from closedloop.core.definitions import IdentityConfig, MatchingConfig
 from closedloop.core.engine import Engine
-from closedloop.identity.extract import prepare
+from closedloop.identity.extract import json_string, prepare
 
 MISSING = -1
 # Comparisons and their number of levels (level 0 = disagree; MISSING = a value is absent).
@@ -75,13 +75,6 @@ class MatchModel:
         return out
 
 
-def _json_text(column: ir.StringValue, path: str) -> ir.StringValue:
-    node = column.cast("json")
-    for k in path.split(".")[1:]:
-        node = node[k]
-    return node.unwrap_as("string")
-
-
 RECORD_FIELDS = ("name", "birthday", "city", "gender", "email", "phone")
 
 
@@ -104,7 +97,9 @@ def record_rows(
     events = events.filter(events.traits.notnull())
     fields = {"name": mc.name, "birthday": mc.birthday, "city": mc.city, "gender": mc.gender}
     sel = {
-        k: _json_text(events.traits, p).strip().lower() for k, p in fields.items() if p is not None
+        k: json_string(engine, events.traits, p.split(".")[1:]).strip().lower()
+        for k, p in fields.items()
+        if p is not None
     }
     if "gender" in sel:
         # "F", "female", "Female" are one value: compare the first letter.

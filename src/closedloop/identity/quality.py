@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from closedloop.core.definitions import IdentityConfig
 from closedloop.core.engine import Engine
-from closedloop.identity.extract import prepare
+from closedloop.identity.extract import json_string, prepare
 
 DEFAULT_NAMES = 3  # listed (not quarantined) above this many names when a type sets no limit
 
@@ -39,10 +39,8 @@ def suspects(engine: Engine, config: IdentityConfig, node_occ: ir.Table) -> ir.T
     path = config.matching.name if config.matching is not None else "traits.name"
     events = engine.table("events")
     events = events.filter(events.traits.notnull())
-    node = events.traits.cast("json")
-    for k in path.split(".")[1:]:
-        node = node[k]
-    named = events.select("message_id", name=node.unwrap_as("string").strip().lower())
+    name = json_string(engine, events.traits, path.split(".")[1:])
+    named = events.select("message_id", name=name.strip().lower())
     named = named.filter(named.name.notnull() & (named.name != ""))
     strong = [t.name for t in config.types if t.strong]
     occ = node_occ.filter(node_occ.id_type.isin(strong))
