@@ -303,6 +303,8 @@ def live(project: Project, members: list[str], key: str, gap: float) -> dict[str
     for step in ("identity_s", "portrait_s", "tags_s", "segments_s", "lookup_s", "seconds"):
         fig[f"refresh_mean_{step}"] = round(sum(r[step] for r in work) / max(len(work), 1), 3)
     total = sum(r["seconds"] for r in work) or 1.0
+    paths = [r["identity_path"] for r in work]
+    fig["identity_paths"] = {k: paths.count(k) for k in sorted(set(paths))}
     fig["refresh_identity_share"] = round(sum(r["identity_s"] for r in work) / total, 3)
     fig["refresh_mean_recomputed"] = round(
         sum(r["recomputed"] for r in work) / max(len(work), 1), 1

@@ -151,6 +151,7 @@ def test_an_event_posted_over_http_changes_traits_and_segments_while_serving(
     assert entered.timestamp() >= posted
     (run,) = [r for r in runs if r["as_of"] == entered]
     assert run["reason"] == "events" and run["entered"] == 1 and run["loaded"] >= 1
+    assert run["identity_path"] == "incremental"  # only the new events are resolved
     assert run["finished_at"].timestamp() - posted <= seconds + 1
     assert runs[0]["reason"] == "start"
 

@@ -74,6 +74,7 @@ def test_windows_roll_forward_on_clock_only_refreshes(tmp_path: Path) -> None:
         assert _stays(engine) == [("buyers", T0, later), ("lapsed", later, None)]
         runs = engine.table("live_refreshes").to_pyarrow().to_pylist()
     assert [r["reason"] for r in runs] == ["events", "clock", "clock"]
+    assert [r["identity_path"] for r in runs][1:] == ["incremental", "incremental"]  # no news
     assert [r["as_of"] for r in runs] == [T0, T0 + timedelta(days=10), later]
 
 

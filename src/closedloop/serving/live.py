@@ -59,6 +59,7 @@ class LiveRun:
     finished_at: datetime
     reason: str
     loaded: int
+    identity_path: str  # 'incremental' or 'full' (identity.resolve decides)
     recomputed: int
     entered: int
     exited: int
@@ -82,7 +83,7 @@ def refresh_all(
     clock = Clock(as_of)
     tz = project.config.timezone
     marks = [time.perf_counter()]
-    resolve(engine, project.identity, clock)
+    ident = resolve(engine, project.identity, clock)
     marks.append(time.perf_counter())
     portrait = refresh(engine, project.traits, clock, tz)
     marks.append(time.perf_counter())
@@ -108,6 +109,7 @@ def refresh_all(
         finished_at=datetime.now(UTC),
         reason=reason,
         loaded=loaded,
+        identity_path=ident.path,
         recomputed=portrait.recomputed,
         entered=entered,
         exited=exited,

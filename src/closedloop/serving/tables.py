@@ -18,6 +18,7 @@ LIVE_REFRESHES = declare(
             "finished_at": TS,
             "reason": "string",  # 'start' | 'events' | 'clock'
             "loaded": "int64",  # events the loads since the previous run accepted
+            "identity_path": "string",  # identity resolution: 'incremental' or 'full'
             "recomputed": "int64",  # customers whose portrait was recomputed
             "entered": "int64",  # segment entries recorded, all segments
             "exited": "int64",
