@@ -120,8 +120,11 @@ def materialise(engine: Engine, path: Path | None = None) -> MaterialiseResult |
     try:
         out.executescript(
             """
+            PRAGMA page_size = 16384;
             PRAGMA journal_mode = OFF;
             PRAGMA synchronous = OFF;
+            PRAGMA locking_mode = EXCLUSIVE;
+            PRAGMA cache_size = -262144;
             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
             CREATE TABLE identifiers (
               id_value TEXT NOT NULL, id_type TEXT NOT NULL, customer_id TEXT NOT NULL,
@@ -184,12 +187,19 @@ def _as_json_value(name: str, kind: str) -> str:
 
 
 def _copy(con: Any, out: sqlite3.Connection, select: str, insert: str) -> int:
+    """Rows of ``select`` (DuckDB) into ``insert`` (SQLite), a batch of Arrow columns at once.
+
+    Arrow batches turned into Python lists column by column cost less than DuckDB's
+    row-by-row ``fetchmany`` tuples; with the rows in key order, a large page and a cache
+    that holds the B-tree's right edge, SQLite's inserts are appends.
+    """
     cur = con.cursor()
-    cur.execute(select)
+    reader = cur.execute(select).fetch_record_batch(BATCH)
     n = 0
-    while rows := cur.fetchmany(BATCH):
-        out.executemany(insert, rows)
-        n += len(rows)
+    for batch in reader:
+        columns = [c.to_pylist() for c in batch.columns]
+        out.executemany(insert, zip(*columns, strict=True))
+        n += batch.num_rows
     cur.close()
     return n
 
