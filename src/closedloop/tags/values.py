@@ -173,15 +173,20 @@ def matching_events(
 def first_last_values(
     engine: Engine, tag: TagDef, now: datetime, shared: tuple[ir.Table, str] | None = None
 ) -> ir.Table:
-    """The value on the first (or last) matching event; same-time ties go to the message id."""
+    """The value on the first (or last) matching event; same-time ties go to the message id.
+
+    Grouped passes, not a window: the customer's first (last) time, its events at that time,
+    and among those the smallest (largest) message id — message ids are unique, so that is
+    one event. A row number over every customer's events sorted them all, the costliest step
+    of a tag build.
+    """
     e = matching_events(engine, tag, now, shared)
     first = tag.type is TagType.FIRST
-    order = (
-        [e.timestamp, e.message_id] if first else [ibis.desc(e.timestamp), ibis.desc(e.message_id)]
-    )
-    ranked = e.mutate(rank=ibis.row_number().over(group_by=e.customer_id, order_by=order))
-    top = ranked.filter(ranked.rank == 0)
-    return top.select("customer_id", value=top.v)
+    edge = e.group_by("customer_id").aggregate(at=e.timestamp.min() if first else e.timestamp.max())
+    edge = edge.rename(edge_customer="customer_id")
+    j = e.join(edge, [e.customer_id == edge.edge_customer, e.timestamp == edge.at])
+    value = j.v.argmin(j.message_id) if first else j.v.argmax(j.message_id)
+    return j.group_by("customer_id").aggregate(value=value)
 
 
 def top_n_values(
