@@ -13,9 +13,12 @@ used instead of the portable iterative Ibis path.
 ``pyspark://`` starts (or joins) an in-process Spark session in local mode — ``local[2]``,
 few shuffle partitions, no UI, ``PYSPARK_PYTHON`` set to this interpreter — and works in a
 database of its own, dropped on ``close``: Spark's catalogue here lives in memory, so the
-tables last as long as the engine (tests, benchmarks, comparing backends). Two Ibis 12 gaps
-are closed here rather than in every stage: temporary tables (``scratch``) and unwrapping
-JSON strings, edit distance (``_spark_compat``).
+tables last as long as the engine (tests, benchmarks, comparing backends). The gaps Ibis 12
+leaves between Spark and DuckDB are closed here rather than in every stage, so the whole
+build gives equal tables on both (``tests/test_spark_build.py``): temporary tables
+(``scratch``), replacing a table from its own rows, and in the compiler (``_spark_compat``)
+JSON unwrapping, edit distance in bytes, whitespace stripping, timestamps read as UTC
+instants, epoch seconds with their fraction, and ordered ``collect``/``group_concat``.
 """
 
 from __future__ import annotations
