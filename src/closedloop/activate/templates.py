@@ -49,8 +49,9 @@ class Uses:
     bad_item_fields: frozenset[str]
 
 
+@lru_cache(maxsize=256)
 def uses(text: str) -> Uses:
-    """Analyse a template (raises ``TemplateSyntaxError``)."""
+    """Analyse a template (raises ``TemplateSyntaxError``); once per text, as a run asks often."""
     ast = ENV.parse(text)
     names = frozenset(meta.find_undeclared_variables(ast))
     loop_vars: set[str] = set()
