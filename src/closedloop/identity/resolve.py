@@ -2,7 +2,8 @@
 
 Steps, with their cost:
 
-1. find identifier occurrences in the event log (one scan per declared path);
+1. find identifier occurrences in the event log (one scan per declared path; on DuckDB the
+   JSON text is read by DuckDB's own functions, not cast to JSON, see extract.py);
 2. normalise each *distinct* raw value once, refusing invalid and blocked values;
 3. link identifiers seen in the same message (pairs within a message: messages carry a
    handful of ids, so this is O(messages));
@@ -22,6 +23,13 @@ Steps, with their cost:
 9. record which customers changed and how (``identity_changes``, one row per changed
    customer per run; also ``ResolveResult.changed``) so portrait refresh can recompute only
    those customers.
+
+A run is incremental when it can be (``incremental.py`` says exactly when it is not): steps
+1–2 read only the events not resolved yet, and steps 3–9 run over the *region* those events
+touch, from the evidence kept by earlier runs (``identity_occurrences``,
+``identity_records``); every table is then rewritten as its rows outside the region plus the
+region's new rows. The result is the full run's, row for row (tests/identity/
+test_incremental.py). The path taken is in ``identity_runs`` and ``ResolveResult.path``.
 """
 
 from __future__ import annotations
