@@ -1,29 +1,20 @@
-"""The identity layer on Spark (PySpark local mode) gives the clusters it gives on DuckDB.
+"""The Spark engine (PySpark local mode) keeps what it is handed and unwraps JSON as DuckDB does.
 
-Both engines load the same generated files through ``collect`` and resolve them with the
-same definitions; the identity maps must agree row for row — same identifiers, same
-customer ids, same quarantine flags — which means the same clusters, since ids come from the
-clusters. The Spark session runs in this process (``local[2]``), so the test needs only
-Java and the ``pyspark`` package.
+The session runs in this process (``local[2]``), so the tests need only Java and the
+``pyspark`` package. The whole build on Spark — identity's clusters included — is compared
+with DuckDB's table by table in ``tests/test_spark_build.py``; the engine's other Spark
+primitives in ``tests/test_spark_engine.py``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import ibis
-import pandas as pd
 import pytest
 
-from closedloop.core.clock import Clock
-from closedloop.core.definitions import load_project
 from closedloop.core.engine import Engine
-from closedloop.demo.generator import generate
-from closedloop.demo.project import init_project, relative_data_dir
-from closedloop.identity.resolve import ResolveResult, resolve
-from closedloop.pipeline import load_imports
 
 pytest.importorskip("pyspark")
 
@@ -34,43 +25,6 @@ def _need_java() -> None:
         if os.environ.get("CI"):
             pytest.fail("Spark needs Java, and .ci/run installs it: CI must not skip this")
         pytest.skip("Spark needs Java (apt-get install default-jre-headless)")
-
-
-def _resolve(url: str, root: Path) -> tuple[ResolveResult, pd.DataFrame, int]:
-    project = load_project(root / "p")
-    clock = Clock(pd.Timestamp("2026-11-20T00:00:00Z").to_pydatetime())
-    with Engine(url) as engine:
-        load_imports(engine, project)
-        result = resolve(engine, project.identity, clock)
-        imap = engine.table("identity_map").select(
-            "id_type", "id_value", "customer_id", "quarantined"
-        )
-        frame = imap.order_by(["id_type", "id_value"]).to_pandas()
-        events = engine.table("event_customers").count().execute()
-    return result, frame, int(events)
-
-
-@pytest.mark.spark
-@pytest.mark.slow
-def test_spark_resolves_the_same_clusters_as_duckdb(tmp_path: Path) -> None:
-    _need_java()
-    generate(tmp_path / "brand", 150, seed=5)
-    init_project(
-        tmp_path / "p", data_dir=relative_data_dir(tmp_path / "p", tmp_path / "brand" / "data")
-    )
-    duck, duck_map, duck_events = _resolve("duckdb://", tmp_path)
-    spark, spark_map, spark_events = _resolve("pyspark://", tmp_path)
-    assert duck.customers > 50 and duck.links > 0
-    assert spark == duck
-    assert spark_events == duck_events
-    pd.testing.assert_frame_equal(duck_map, spark_map, check_dtype=False)
-
-    # The maps are row-for-row equal; the partition is therefore equal too (said plainly).
-    def clusters(f: pd.DataFrame) -> set[frozenset[str]]:
-        keys = f["id_type"] + ":" + f["id_value"]
-        return {frozenset(g) for _, g in keys.groupby(f["customer_id"])}
-
-    assert clusters(duck_map) == clusters(spark_map)
 
 
 @pytest.mark.spark

@@ -21,7 +21,7 @@ from closedloop.core.definitions import load_project
 from closedloop.core.engine import Engine, table_differences
 from closedloop.demo.generator import generate
 from closedloop.demo.project import init_project, relative_data_dir
-from closedloop.pipeline import build
+from closedloop.pipeline import BuildReport, build
 from tests.test_spark import _need_java
 
 pytest.importorskip("pyspark")
@@ -44,8 +44,9 @@ ENGINE_ONLY = {
 }
 
 
-def build_tables(url: str, root: Path) -> dict[str, pa.Table]:
-    """Build the project under ``root`` on ``url``; every table's rows, volatile columns out."""
+def build_tables(url: str, root: Path) -> tuple[BuildReport, dict[str, pa.Table]]:
+    """Build the project under ``root`` on ``url``: its report, and every table's rows
+    (volatile columns out)."""
     project = load_project(root / "p")
     clock = Clock(pd.Timestamp("2026-11-20T00:00:00Z").to_pydatetime())
     out: dict[str, pa.Table] = {}
@@ -58,7 +59,7 @@ def build_tables(url: str, root: Path) -> dict[str, pa.Table]:
             t = engine.table(name)
             drop = [c for c in VOLATILE.get(name, ()) if c in t.columns]
             out[name] = (t.drop(*drop) if drop else t).to_pyarrow()
-    return out
+    return report, out
 
 
 @pytest.mark.spark
@@ -69,8 +70,13 @@ def test_whole_build_on_spark_equals_duckdb(tmp_path: Path) -> None:
     init_project(
         tmp_path / "p", data_dir=relative_data_dir(tmp_path / "p", tmp_path / "brand" / "data")
     )
-    duck = build_tables("duckdb://", tmp_path)
-    spark = build_tables("pyspark://", tmp_path)
+    duck_report, duck = build_tables("duckdb://", tmp_path)
+    spark_report, spark = build_tables("pyspark://", tmp_path)
+    # Identity first (it was checked alone before): the same clusters, links and drops.
+    assert duck_report.identity is not None and duck_report.identity.links > 0
+    assert spark_report.identity == duck_report.identity
+    assert spark_report.customers == duck_report.customers > 100
+    assert spark_report.segments == duck_report.segments
     # The build wrote every stage's tables, with rows (the comparison is not of empties).
     for name in ("events", "identity_map", "profiles", "computed_traits", "tag_values"):
         assert duck[name].num_rows > 0, name
