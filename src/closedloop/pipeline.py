@@ -179,7 +179,9 @@ def build(
         report.identity = resolve(engine, project.identity, clock)
     step("identity")
     tz = project.config.timezone
-    refreshed = refresh(engine, project.traits, clock, tz, full=not incremental)
+    refreshed = refresh(
+        engine, project.traits, clock, tz, full=not incremental, accounts=project.accounts
+    )
     report.customers, report.traits = refreshed.customers, refreshed.traits
     report.refresh = refreshed
     step("portrait")

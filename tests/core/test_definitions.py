@@ -116,3 +116,18 @@ def test_cross_checks_find_unknown_fields_and_template_names(project: Path) -> N
 def test_not_a_project(tmp_path: Path) -> None:
     (found,) = problems_of(tmp_path)
     assert "no closedloop.yaml" in found
+
+
+def test_accounts_yaml_is_part_of_the_project(project: Path) -> None:
+    """build and refresh read B2B roles from the project: load_project carries accounts.yaml."""
+    assert load_project(project).accounts.default_role == "user"  # no file: the defaults
+    (project / "accounts.yaml").write_text(
+        "role_rules:\n  - {role: finance, match: [founder]}\ndefault_role: it\n"
+    )
+    accounts = load_project(project).accounts
+    assert accounts.default_role == "it"
+    assert [(r.role, r.match) for r in accounts.role_rules] == [("finance", ["founder"])]
+    (project / "accounts.yaml").write_text("role_rules:\n  - {role: chef, match: [cook]}\n")
+    with pytest.raises(DefinitionError) as e:
+        load_project(project)
+    assert "accounts.yaml:2 [role_rules.0.role]" in str(e.value)

@@ -225,3 +225,28 @@ def test_accounts_yaml_errors_point_at_the_line(tmp_path: Path) -> None:
     assert "accounts.yaml:4 [role_rules.0.role]" in text
     assert "accounts.yaml:5 [role_rules.1.match]" in text and "no letters or digits" in text
     assert load_accounts(tmp_path / "nowhere") == AccountsConfig()
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_refresh_reads_roles_as_declared(engine: Engine, incremental: bool) -> None:
+    """The project's accounts.yaml reaches the build through refresh, full and incremental."""
+    from closedloop.portrait.refresh import refresh
+
+    config = AccountsConfig.model_validate(
+        {
+            "role_sources": [{"from": "identify", "trait": "title"}],
+            "role_rules": [{"role": "finance", "match": ["founder"]}],
+            "default_role": "it",
+        }
+    )
+    add_events(engine, MESSAGES)
+    resolve(engine, CONFIG, Clock(NOW))
+    if incremental:  # a first build with the defaults, then an incremental pass
+        refresh(engine, {}, Clock(NOW - timedelta(hours=1)))
+    result = refresh(engine, {}, Clock(NOW), accounts=config)
+    assert result.mode == ("incremental" if incremental else "full")
+    roles = {
+        (r["account_id"], r["role"])
+        for r in engine.table("account_contacts").to_pyarrow().to_pylist()
+    }
+    assert roles == {("acme", "finance"), ("acme", "it"), ("zeta", "finance")}

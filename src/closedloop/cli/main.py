@@ -57,12 +57,6 @@ def validate(project: ProjectDir = Path(".")) -> None:
 
     p = project_or_exit(project)
     problems = check_project(p) + check_journeys(p)
-    try:  # accounts.yaml: where B2B contacts' roles are read (core.definitions.accounts)
-        from closedloop.core.definitions.accounts import load_accounts
-
-        load_accounts(p.root)
-    except DefinitionError as e:
-        problems += e.problems
     if problems:
         raise fail(DefinitionError(problems))
     console.print(

@@ -16,6 +16,7 @@ import ibis
 import ibis.expr.types as ir
 
 from closedloop.core.clock import Clock
+from closedloop.core.definitions.accounts import AccountsConfig
 from closedloop.core.engine import Engine
 from closedloop.portrait import (
     localtime,
@@ -396,10 +397,16 @@ def profile_expr(engine: Engine, as_of: datetime, default_tz: str = "UTC") -> ir
     return finish(base_expr(engine, as_of, offsets, zones, default_tz, facts=facts), as_of)
 
 
-def build_profiles(engine: Engine, clock: Clock | None = None, default_tz: str = "UTC") -> int:
+def build_profiles(
+    engine: Engine,
+    clock: Clock | None = None,
+    default_tz: str = "UTC",
+    accounts: AccountsConfig | None = None,
+) -> int:
     """Rebuild ``profiles`` as of the clock's now; returns the number of customers.
 
-    ``default_tz`` is the time zone of people whose events state none (the project's).
+    ``default_tz`` is the time zone of people whose events state none (the project's);
+    ``accounts`` says where B2B contacts' roles are read (the project's accounts.yaml).
     """
     as_of = (clock or Clock()).now()
     facts = _facts_as_of(engine, as_of)
@@ -407,5 +414,5 @@ def build_profiles(engine: Engine, clock: Clock | None = None, default_tz: str =
     with engine.temporary(localtime.offsets_table(zones, lo, as_of)) as offsets:
         base = base_expr(engine, as_of, offsets, zones, default_tz, facts=facts)
         engine.replace("profiles", finish(base, as_of))
-    build_accounts(engine, as_of)  # B2B accounts and their contacts (portrait.accounts)
+    build_accounts(engine, as_of, accounts)  # B2B accounts and contacts (portrait.accounts)
     return engine.count("profiles")

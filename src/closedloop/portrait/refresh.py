@@ -37,6 +37,7 @@ import ibis.expr.types as ir
 import pyarrow as pa
 
 from closedloop.core.clock import Clock
+from closedloop.core.definitions.accounts import AccountsConfig
 from closedloop.core.definitions.traits import TraitDef
 from closedloop.core.engine import Engine
 from closedloop.portrait import localtime
@@ -194,13 +195,17 @@ def _record(
 
 
 def full_build(
-    engine: Engine, traits: dict[str, TraitDef], clock: Clock | None = None, default_tz: str = "UTC"
+    engine: Engine,
+    traits: dict[str, TraitDef],
+    clock: Clock | None = None,
+    default_tz: str = "UTC",
+    accounts: AccountsConfig | None = None,
 ) -> RefreshResult:
     """Rebuild profiles and traits for everyone, and record the state a refresh starts from."""
     started = time.perf_counter()
     clock = clock or Clock()
     as_of = clock.now()
-    n = build_profiles(engine, clock, default_tz)
+    n = build_profiles(engine, clock, default_tz, accounts)
     build_traits(engine, traits, clock)
     return _record(engine, as_of, "full", n, traits_digest(traits), started)
 
@@ -212,18 +217,20 @@ def refresh(
     default_tz: str = "UTC",
     *,
     full: bool = False,
+    accounts: AccountsConfig | None = None,
 ) -> RefreshResult:
     """Bring profiles and traits up to the clock, recomputing only affected customers.
 
     Falls back to a full build when there is no previous run, when asked, when the clock went
-    backwards, or when the trait definitions changed.
+    backwards, or when the trait definitions changed. B2B accounts are rebuilt whole either
+    way, with roles read as ``accounts`` (the project's accounts.yaml) says.
     """
     clock = clock or Clock()
     as_of = clock.now()
     last = last_run(engine)
     digest = traits_digest(traits)
     if full or last is None or as_of < last.as_of or last.traits_digest != digest:
-        return full_build(engine, traits, clock, default_tz)
+        return full_build(engine, traits, clock, default_tz, accounts)
     started = time.perf_counter()
     windows = {t.window_days for t in traits.values() if t.window_days}
     # The attribution diff, once: it finds affected customers and then updates the snapshot.
@@ -270,7 +277,7 @@ def refresh(
         rel = network(related, engine.table("identity_map"))
         base = base.left_join(rel, "customer_id").drop("customer_id_right")
         engine.replace(PROFILES.name, finish(fill_relationships(base), as_of))
-        build_accounts(engine, as_of)  # whole: see portrait.accounts
+        build_accounts(engine, as_of, accounts)  # whole: see portrait.accounts
 
     as_of_lit = ibis.literal(as_of).cast(TS)
     ct = engine.table(COMPUTED_TRAITS.name)

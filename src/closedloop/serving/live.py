@@ -85,7 +85,7 @@ def refresh_all(
     marks = [time.perf_counter()]
     ident = resolve(engine, project.identity, clock)
     marks.append(time.perf_counter())
-    portrait = refresh(engine, project.traits, clock, tz)
+    portrait = refresh(engine, project.traits, clock, tz, accounts=project.accounts)
     marks.append(time.perf_counter())
     build_tags(engine, project.tags, clock, root=project.root)
     marks.append(time.perf_counter())

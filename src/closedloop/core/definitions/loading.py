@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from closedloop.core.definitions.accounts import AccountsConfig, load_accounts
 from closedloop.core.definitions.campaigns import CampaignDef
 from closedloop.core.definitions.identity import IdentityConfig
 from closedloop.core.definitions.project import ProjectConfig
@@ -29,6 +30,8 @@ class Project(BaseModel):
     tags: dict[str, TagDef]
     segments: dict[str, SegmentDef]
     campaigns: dict[str, CampaignDef]
+    # accounts.yaml: where B2B contacts' roles are read; the defaults when the file is absent.
+    accounts: AccountsConfig = AccountsConfig()
 
     def path(self, relative: str) -> Path:
         p = Path(relative)
@@ -120,6 +123,11 @@ def load_project(root: Path | str) -> Project:
         identity = _load_one(root / "identity.yaml", IdentityConfig, root)
     except DefinitionError as e:
         problems.extend(e.problems)
+    accounts = AccountsConfig()
+    try:
+        accounts = load_accounts(root)
+    except DefinitionError as e:
+        problems.extend(e.problems)
     traits = _load_folder(root, "traits", TraitDef, problems)
     tags = _load_folder(root, "tags", TagDef, problems)
     before = len(problems)
@@ -159,4 +167,5 @@ def load_project(root: Path | str) -> Project:
         tags=tags,
         segments=segments,
         campaigns=campaigns,
+        accounts=accounts,
     )
