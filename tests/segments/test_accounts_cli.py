@@ -161,5 +161,31 @@ def test_validate_reports_accounts_yaml_with_lines(tmp_path: Path) -> None:
     assert r.exit_code == 2
     assert "accounts.yaml:2 [role_sources.0.from]" in r.output
     assert "accounts.yaml:3 [default_role]" in r.output
+    # accounts.yaml is part of the project: every command refuses it broken, not only validate
+    r = runner.invoke(app, ["account", "list", "-p", str(tmp_path / "p")], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "accounts.yaml:3 [default_role]" in r.output
+    (tmp_path / "p" / "accounts.yaml").write_text("default_role: finance\n")
     r = runner.invoke(app, ["account", "list", "-p", str(tmp_path / "p")])
     assert r.exit_code == 0 and "0 accounts" in r.output
+
+
+def test_segment_commands_answer_account_segments_too(project: Path, tmp_path: Path) -> None:
+    """`closedloop segment size|preview|export` on an of: accounts segment: accounts, not customers."""
+    from closedloop.cli import segment_cmds
+
+    app = typer.Typer()
+    app.command("noop")(lambda: None)
+    segment_cmds.register(app)
+    base = ["-p", str(project), "--as-of", AS_OF]
+    expected = runner.invoke(cli(), ["account", "size", "big_accounts", *base]).output
+    r = runner.invoke(app, ["segment", "size", "big_accounts", *base])
+    assert r.exit_code == 0, r.output
+    assert r.output == expected and " accounts" in r.output
+    r = runner.invoke(app, ["segment", "preview", "b2b_buyers", *base], env={"COLUMNS": "300"})
+    assert r.exit_code == 0 and "account_id" in r.output, r.output
+    out = tmp_path / "big.csv"
+    r = runner.invoke(app, ["segment", "export", "big_accounts", "--out", str(out), *base])
+    assert r.exit_code == 0, r.output
+    assert out.read_text().splitlines()[0].startswith('"account_id"')
+    r = runner.invoke(app, ["segment", "export", "big_accounts", "--webhook", "http://x", *base])
+    assert r.exit_code == 2 and "export it with --out FILE" in r.output

@@ -44,9 +44,22 @@ def _members(project_dir: Path, name: str, as_of: datetime | None) -> tuple[Engi
     return engine, expr
 
 
+def _of_accounts(project_dir: Path, name: str) -> bool:
+    """Whether ``name`` is an ``of: accounts`` segment: those are answered by ``account``."""
+    from closedloop.cli.common import project_or_exit
+
+    seg = project_or_exit(project_dir).segments.get(name)
+    return seg is not None and seg.of == "accounts"
+
+
 @segment_app.command("size")
 def size(name: str, project: ProjectDir = Path("."), as_of: AsOf = None) -> None:
-    """How many customers are in the segment now, by lifecycle stage."""
+    """How many customers (or, for an account segment, accounts) are in the segment now."""
+    if _of_accounts(project, name):
+        from closedloop.cli import account_cmds
+
+        account_cmds.size(name, project, as_of)
+        return
     engine, expr = _members(project, name, as_of)
     with engine:
         p = engine.table("profiles")
@@ -70,6 +83,11 @@ def preview(
     as_of: AsOf = None,
 ) -> None:
     """A sample of members with the fields that qualified them."""
+    if _of_accounts(project, name):
+        from closedloop.cli import account_cmds
+
+        account_cmds.preview(name, project, limit, as_of)
+        return
     engine, expr = _members(project, name, as_of)
     with engine:
         rows = expr.limit(limit).to_pyarrow().to_pylist()
@@ -105,6 +123,13 @@ def export(
 
     if (out is None) == (webhook is None):
         raise fail(ClosedloopError("give either --out FILE or --webhook URL"))
+    if _of_accounts(project, name):
+        if out is None:
+            raise fail(ClosedloopError(f"{name} is an account segment: export it with --out FILE"))
+        from closedloop.cli import account_cmds
+
+        account_cmds.export(name, out, project, as_of)
+        return
     if webhook is not None:
         _export_webhook(name, webhook, secret_env, batch_size, field or [], project, as_of)
         return
