@@ -43,6 +43,7 @@ from closedloop.measure.campaign import CampaignOutcome, measure_campaign
 from closedloop.measure.report import Section, bar_chart, lift_chart, write_report
 from closedloop.pipeline import BuildReport, build
 from closedloop.portrait.build import build_profiles
+from closedloop.predict.recommend import build_recommendations
 from closedloop.tags.coverage import TagCoverage, tag_coverage
 
 CAMPAIGN = "winback"
@@ -110,6 +111,9 @@ def run_demo(
 
         with Engine(project.engine_url) as engine:
             report = build(engine, project, clock=clock, progress=tick)
+            # predict: next-best products, which the win-back e-mail lists (`recommended`)
+            build_recommendations(engine, clock=clock)
+            tick("recommendations", 1, 1)
             campaign = project.campaigns[CAMPAIGN]
             occasion = generation.reference_time.date().isoformat()
             run = run_campaign(
