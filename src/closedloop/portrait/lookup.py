@@ -194,7 +194,7 @@ def _copy(con: Any, out: sqlite3.Connection, select: str, insert: str) -> int:
     that holds the B-tree's right edge, SQLite's inserts are appends.
     """
     cur = con.cursor()
-    reader = cur.execute(select).fetch_record_batch(BATCH)
+    reader = cur.execute(select).to_arrow_reader(BATCH)
     n = 0
     for batch in reader:
         columns = [c.to_pylist() for c in batch.columns]
