@@ -59,6 +59,26 @@ def test_torn_and_corrupt_tails_stop_reading(tmp_path: Path) -> None:
     assert [decode_body(r.body)[1] for r in recs] == [[line(2)]]
 
 
+def test_a_torn_tail_left_by_a_dead_writer_is_retired(tmp_path: Path) -> None:
+    """A writer killed mid-write leaves a record cut short, never acknowledged.
+
+    While a writer lives such a tail may still be growing; once it is gone the loader loads
+    the whole records before it and retires the segment instead of waiting for the rest of
+    a record that will never come (the tail cut inside the header or inside the body).
+    """
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = record(1) + record(2)
+    (spool / "00000000000000000001-1-aaaaaaaa.seg").write_bytes(good + record(3)[:-5])
+    (spool / "00000000000000000002-1-bbbbbbbb.seg").write_bytes(record(4) + record(5)[:3])
+    with Engine(f"duckdb:///{tmp_path / 'w.duckdb'}") as engine:
+        loader = SpoolLoader(engine, [WEB], spool)
+        loaded = [loader.run_once() for _ in range(3)]
+        assert sum(r.accepted for r in loaded) == 3
+        assert segment_names(spool) == []
+        assert sorted(r["message_id"] for r in rows(engine, "events")) == ["m1", "m2", "m4"]
+
+
 def test_writer_holds_its_segment_until_closed(tmp_path: Path) -> None:
     async def go() -> Path:
         w = SpoolWriter(tmp_path)

@@ -133,6 +133,10 @@ class SpoolLoader:
                 size = path.stat().st_size
             except FileNotFoundError:
                 continue
+            if gone and not bad and not records and end < size:
+                # Nothing whole past ``end`` and no one left to finish it: a record cut short
+                # by its writer's death (read_records only calls it "bad" when corrupt).
+                bad = True
             if bad and gone:
                 log.warning(
                     "spool %s: torn or corrupt data at %d ignored (never acknowledged)", name, end
