@@ -38,6 +38,11 @@ from closedloop.core.clock import Clock
 from closedloop.core.definitions import DataClass, Source
 from closedloop.core.engine import Engine
 from closedloop.core.errors import InputError
+from closedloop.core.feedback_events import (
+    CALLBACK_EVENT,
+    callback_message_id,
+    message_anonymous_id,
+)
 from closedloop.core.ids import stable_hash64
 
 #: The internal source feedback events are recorded under (not a project source).
@@ -52,18 +57,6 @@ FEEDBACK_SOURCE: Final = Source(
 ATTEMPT_EVENT: Final = {
     "delivered": "Message Sent",
     "bounced": "Message Bounced",
-    "failed": "Message Failed",
-}
-CALLBACK_EVENT: Final = {
-    "delivered": "Message Delivered",
-    "opened": "Message Opened",
-    "open": "Message Opened",
-    "clicked": "Message Clicked",
-    "click": "Message Clicked",
-    "replied": "Message Replied",
-    "reply": "Message Replied",
-    "bounced": "Message Bounced",
-    "bounce": "Message Bounced",
     "failed": "Message Failed",
 }
 
@@ -101,11 +94,15 @@ def _who(info: dict[str, Any], person: dict[str, Any] | None) -> dict[str, Any]:
     event carrying both e-mail and phone, or an anonymous id shared by a person's events,
     would re-join identifiers that resolution (or a staff member's split) had kept apart.
     """
+    # The message's own anonymous id is on every outcome event: identity ties it to the
+    # person here, so a provider callback through collect, which knows only the message id,
+    # lands on the same person (see ``core.feedback_events``).
+    anonymous = message_anonymous_id(str(info.get("message_id")))
     if person and person.get("member_id"):
-        return {"userId": person["member_id"]}
+        return {"userId": person["member_id"], "anonymousId": anonymous}
     order = ("phone", "email") if info.get("channel") == "sms" else ("email", "phone")
     known = [k for k in order if person and person.get(k)]
-    out: dict[str, Any] = {"anonymousId": f"closedloop:{info.get('message_id')}"}
+    out: dict[str, Any] = {"anonymousId": anonymous}
     if known and person:
         out["context"] = {"traits": {known[0]: person[known[0]]}}
     return out
@@ -235,7 +232,7 @@ def ingest_feedback(
             continue
         at = _time(r.get("timestamp"), now)
         key = str(r.get("id") or f"{event}|{at.isoformat()}")
-        mid = "fb_" + format(stable_hash64("callback", str(r["message_id"]), key), "016x")
+        mid = callback_message_id(str(r["message_id"]), key)
         extra = {"provider_event_id": r.get("id"), "url": r.get("url"), "reason": r.get("reason")}
         if r.get("text") is not None:
             extra["text"] = str(r["text"])[:2000]

@@ -18,6 +18,7 @@ Configuration for worker processes started by uvicorn comes from the environment
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -31,6 +32,9 @@ from typing import Any, Final
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from closedloop.collect.callbacks import OPENAPI_EXTRA as CALLBACK_OPENAPI
+from closedloop.collect.callbacks import ROUTE_PREFIX as CALLBACK_ROUTE
+from closedloop.collect.callbacks import CallbackIntake
 from closedloop.collect.ingest import (
     MAX_BATCH_MESSAGES,
     MAX_REQUEST_BYTES,
@@ -203,14 +207,17 @@ def create_app(
     max_backlog: int = DEFAULT_MAX_BACKLOG,
     plans: dict[str, TrackingPlan] | None = None,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    callback_secrets: dict[str, bytes] | None = None,
 ) -> FastAPI:
     """The collector app for a project's sources, spooling into ``spool_folder``.
 
     ``max_in_flight`` bounds the requests one worker holds at once (reading, judging or
     waiting for fsync); past it the worker answers 429 at once rather than queueing work
-    — and memory — it cannot get through.
+    — and memory — it cannot get through. ``callback_secrets`` (source name → secret) sign
+    provider callbacks; by default each source's ``callback_secret_env`` is read.
     """
     collector = Collector(sources, plans)
+    callbacks = CallbackIntake(collector, sources, callback_secrets)
     in_flight = [0]
     pressure = _Pressure(Path(spool_folder), max_backlog)
     writer: list[SpoolWriter] = []  # opened at startup: one segment per worker process
@@ -289,8 +296,13 @@ def create_app(
             source = collector.source_for(query_key)
             outcome: Outcome = collector.refuse(e, source, "", collector.request_id())
         else:
-            outcome = collector.prepare(
-                route,
+            # Provider callbacks ("callback:SOURCE") have their own form and authentication.
+            prepare = (
+                functools.partial(callbacks.prepare, route.removeprefix(CALLBACK_ROUTE))
+                if route.startswith(CALLBACK_ROUTE)
+                else functools.partial(collector.prepare, route)
+            )
+            outcome = prepare(
                 raw,
                 request.headers,
                 query_key,
@@ -343,6 +355,22 @@ def create_app(
             openapi_extra=_openapi_extra(_BATCH_SCHEMA),
             tags=["tracking"],
         )
+
+    async def callback(source: str, request: Request) -> Response:
+        return await handle(request, CALLBACK_ROUTE + source)
+
+    app.add_api_route(
+        "/v1/callbacks/{source}",
+        callback,
+        methods=["POST"],
+        summary="provider delivery callbacks",
+        description="Delivery, open, click, reply, bounce and unsubscribe reports about "
+        "messages closedloop sent, recorded as `Message *` / `Unsubscribed` events of the "
+        "source. Signed with the source's callback secret (X-Closedloop-Signature), or the "
+        "source's write key when it has none. See closedloop.collect.callbacks.",
+        openapi_extra=CALLBACK_OPENAPI,
+        tags=["callbacks"],
+    )
 
     @app.get("/v1/projects/{write_key}/settings", tags=["browser"])
     async def settings(write_key: str, request: Request) -> Response:

@@ -28,6 +28,12 @@ class Source(Definition):
     data_class: DataClass = DataClass.FIRST_PARTY
     write_key: str = Field(min_length=8)
     description: str = ""
+    callback_secret_env: str | None = Field(
+        None,
+        pattern=r"^[A-Z_][A-Z0-9_]*$",
+        description="environment variable holding the secret a provider signs its delivery "
+        "callbacks with (POST /v1/callbacks/NAME); when set, a signature is required",
+    )
 
 
 class ImportFormat(StrEnum):
