@@ -232,6 +232,35 @@ class Engine:
         else:
             self.con.insert(name, self.conform(name, data))
 
+    def delete_keys(self, name: str, keys: ir.Table) -> None:
+        """Delete the rows of table ``name`` whose columns equal those of a row of ``keys``.
+
+        Why: a stage that recomputes a few customers rewrites only their rows (delete, then
+        ``append``) instead of the whole table, inside one transaction where the engine has
+        them. Ibis has no DELETE, so the statement is built with sqlglot from names only —
+        the declared table, a scratch table holding ``keys`` and their columns — never from
+        text a user wrote. Engines without ``temp_tables`` (Spark) have no DELETE here.
+        """
+        import sqlglot as sg
+        import sqlglot.expressions as sge
+
+        if not self.can("temp_tables"):
+            raise NotImplementedError(f"{self.backend}: rows cannot be deleted; replace {name}")
+        self.catalogue.get(name)  # only declared tables are written
+        k = self.scratch(f"delete_{name}", keys)
+        same = [
+            sg.column(c, table="k", quoted=True).eq(sg.column(c, table="t", quoted=True))
+            for c in k.columns
+        ]
+        hit = sg.select(sge.Literal.number(1)).from_(
+            sge.table_(f"_scratch_delete_{name}", quoted=True).as_("k")
+        )
+        stmt = sge.Delete(
+            this=sge.table_(name, quoted=True).as_("t"),
+            where=sge.Where(this=sge.Exists(this=hit.where(sg.and_(*same)))),
+        )
+        self.con.raw_sql(stmt.sql(self.con.dialect))
+
     def drop(self, name: str) -> None:
         if self.exists(name):
             self.con.drop_table(name)
