@@ -15,6 +15,16 @@ import closedloop.identity.tables
 from closedloop.core.engine import Engine
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests marked slow first.
+
+    `make test` spreads the suite over the machine's cores (pytest-xdist, work stealing):
+    started first, the long runs overlap the many short ones instead of one of them
+    starting last and leaving the other cores idle at the end.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def engine() -> Iterator[Engine]:
     e = Engine("duckdb://")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +27,18 @@ from closedloop.pipeline import build
 PASSWORD = "closedloop-test"  # noqa: S105 - a throw-away local test database
 
 
-def _psql(sql: str) -> None:
-    subprocess.run(["su", "postgres", "-c", f'psql -q -c "{sql}"'], check=True, capture_output=True)
+def _psql(sql: str, attempts: int = 5) -> None:
+    """Run one statement as the server's superuser.
+
+    Retried: test processes running in parallel may run the same ``ALTER USER`` at once,
+    and PostgreSQL refuses the loser with "tuple concurrently updated".
+    """
+    for attempt in range(attempts):
+        done = subprocess.run(["su", "postgres", "-c", f'psql -q -c "{sql}"'], capture_output=True)
+        if done.returncode == 0:
+            return
+        time.sleep(0.2 * (attempt + 1))
+    raise AssertionError(f"psql failed: {sql}: {done.stderr.decode(errors='replace')}")
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +46,15 @@ def postgres_url() -> Iterator[str]:
     if shutil.which("pg_ctlcluster") is None or not Path("/etc/postgresql").is_dir():
         pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
     version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
-    subprocess.run(["pg_ctlcluster", version, "main", "start"], capture_output=True)
-    status = subprocess.run(["pg_ctlcluster", version, "main", "status"], capture_output=True)
+    # Test processes running in parallel may start the server at the same moment: one
+    # start wins, the others fail with "already running" or find it still starting.
+    deadline = time.monotonic() + 60
+    while True:
+        subprocess.run(["pg_ctlcluster", version, "main", "start"], capture_output=True)
+        status = subprocess.run(["pg_ctlcluster", version, "main", "status"], capture_output=True)
+        if status.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert status.returncode == 0, "PostgreSQL did not start"
     db = "cl_" + uuid.uuid4().hex[:12]
     _psql(f"ALTER USER postgres PASSWORD '{PASSWORD}'")
