@@ -46,19 +46,22 @@ CLOCK_1 = Clock(START + timedelta(days=1))
 CLOCK_2 = Clock(START + timedelta(days=2))
 
 # Run in a child process: resolve, killed (no exception, no rollback, no cleanup) when
-# the run reaches the named write.
+# the run reaches the named write ("before") or has just done it ("after").
 CHILD = """
 import os, sys
 from closedloop.core.engine import Engine
 from closedloop.identity.resolve import resolve
 from tests.identity.test_incremental import CONFIG
 from tests.identity.test_incremental_crash import CLOCK_2
-url, method, table = sys.argv[1:4]
+url, method, table, when = sys.argv[1:5]
 real = getattr(Engine, method)
 def dying(self, name, *args, **kwargs):
+    if name == table and when == "before":
+        os._exit(17)
+    out = real(self, name, *args, **kwargs)
     if name == table:
         os._exit(17)
-    return real(self, name, *args, **kwargs)
+    return out
 setattr(Engine, method, dying)
 with Engine(url) as engine:
     resolve(engine, CONFIG, CLOCK_2)
@@ -79,16 +82,16 @@ def _uninterrupted() -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize(
-    ("method", "table"),
+    ("method", "table", "when"),
     [
-        ("delete_keys", "identity_map"),  # customers rewritten, the map not yet
-        ("append", "identity_map"),  # the region's map rows deleted, new ones not inserted
-        ("append", "event_customers"),
-        ("append", "identity_runs"),  # the last write of a run
+        ("delete_keys", "identity_map", "before"),  # customers rewritten, the map not yet
+        ("delete_keys", "identity_map", "after"),  # the region's map rows gone, none new
+        ("delete_keys", "event_customers", "after"),
+        ("append", "identity_runs", "after"),  # the last write of a run
     ],
 )
 def test_a_killed_incremental_run_leaves_the_previous_resolution(
-    tmp_path: Path, method: str, table: str
+    tmp_path: Path, method: str, table: str, when: str
 ) -> None:
     url = f"duckdb:///{tmp_path}/w.duckdb"
     with Engine(url) as engine:
@@ -98,7 +101,7 @@ def test_a_killed_incremental_run_leaves_the_previous_resolution(
         before = _state(engine)
     root = Path(__file__).resolve().parents[2]
     child = subprocess.run(
-        [sys.executable, "-c", CHILD, url, method, table], cwd=root, capture_output=True
+        [sys.executable, "-c", CHILD, url, method, table, when], cwd=root, capture_output=True
     )
     assert child.returncode == 17, child.stderr.decode()[-2000:]
     with Engine(url) as engine:
@@ -114,17 +117,17 @@ def test_a_failed_incremental_run_rolls_back_on_postgres(postgres_url: str) -> N
         resolve(engine, CONFIG, CLOCK_1)
         _add(engine, SECOND)
         before = {n: _values(engine, n) for n in KEYS}
-        real = engine.append
+        real = engine.delete_keys
 
-        def failing(name: str, data: Any) -> None:
-            if name == "identity_edges":
+        def failing(name: str, keys: Any) -> None:
+            real(name, keys)
+            if name == "identity_edges":  # the region's edges deleted, the new not inserted
                 raise RuntimeError("disk full")
-            real(name, data)
 
-        engine.append = failing  # type: ignore[method-assign]
+        engine.delete_keys = failing  # type: ignore[method-assign]
         with pytest.raises(RuntimeError, match="disk full"):
             resolve(engine, CONFIG, CLOCK_2)
-        engine.append = real  # type: ignore[method-assign]
+        engine.delete_keys = real  # type: ignore[method-assign]
         assert {n: _values(engine, n) for n in KEYS} == before
         assert resolve(engine, CONFIG, CLOCK_2).path == "incremental"
         with Engine("duckdb://") as clean:

@@ -237,9 +237,10 @@ class Engine:
 
         Why: a stage that recomputes a few customers rewrites only their rows (delete, then
         ``append``) instead of the whole table, inside one transaction where the engine has
-        them. Ibis has no DELETE, so the statement is built with sqlglot from names only —
-        the declared table, a scratch table holding ``keys`` and their columns — never from
-        text a user wrote. Engines without ``temp_tables`` (Spark) have no DELETE here.
+        them. Ibis has no DELETE, so the statement is built with sqlglot around the compiled
+        Ibis expression of ``keys`` (which may read the table itself: it is evaluated before
+        any row goes) and the declared table's name — never from text a user wrote. Engines
+        without ``temp_tables`` (Spark) have no DELETE here.
         """
         import sqlglot as sg
         import sqlglot.expressions as sge
@@ -247,17 +248,16 @@ class Engine:
         if not self.can("temp_tables"):
             raise NotImplementedError(f"{self.backend}: rows cannot be deleted; replace {name}")
         self.catalogue.get(name)  # only declared tables are written
-        k = self.scratch(f"delete_{name}", keys)
+        self.con._run_pre_execute_hooks(keys)  # registers the in-memory tables it reads
+        k = self.con.compiler.to_sqlglot(keys).subquery("k")
         same = [
             sg.column(c, table="k", quoted=True).eq(sg.column(c, table="t", quoted=True))
-            for c in k.columns
+            for c in keys.columns
         ]
-        hit = sg.select(sge.Literal.number(1)).from_(
-            sge.table_(f"_scratch_delete_{name}", quoted=True).as_("k")
-        )
+        hit = sg.select(sge.Literal.number(1)).from_(k).where(sg.and_(*same))
         stmt = sge.Delete(
             this=sge.table_(name, quoted=True).as_("t"),
-            where=sge.Where(this=sge.Exists(this=hit.where(sg.and_(*same)))),
+            where=sge.Where(this=sge.Exists(this=hit)),
         )
         self.con.raw_sql(stmt.sql(self.con.dialect))
 

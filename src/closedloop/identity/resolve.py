@@ -602,7 +602,8 @@ class _Writer:
         since they may read the table)."""
         new = self.engine.scratch(f"w_{name}", self.engine.conform(name, rows))
         self.engine.delete_keys(name, gone)
-        self.engine.append(name, new)
+        # The table exists (its rows were just read): insert without asking the catalogue.
+        self.engine.con.insert(name, new)
 
 
 def _write_aliases(engine: Engine, w: _Writer, aliases: pd.DataFrame) -> None:
@@ -920,16 +921,15 @@ def _customers(
     agg = agg.reset_index()
     stamp = pd.Timestamp(now)
     if len(prev):
-        old = dict(zip(prev["customer_id"], prev["created_at"], strict=True))
-        agg["created_at"] = [
-            min(old[c], t) if c in old and pd.notna(old[c]) else t
-            for c, t in zip(agg["customer_id"], agg["created_at"], strict=True)
-        ]
-        upd = dict(zip(prev["customer_id"], prev["updated_at"], strict=True))
-        agg["updated_at"] = [
-            stamp if c in changed or c not in upd or pd.isna(upd[c]) else upd[c]
-            for c in agg["customer_id"]
-        ]
+        # Column at a time (a row loop over timestamps costs more than the rest of a small
+        # run): the earlier creation time is kept, ``updated_at`` moves only when changed.
+        by_id = prev.drop_duplicates("customer_id").set_index("customer_id")
+        was = agg["customer_id"].map(by_id["created_at"])
+        earlier = was.notna() & (was < agg["created_at"])
+        agg["created_at"] = agg["created_at"].where(~earlier, was)
+        upd = agg["customer_id"].map(by_id["updated_at"])
+        moved = agg["customer_id"].isin(changed) | upd.isna()
+        agg["updated_at"] = upd.where(~moved, stamp)
     else:
         agg["updated_at"] = stamp
     return pa.Table.from_pandas(agg, preserve_index=False)
