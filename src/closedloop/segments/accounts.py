@@ -9,7 +9,9 @@ within_days: 30}}}``; "at least three contacts in finance or IT" is ``{contacts:
 [finance, it]}, count: {value: 3}}``. A contact's event counts are the customers' own
 (``segments.derived.event_counts``), so the two kinds of segment read events the same way.
 ``in_segment`` names another account segment. Event and sequence leaves are refused here:
-an account does nothing itself; its contacts do.
+an account does nothing itself; its contacts do. The other way round, a segment of customers
+reads this one with ``account_in_segment: NAME`` — customers who are contacts of a member
+account (``segments.derived.account_flags``).
 
 Membership is kept apart from the customers' (``account_membership``, keyed by account id)
 as stays with entered and exited times, with the same diff as ``segments.audience``.
@@ -40,6 +42,7 @@ from closedloop.core.conditions import (
     leaves,
 )
 from closedloop.core.definitions import SegmentDef
+from closedloop.core.definitions.segments import account_target
 from closedloop.core.engine import Engine
 from closedloop.core.errors import Problem
 from closedloop.portrait.accounts import ACCOUNTS
@@ -93,8 +96,14 @@ def _check_field(
     return []
 
 
-def check_account_segment(seg: SegmentDef, segments: Sequence[str]) -> list[Problem]:
-    """Problems of an ``of: accounts`` segment, each pointing at the offending clause."""
+def check_account_segment(
+    seg: SegmentDef, segments: Sequence[str], account_segments: Sequence[str] | None = None
+) -> list[Problem]:
+    """Problems of an ``of: accounts`` segment, each pointing at the offending clause.
+
+    ``account_segments`` (those of ``segments`` that select accounts), when given, lets
+    ``in_segment`` naming a segment of customers be refused: no account is ever in one.
+    """
     where = f"segments/{seg.name}.yaml"
     accounts = _types(ACCOUNTS.columns)
     profiles = _types(PROFILES.columns)
@@ -116,9 +125,24 @@ def check_account_segment(seg: SegmentDef, segments: Sequence[str]) -> list[Prob
                 key = f"{path}.contacts.where.{i}"
                 problems.extend(_check_field(f, profiles, where, key, "profile"))
         elif isinstance(c, SegmentRef):
-            if c.in_segment == seg.name or c.in_segment not in segments:
+            target = account_target(c)
+            if target is not None:
+                msg = (
+                    "`account_in_segment` selects customers by their account; this segment "
+                    f"selects accounts: write `in_segment: {target}`"
+                )
+                problems.append(Problem(where, msg, key=f"{path}.account_in_segment"))
+            elif c.in_segment == seg.name or c.in_segment not in segments:
                 known = ", ".join(s for s in segments if s != seg.name)
                 msg = f"in_segment {c.in_segment!r} is not another segment (known: {known})"
+                problems.append(Problem(where, msg, key=f"{path}.in_segment"))
+            elif account_segments is not None and c.in_segment not in account_segments:
+                msg = (
+                    f"{c.in_segment!r} is a segment of customers, and this segment selects "
+                    "accounts: select accounts by their contacts with `contacts: {where: "
+                    "[...], did: {...}}` (the conditions of that segment), or name a segment "
+                    "of accounts"
+                )
                 problems.append(Problem(where, msg, key=f"{path}.in_segment"))
         else:
             kind = "event" if isinstance(c, EventCondition) else "sequence"

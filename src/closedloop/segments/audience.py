@@ -34,6 +34,7 @@ from closedloop.core.conditions import (
     leaves,
 )
 from closedloop.core.definitions import SegmentDef
+from closedloop.core.definitions.segments import account_target, ref_target
 from closedloop.core.engine import Engine
 from closedloop.core.errors import Problem
 from closedloop.portrait.tables import PROFILES
@@ -58,6 +59,9 @@ class Fields:
     tags: tuple[str, ...] = ()
     traits: tuple[tuple[str, str], ...] = ()  # (name, "float64" | "string")
     segments: tuple[str, ...] = ()  # segments that `in_segment` may name
+    # Which of those select accounts (`of: accounts`); None: not told, so a reference to the
+    # other kind cannot be caught at validation (it would select no one).
+    account_segments: tuple[str, ...] | None = None
 
     def types(self) -> dict[str, dt.DataType]:
         types = {c: dt.dtype(typ) for c, typ in PROFILES.columns.items()}
@@ -108,7 +112,7 @@ def check_segment(seg: SegmentDef, fields: Fields) -> list[Problem]:
     if seg.of == "accounts":  # B2B: conditions over accounts (segments.accounts)
         from closedloop.segments.accounts import check_account_segment
 
-        return check_account_segment(seg, fields.segments)
+        return check_account_segment(seg, fields.segments, fields.account_segments)
     types = fields.types()
     where = f"segments/{seg.name}.yaml"
     problems: list[Problem] = []
@@ -123,15 +127,7 @@ def check_segment(seg: SegmentDef, fields: Fields) -> list[Problem]:
         elif isinstance(c, NotOf):
             walk(c.not_, f"{path}.not")
         elif isinstance(c, SegmentRef):
-            if c.in_segment == seg.name or c.in_segment not in fields.segments:
-                known = ", ".join(s for s in fields.segments if s != seg.name)
-                problems.append(
-                    Problem(
-                        where,
-                        f"in_segment {c.in_segment!r} is not another segment (known: {known})",
-                        key=f"{path}.in_segment",
-                    )
-                )
+            problems.extend(_check_ref(c, seg, fields, where, path))
         elif isinstance(c, EventCondition):
             for i, f in enumerate(c.where):
                 if f.op.value in ("gt", "gte", "lt", "lte", "between") and isinstance(
@@ -156,6 +152,40 @@ def check_segment(seg: SegmentDef, fields: Fields) -> list[Problem]:
 
     walk(seg.where, "where")
     return problems
+
+
+def _check_ref(
+    c: SegmentRef, seg: SegmentDef, fields: Fields, where: str, path: str
+) -> list[Problem]:
+    """A membership leaf of a customer segment names another segment, of the right kind.
+
+    ``in_segment`` needs a segment of customers; ``account_in_segment`` ("the customer's
+    account is in X") a segment of accounts. Naming the other kind would select no one, so
+    it is an error that says what to write instead.
+    """
+    target = account_target(c)
+    key = f"{path}.account_in_segment" if target is not None else f"{path}.in_segment"
+    name = ref_target(c)
+    if name == seg.name or name not in fields.segments:
+        known = ", ".join(s for s in fields.segments if s != seg.name)
+        verb = "account_in_segment" if target is not None else "in_segment"
+        return [Problem(where, f"{verb} {name!r} is not another segment (known: {known})", key=key)]
+    accounts = fields.account_segments
+    if accounts is None:
+        return []
+    if target is None and name in accounts:
+        msg = (
+            f"{name!r} is a segment of accounts (of: accounts), and this segment selects "
+            f"customers: write `account_in_segment: {name}` for customers whose account is in it"
+        )
+        return [Problem(where, msg, key=key)]
+    if target is not None and name not in accounts:
+        msg = (
+            f"{name!r} is a segment of customers, not of accounts: write `in_segment: {name}` "
+            "for its members"
+        )
+        return [Problem(where, msg, key=key)]
+    return []
 
 
 def _check_field(
@@ -189,7 +219,7 @@ def _check_field(
 
 def segment_dependencies(seg: SegmentDef) -> set[str]:
     """The segments whose membership this segment reads (evaluate those first)."""
-    return {c.in_segment for c in leaves(seg.where) if isinstance(c, SegmentRef)}
+    return {ref_target(c) for c in leaves(seg.where) if isinstance(c, SegmentRef)}
 
 
 def members_expr(
@@ -303,7 +333,8 @@ def qualifying_columns(seg: SegmentDef, fields: Fields) -> dict[str, str]:
             steps = [("not " if s.absent else "") + s.event for s in leaf.sequence]
             label = " then ".join(steps) + f" within {leaf.within}"
         elif isinstance(leaf, SegmentRef):
-            label = f"in {leaf.in_segment}"
+            target = account_target(leaf)
+            label = f"in {leaf.in_segment}" if target is None else f"account in {target}"
         else:  # contacts: only in account segments (segments.accounts.qualifying)
             continue
         while label in out and out[label] != leaf.derived_column:

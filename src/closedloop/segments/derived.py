@@ -3,7 +3,9 @@
 An event leaf ("did Order Completed with category = milk_tea at least twice in 30 days")
 becomes one grouped count over the customer's events; a segment leaf becomes a membership
 flag from ``segment_membership``; a sequence leaf ("viewed, then bought within 2 hours")
-becomes a flag from window functions over the customer's step events (``sequence_flags``).
+becomes a flag from window functions over the customer's step events (``sequence_flags``);
+an account segment leaf ("my account is in X") a flag from ``account_membership`` through
+``account_contacts`` (``account_flags``).
 All are left-joined onto the audience table under the
 leaf's ``derived_column`` name, so the compiled condition is one expression over one table.
 """
@@ -27,6 +29,7 @@ from closedloop.core.conditions import (
     leaves,
     window_bounds,
 )
+from closedloop.core.definitions.segments import account_target
 from closedloop.core.engine import Engine
 from closedloop.portrait.build import customer_events
 
@@ -133,6 +136,23 @@ def sequence_flags(engine: Engine, leaf: SequenceCondition, as_of: datetime) -> 
     return hits.select("customer_id", ok=ibis.literal(True)).distinct()
 
 
+def account_flags(engine: Engine, segment: str) -> ir.Table:
+    """(customer_id, ok) for the contacts of the accounts now in account segment ``segment``.
+
+    ``account_in_segment``: a customer is in when any account they are a contact of has an
+    open stay in ``account_membership`` (a person in two accounts qualifies through either).
+    Account segments are evaluated before customer segments in a build, so the stays read
+    here are this run's.
+    """
+    from closedloop.segments.accounts import ACCOUNT_MEMBERSHIP  # declares the table
+
+    m = engine.table(ACCOUNT_MEMBERSHIP.name)
+    m = m.filter((m.segment == segment) & m.exited_at.isnull()).select("account_id")
+    c = engine.table("account_contacts").select("account_id", "customer_id")
+    hits = c.semi_join(m, "account_id")
+    return hits.select("customer_id", ok=ibis.literal(True)).distinct()
+
+
 def with_derived(
     engine: Engine,
     table: ir.Table,
@@ -143,7 +163,8 @@ def with_derived(
     """``table`` plus one column per event, sequence or segment leaf of ``cond``.
 
     A segment leaf reads ``members[segment]`` (a ``customer_id`` table of that segment's
-    members, evaluated earlier in the same run) when given, else its open stays.
+    members, evaluated earlier in the same run) when given, else its open stays; an
+    ``account_in_segment`` leaf reads the account segment's open stays (``account_flags``).
     """
     seen: set[str] = set()
     for leaf in leaves(cond):
@@ -158,6 +179,8 @@ def with_derived(
             counts = event_counts(engine, leaf, as_of).rename({name: "n"})
         elif isinstance(leaf, SequenceCondition):
             counts = sequence_flags(engine, leaf, as_of).rename({name: "ok"})
+        elif (target := account_target(leaf)) is not None:
+            counts = account_flags(engine, target).rename({name: "ok"})
         elif members is not None and leaf.in_segment in members:
             m = members[leaf.in_segment]
             counts = m.select("customer_id", **{name: ibis.literal(True)}).distinct()
