@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import ibis
 import ibis.expr.datatypes as dt
@@ -42,10 +43,11 @@ from closedloop.core.conditions import (
     leaves,
 )
 from closedloop.core.definitions import SegmentDef
+from closedloop.core.definitions.accounts import ROLES
 from closedloop.core.definitions.segments import account_target
 from closedloop.core.engine import Engine
 from closedloop.core.errors import Problem
-from closedloop.portrait.accounts import ACCOUNTS
+from closedloop.portrait.accounts import ACCOUNT_CONTACTS, ACCOUNTS
 from closedloop.portrait.tables import PROFILES
 from closedloop.segments.derived import event_counts
 
@@ -267,3 +269,112 @@ def current_account_members(engine: Engine, segment: str) -> ir.Table:
     return m.filter((m.segment == segment) & m.exited_at.isnull()).select(
         "account_id", "entered_at"
     )
+
+
+# ---- the account side of the 360° profile (``closedloop profile``) ------------------------
+
+_SCHEME = r"^[a-z][a-z0-9+.-]*://"
+
+
+def domain_of(text: str) -> str | None:
+    """The host a website or domain names, lower case, without ``www.``; None if none.
+
+    ``https://www.Acme.com/about`` and ``acme.com`` both give ``acme.com``: what people type
+    when they look an account up by its domain.
+    """
+    import re
+
+    host = re.sub(_SCHEME, "", text.strip().lower())
+    host = re.split(r"[/?#:]", host, maxsplit=1)[0].removeprefix("www.")
+    return host if "." in host and " " not in host else None
+
+
+def _domain_expr(website: ir.StringValue) -> ir.StringValue:
+    """``domain_of`` over a column (the same steps, in Ibis)."""
+    host = website.strip().lower().re_replace(_SCHEME, "")
+    return host.re_replace(r"[/?#:].*$", "").re_replace(r"^www\.", "")
+
+
+def find_accounts(engine: Engine, value: str) -> list[tuple[str, str]]:
+    """The accounts ``value`` names, as (account_id, how): by id, else by website domain.
+
+    An id is the group calls' ``groupId``, exact. A domain matches the ``website`` trait
+    whatever its scheme, ``www.`` or path. Reads nothing (and creates nothing) in a
+    warehouse without accounts.
+    """
+    if not engine.exists(ACCOUNTS.name):
+        return []
+    a = engine.table(ACCOUNTS.name)
+    v = value.strip()
+    if not v:
+        return []
+    by_id = a.filter(a.account_id == v).select("account_id").to_pyarrow().to_pylist()
+    if by_id:
+        return [(v, "account_id")]
+    domain = domain_of(v)
+    if domain is None:
+        return []
+    hits = a.filter(a.website.notnull() & (_domain_expr(a.website) == domain))
+    rows = hits.select("account_id").order_by("account_id").to_pyarrow().to_pylist()
+    return [(str(r["account_id"]), "website") for r in rows]
+
+
+def _open_stays(engine: Engine, account_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Per account, its current account segments (segment, entered_at), by name."""
+    out: dict[str, list[dict[str, Any]]] = {a: [] for a in account_ids}
+    if not account_ids or not engine.exists(ACCOUNT_MEMBERSHIP.name):
+        return out
+    m = engine.table(ACCOUNT_MEMBERSHIP.name)
+    m = m.filter(m.account_id.isin(account_ids) & m.exited_at.isnull())
+    rows = m.select("account_id", "segment", "entered_at").order_by(["account_id", "segment"])
+    for r in rows.to_pyarrow().to_pylist():
+        out[r["account_id"]].append({"segment": r["segment"], "entered_at": r["entered_at"]})
+    return out
+
+
+CONTACT_FIELDS = ("name", "email", "orders", "revenue", "last_seen")
+
+
+def account_profile(engine: Engine, account_id: str) -> dict[str, Any] | None:
+    """One account: its traits and behaviour, its contacts by role, its account segments.
+
+    Contacts are grouped under the four roles (each present, possibly empty, so a reader
+    sees "no one in finance"), each with a few fields of the contact's own profile.
+    """
+    if not engine.exists(ACCOUNTS.name):
+        return None
+    a = engine.table(ACCOUNTS.name)
+    rows = a.filter(a.account_id == account_id).to_pyarrow().to_pylist()
+    if not rows:
+        return None
+    by_role: dict[str, list[dict[str, Any]]] = {r: [] for r in ROLES}
+    if engine.exists(ACCOUNT_CONTACTS.name):
+        c = engine.table(ACCOUNT_CONTACTS.name)
+        c = c.filter(c.account_id == account_id).drop("account_id")
+        if engine.exists("profiles"):
+            p = engine.table("profiles").select("customer_id", *CONTACT_FIELDS)
+            p = p.rename({f"contact_{f}": f for f in CONTACT_FIELDS})
+            c = c.left_join(p, "customer_id").drop("customer_id_right")
+        for r in c.order_by(["role", "customer_id"]).to_pyarrow().to_pylist():
+            by_role.setdefault(r.pop("role"), []).append(r)
+    segments = _open_stays(engine, [account_id])[account_id]
+    return {"account": rows[0], "contacts": by_role, "segments": segments}
+
+
+def contact_accounts(engine: Engine, customer_id: str) -> list[dict[str, Any]]:
+    """The accounts a customer is a contact of: id, name, the role and the account's segments."""
+    if not engine.exists(ACCOUNT_CONTACTS.name):
+        return []
+    c = engine.table(ACCOUNT_CONTACTS.name)
+    c = c.filter(c.customer_id == customer_id).select(
+        "account_id", "role", "role_text", "first_seen", "last_seen"
+    )
+    if engine.exists(ACCOUNTS.name):
+        a = engine.table(ACCOUNTS.name).select("account_id", "name")
+        c = c.left_join(a, "account_id").drop("account_id_right")
+    rows: list[dict[str, Any]] = c.order_by("account_id").to_pyarrow().to_pylist()
+    stays = _open_stays(engine, [r["account_id"] for r in rows])
+    for r in rows:
+        r.setdefault("name", None)
+        r["segments"] = [s["segment"] for s in stays[r["account_id"]]]
+    return rows
