@@ -35,6 +35,7 @@ import pandas as pd
 import pyarrow as pa
 
 from closedloop.activate import tables as _tables  # noqa: F401  (declares `deliveries`)
+from closedloop.activate.arbitration import LOST, contest
 from closedloop.activate.assignment import (
     campaign_groups,
     message_texts,
@@ -42,11 +43,9 @@ from closedloop.activate.assignment import (
     variant_renderers,
 )
 from closedloop.activate.policy import (
-    LOST,
     OPT_OUT_FIELD,
     Reason,
     Slot,
-    arbitrate,
     cap_blocked,
     fixed_reason,
     local_days,
@@ -253,11 +252,13 @@ def run_campaign(
             reason[i] = r.value
             continue
         eligible.append(i)
-    lost = arbitrate(engine, campaign, rivals, [cid[i] for i in eligible])
+    lost = contest(
+        engine, campaign, rivals, [cid[i] for i in eligible], now=now, timezone=default_tz
+    )
     if lost:
         for i in eligible:
             if cid[i] in lost:
-                reason[i] = LOST + lost[cid[i]]
+                reason[i] = LOST + lost[cid[i]].winner
         eligible = [i for i in eligible if cid[i] not in lost]
     drawn = campaign_groups(engine, campaign, [cid[i] for i in eligible], global_control)
     for i, g, v in zip(eligible, drawn.group, drawn.variant, strict=True):
@@ -374,6 +375,9 @@ def run_campaign(
         )
     if decisions is not None and not dry_run:
         engine.append("deliveries", decisions)
+    if decisions is not None and dry_run:  # a dry run also says why each loser lost
+        lost_why = [lost[c].why if c in lost else None for c in cid]
+        decisions = decisions.append_column("why", pa.array(lost_why, pa.string()))
     hook("logged")
     count = {s: status.count(s) for s in ("sent", "held_out", "suppressed")}
     reasons: dict[str, int] = {}
@@ -668,11 +672,15 @@ def preview_campaign(
     )
     group: str | None = None
     assigned: str | None = None
-    lost = arbitrate(engine, campaign, rivals, [cid]) if fixed is None else {}
+    lost = (
+        contest(engine, campaign, rivals, [cid], now=now, timezone=default_tz)
+        if fixed is None
+        else {}
+    )
     if fixed is not None:
         stopped.append(fixed.value)
     elif lost:
-        stopped.append(LOST + lost[cid])
+        stopped.append(LOST + lost[cid].why)  # "WINNER (…): why", read as "lost to WINNER…"
     else:
         drawn = campaign_groups(engine, campaign, [cid], global_control)
         group, assigned = drawn.group[0], drawn.variant[0]

@@ -35,8 +35,13 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+# Arbitration between campaigns lives in ``activate.arbitration``; its names stay importable
+# from here for the callers that know them as the policy's.
+from closedloop.activate.arbitration import LOST as LOST
+from closedloop.activate.arbitration import arbitrate as arbitrate
+from closedloop.activate.arbitration import expected_values as expected_values
+from closedloop.activate.arbitration import pick_winner as pick_winner
 from closedloop.core.definitions import (
-    CampaignDef,
     Channel,
     ContactPolicy,
     PolicyAction,
@@ -268,90 +273,3 @@ def _refused_by_consent(engine: Engine, customers: Sequence[str] | None) -> set[
     latest = facts.group_by("customer_id").aggregate(said=facts.said.argmax(facts.timestamp))
     refused = latest.filter(~latest.said).customer_id
     return {str(c) for c in refused.to_pyarrow().to_pylist()}
-
-
-LOST = "lost_arbitration:"
-"""Reason prefix of a person given to another campaign (``lost_arbitration:WINNER``)."""
-
-
-def expected_values(
-    engine: Engine, campaigns: Sequence[CampaignDef], people: Sequence[str]
-) -> dict[tuple[str, str], float]:
-    """(campaign, person) → score of the campaign's ``value_model`` × ``value_per_conversion``.
-
-    Only pairs with a score are present: a missing score is unknown value, not zero.
-    """
-    models = {c.value_model for c in campaigns if c.value_model is not None}
-    if not models or not people or not engine.exists("model_scores"):
-        return {}
-    s = engine.table("model_scores")
-    s = s.filter(s.model.isin(sorted(models)) & s.score.notnull())
-    if len(people) <= 20_000:
-        s = s.filter(s.customer_id.isin(list(people)))
-    score: dict[tuple[str, str], float] = {
-        (r["model"], r["customer_id"]): float(r["score"])
-        for r in s.select("model", "customer_id", "score").to_pyarrow().to_pylist()
-    }
-    out: dict[tuple[str, str], float] = {}
-    for c in campaigns:
-        if c.value_model is None or c.value_per_conversion is None:
-            continue
-        for p in people:
-            got = score.get((c.value_model, p))
-            if got is not None:
-                out[(c.name, p)] = got * c.value_per_conversion
-    return out
-
-
-def pick_winner(
-    rivals: Sequence[CampaignDef], values: dict[str, float] | None, by_value: bool
-) -> CampaignDef:
-    """The campaign one person is given to among ``rivals`` (all of which they qualify for).
-
-    By value when asked and every rival has an expected value for the person (highest wins,
-    ties by priority, then name); otherwise by priority, then name.
-    """
-    vals = values or {}
-    if by_value and all(c.name in vals for c in rivals):
-        return min(rivals, key=lambda c: (-vals[c.name], -c.priority, c.name))
-    return min(rivals, key=lambda c: (-c.priority, c.name))
-
-
-def arbitrate(
-    engine: Engine,
-    campaign: CampaignDef,
-    rivals: Sequence[CampaignDef],
-    people: Sequence[str],
-) -> dict[str, str]:
-    """Who of ``people`` this campaign loses, and to which rival: {person: winner}.
-
-    A rival competes for a person when the person is in its audience now. ``campaign``'s
-    ``arbitration`` decides how (``pick_winner``); nobody is lost without rivals.
-    """
-    from closedloop.segments.audience import current_members
-
-    if campaign.arbitration is None or not people:
-        return {}
-    others = [r for r in rivals if r.name != campaign.name and r.arbitration is not None]
-    if not others:
-        return {}
-    many = len(people) > 20_000
-    inside: dict[str, set[str]] = {}
-    for r in others:
-        m = current_members(engine, r.audience).select("customer_id").distinct()
-        if not many:
-            m = m.filter(m.customer_id.isin(list(people)))
-        inside[r.name] = {str(x) for x in m.customer_id.to_pyarrow().to_pylist()}
-    by_value = campaign.arbitration == "value"
-    contenders = [campaign, *others]
-    ev = expected_values(engine, contenders, people) if by_value else {}
-    lost: dict[str, str] = {}
-    for p in people:
-        here = [campaign, *(r for r in others if p in inside[r.name])]
-        if len(here) == 1:
-            continue
-        values = {c.name: ev[(c.name, p)] for c in here if (c.name, p) in ev}
-        winner = pick_winner(here, values, by_value)
-        if winner.name != campaign.name:
-            lost[p] = winner.name
-    return lost
