@@ -295,3 +295,41 @@ def test_each_person_goes_to_the_best_campaign_that_really_competes(
         keepers = [x.name for k, x in enumerate(campaigns) if competes(k) and c not in lost[x.name]]
         if any(competes(k) for k in range(len(campaigns))):
             assert len(keepers) == 1
+
+
+PLAIN_YAML = """\
+name: plain
+audience: everyone
+template: "hello"
+arbitration: priority
+"""
+CART_YAML = """\
+name: cart
+audience: everyone
+template: "your cart"
+priority: 5
+arbitration: priority
+trigger: {event: Product Added}
+"""
+
+
+def test_preview_says_who_won_and_why(engine: Engine, tmp_path: Path) -> None:
+    from closedloop.activate.campaign import preview_campaign
+    from tests.activate.test_journey import make_project
+    from tests.activate.test_journey import people as journey_people
+
+    project = make_project(tmp_path / "p", {"plain": PLAIN_YAML, "cart": CART_YAML})
+    journey_people(engine, 3)
+    events(engine, [("c001", "Product Added", NOW - timedelta(hours=1))])
+    rivals = list(project.campaigns.values())
+    plain = project.campaigns["plain"]
+    lost = preview_campaign(
+        engine, plain, "c001", identity=project.identity, clock=Clock(NOW), rivals=rivals
+    )
+    assert LOST + "cart (its event trigger (Product Added) fired today): by priority 5 over 0" in (
+        lost.stopped_by
+    )
+    kept = preview_campaign(
+        engine, plain, "c002", identity=project.identity, clock=Clock(NOW), rivals=rivals
+    )
+    assert not any(r.startswith(LOST) for r in kept.stopped_by), kept.stopped_by
