@@ -21,6 +21,9 @@ Run as ``python bench/identity.py [--persons N] [--edges E] [--small S]``. Figur
   writes the labels back; the portable Ibis label propagation is timed on the same graph
   (``--no-portable`` skips it).
 
+With ``--only-incremental``: only the incremental figures, at S and N persons (no accuracy,
+matching or components), e.g. ``--only-incremental --small 10000 --persons 100000``.
+
 With ``--spark P`` only: DuckDB and Spark (PySpark local mode, ``local[2]``) resolve the same
 P-person sample loaded through ``collect``; prints both resolve times (DuckDB is the
 baseline) and whether the clusters are identical (same identifiers, same customer ids).
@@ -91,8 +94,11 @@ def _unchanged(engine: Engine, before: dict[str, str]) -> bool:
     return True
 
 
-def accuracy(persons: int, root: Path, new_share: float = 0.01) -> dict[str, Any]:
-    """Generate, load, resolve (full, incremental, full again); score against the truth."""
+def accuracy(
+    persons: int, root: Path, new_share: float = 0.01, *, score: bool = True
+) -> dict[str, Any]:
+    """Generate, load, resolve (full, incremental, full again); score against the truth
+    (unless ``score`` is false: the incremental figures alone)."""
     fig: dict[str, Any] = {"persons": persons}
     t = time.perf_counter()
     summary = generate(root / "brand", persons)
@@ -130,6 +136,8 @@ def accuracy(persons: int, root: Path, new_share: float = 0.01) -> dict[str, Any
         fig["identifiers"] = r.identifiers
         fig["customers"] = r.customers
         fig["probabilistic_links"] = r.probabilistic
+        if not score:
+            return fig
         acc = identity_accuracy(engine, root / "brand" / "truth")
         fig.update(
             precision=round(acc.precision, 5),
@@ -281,6 +289,11 @@ def main() -> None:
         help="share of the newest events resolved incrementally after the rest (0.01 = 1%%)",
     )
     ap.add_argument(
+        "--only-incremental",
+        action="store_true",
+        help="only the incremental figures (full vs incremental) at --small and --persons",
+    )
+    ap.add_argument(
         "--matching-persons",
         type=int,
         default=0,
@@ -299,14 +312,16 @@ def main() -> None:
             fig["spark"] = spark_vs_duckdb(args.spark, Path(tmp))
         print(json.dumps(fig))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        fig["components"] = components(args.edges, Path(tmp), not args.no_portable)
-        print(json.dumps(fig["components"]), flush=True)
+    if not args.only_incremental:
+        with tempfile.TemporaryDirectory() as tmp:
+            fig["components"] = components(args.edges, Path(tmp), not args.no_portable)
+            print(json.dumps(fig["components"]), flush=True)
     sizes = sorted({args.small, args.persons})
     for persons in sizes:
+        key = f"{'incremental' if args.only_incremental else 'accuracy'}_{persons}"
         with tempfile.TemporaryDirectory() as tmp:
-            fig[f"accuracy_{persons}"] = accuracy(persons, Path(tmp), args.new_share)
-            print(json.dumps(fig[f"accuracy_{persons}"]), flush=True)
+            fig[key] = accuracy(persons, Path(tmp), args.new_share, score=not args.only_incremental)
+            print(json.dumps(fig[key]), flush=True)
     if args.matching_persons:
         with tempfile.TemporaryDirectory() as tmp:
             key = f"matching_{args.matching_persons}"

@@ -119,13 +119,38 @@ def plan(engine: Engine, config: IdentityConfig, *, reason: str, allow: bool) ->
     return Plan(INCREMENTAL, f"{n_new} new message(s)", new, n_new)
 
 
+def split_node(node: ir.StringValue) -> tuple[ir.StringValue, ir.StringValue]:
+    """(id_type, id_value) of a node ``type SEP value`` (a type name holds no SEP)."""
+    id_type = node.split(SEP)[0]
+    return id_type, node.substr(id_type.length() + 1)
+
+
+def on_region(
+    t: ir.Table, region_t: ir.Table, id_type: str, id_value: str
+) -> list[ir.BooleanValue]:
+    """Join predicates matching ``t``'s identifier columns with the region's.
+
+    Why two columns, not the node text: the region is joined with whole tables (every
+    occurrence, the identity map), and building ``type SEP value`` for each of their rows
+    costs more than the join.
+    """
+    return [t[id_type] == region_t.id_type, t[id_value] == region_t.id_value]
+
+
 def region(engine: Engine, touched: ir.Table) -> ir.Table:
-    """(node) of every identifier in a cluster holding one of ``touched`` (node), and those."""
+    """(node, id_type, id_value) of every identifier in a cluster holding one of ``touched``
+    (node), and those."""
+    ty, va = split_node(touched.node)
+    touched = engine.scratch("id_touched", touched.select("node", id_type=ty, id_value=va))
     cl = engine.table("identity_clusters")
-    cl = cl.select("cluster", node=cl.id_type + ibis.literal(SEP) + cl.id_value)
-    hit = cl.semi_join(touched, "node").select("cluster").distinct()
-    members = cl.semi_join(hit, "cluster").select("node")
-    return engine.scratch("id_region", members.union(touched.select("node")).distinct())
+    hit = cl.semi_join(touched, on_region(cl, touched, "id_type", "id_value"))
+    members = cl.semi_join(hit.select("cluster").distinct(), "cluster")
+    members = members.select(
+        node=members.id_type + ibis.literal(SEP) + members.id_value,
+        id_type="id_type",
+        id_value="id_value",
+    )
+    return engine.scratch("id_region", members.union(touched).distinct())
 
 
 def region_occurrences(engine: Engine, region_nodes: ir.Table, new_occ: ir.Table) -> ir.Table:
@@ -135,15 +160,15 @@ def region_occurrences(engine: Engine, region_nodes: ir.Table, new_occ: ir.Table
     each identifier touching the region is complete.
     """
     occ = engine.table("identity_occurrences")
-    occ = occ.select(
+    hit = occ.semi_join(region_nodes, on_region(occ, region_nodes, "id_type", "id_value"))
+    old = occ.semi_join(hit.select("message_id").distinct(), "message_id")
+    old = old.select(
         "message_id",
         "id_type",
-        value=occ.id_value,
-        ts=occ.ts,
-        node=occ.id_type + ibis.literal(SEP) + occ.id_value,
+        value=old.id_value,
+        ts=old.ts,
+        node=old.id_type + ibis.literal(SEP) + old.id_value,
     )
-    msgs = occ.semi_join(region_nodes, "node").select("message_id").distinct()
-    old = occ.semi_join(msgs, "message_id")
     schema = old.schema()
     new = new_occ.select(*[new_occ[c].cast(schema[c]).name(c) for c in old.columns])
     return engine.scratch("id_region_occ", old.union(new, distinct=False))
@@ -157,7 +182,9 @@ __all__ = [
     "config_digest",
     "full_plan",
     "last_run",
+    "on_region",
     "plan",
     "region",
     "region_occurrences",
+    "split_node",
 ]

@@ -62,6 +62,7 @@ from closedloop.identity.incremental import (
     config_digest,
     full_plan,
     last_run,
+    on_region,
     plan,
     region,
     region_occurrences,
@@ -379,11 +380,12 @@ def _run(
         prev_customers = engine.table("customers").to_pandas()
         taken = set(previous["customer_id"])
     else:
-        keyed = imap_all.mutate(node=imap_all.id_type + ibis.literal(SEP) + imap_all.id_value)
-        previous = keyed.semi_join(region_t, "node").drop("node").to_pandas()
+        in_region = imap_all.semi_join(
+            region_t, on_region(imap_all, region_t, "id_type", "id_value")
+        )
+        previous = in_region.to_pandas()
         region_ids = engine.scratch(
-            "id_region_customers",
-            keyed.semi_join(region_t, "node").select("customer_id").distinct(),
+            "id_region_customers", in_region.select("customer_id").distinct()
         )
         prev_customers = engine.table("customers").semi_join(region_ids, "customer_id").to_pandas()
         ids = imap_all.select("customer_id").distinct().to_pyarrow()
@@ -457,20 +459,20 @@ def _run(
     with _atomic(engine):
         w = _Writer(engine, region_t)
         with engine.temporary(customers) as c:
-            w.put("customers", c, lambda t: ~t.customer_id.isin(region_ids.customer_id))
+            w.put("customers", c, lambda t: t.semi_join(region_ids, "customer_id"))
         if len(aliases):
             _write_aliases(engine, w, aliases)
         if len(ledger):
             engine.append("merge_ledger", pa.Table.from_pandas(ledger, preserve_index=False))
         with engine.temporary(identity_map) as im:
-            w.put("identity_map", im, w.outside(("id_type", "id_value")))
+            w.put("identity_map", im, w.inside(("id_type", "id_value")))
         if len(changes):
             engine.append("identity_changes", pa.Table.from_pandas(changes, preserve_index=False))
-        w.put("identity_edges", pairs_out, w.outside(("a_type", "a_value"), ("b_type", "b_value")))
+        w.put("identity_edges", pairs_out, w.inside(("a_type", "a_value"), ("b_type", "b_value")))
         w.put(
             "identity_dropped_links",
             dropped_out,
-            w.outside(("a_type", "a_value"), ("b_type", "b_value")),
+            w.inside(("a_type", "a_value"), ("b_type", "b_value")),
         )
         if region_t is None:
             engine.replace(
@@ -489,10 +491,10 @@ def _run(
         w.put(
             "event_customers",
             _event_customers(engine, node_occ, config),
-            lambda t: ~t.message_id.isin(node_occ.message_id),
+            lambda t: t.semi_join(node_occ, "message_id"),
         )
-        w.put("identity_suspects", suspect, w.outside(("id_type", "id_value")))
-        w.put("identity_clusters", clusters, w.outside(("id_type", "id_value")))
+        w.put("identity_suspects", suspect, w.inside(("id_type", "id_value")))
+        w.put("identity_clusters", clusters, w.inside(("id_type", "id_value")))
         occ_rows = new_occ.select("message_id", "id_type", id_value="value", ts="ts")
         if region_t is None:
             engine.replace("identity_occurrences", occ_rows)
@@ -564,34 +566,36 @@ class _Writer:
         self.region = region_t
         self.rows_only = region_t is not None and engine.can("transactions")
 
-    def outside(self, *sides: tuple[str, str]) -> Callable[[ir.Table], ir.BooleanValue]:
-        """A filter keeping rows none of whose identifiers (type, value columns) is in the region."""
-
+    def inside(self, *sides: tuple[str, str]) -> Callable[[ir.Table], ir.Table]:
+        """The rows of a table with an identifier (type and value columns) in the region."""
         region_t = self.region
 
-        def keep(t: ir.Table) -> ir.BooleanValue:
+        def rows(t: ir.Table) -> ir.Table:
             if region_t is None:
-                return ibis.literal(False)
-            conds = [~(t[ty] + ibis.literal(SEP) + t[va]).isin(region_t.node) for ty, va in sides]
-            return ibis.and_(*conds)
+                return t
+            parts = [t.semi_join(region_t, on_region(t, region_t, ty, va)) for ty, va in sides]
+            out = parts[0]
+            for more in parts[1:]:
+                out = out.union(more, distinct=False)
+            return out
 
-        return keep
+        return rows
 
-    def put(self, name: str, rows: ir.Table, keep: Callable[[ir.Table], ir.BooleanValue]) -> None:
-        """Write ``rows`` as the table's rows where ``keep`` is false (all of them when full).
+    def put(self, name: str, rows: ir.Table, inside: Callable[[ir.Table], ir.Table]) -> None:
+        """Write ``rows`` in place of the table's rows ``inside`` picks (all of them when full).
 
-        ``keep`` must depend on the table's key columns only, so the rows it rejects can be
-        deleted by key.
+        Rows are picked by key (the rows ``inside`` returns, by the table's declared key).
         """
         if self.region is None:
             self.engine.replace(name, rows)
             return
         old = self.engine.table(name)
+        key = list(self.engine.catalogue.get(name).key)
+        gone = inside(old).select(*key)
         if self.rows_only:
-            key = list(self.engine.catalogue.get(name).key)
-            self.swap(name, old.filter(~keep(old)).select(*key), rows)
+            self.swap(name, gone, rows)
             return
-        merged = self.engine.conform(name, old.filter(keep(old))).union(
+        merged = self.engine.conform(name, old.anti_join(gone, key)).union(
             self.engine.conform(name, rows), distinct=False
         )
         # Materialised first: the new contents read the table they replace.
@@ -641,8 +645,7 @@ def _swap_issues(
     again = old.filter(~is_q).semi_join(new_refused, key)
     refused = engine.conform("identifier_issues", again).union(new_refused, distinct=False)
     refused = refused.group_by(*key).aggregate(messages=refused.messages.sum())
-    old_q = old.filter(is_q)
-    gone_q = old_q.filter(~w.outside(("id_type", "raw_value"))(old_q))
+    gone_q = w.inside(("id_type", "raw_value"))(old.filter(is_q))
     gone = again.select(*key).union(gone_q.select(*key), distinct=False)
     rows = engine.conform("identifier_issues", refused).union(
         engine.conform("identifier_issues", quarantined_issues), distinct=False
@@ -667,7 +670,9 @@ def _issues(
         messages=refused_all.messages.sum()
     )
     old_q = old.filter(is_q)
-    old_q = old_q.filter(w.outside(("id_type", "raw_value"))(old_q)).select(*cols)
+    key = ["id_type", "raw_value", "reason"]
+    old_q = old_q.anti_join(w.inside(("id_type", "raw_value"))(old_q).select(*key), key)
+    old_q = old_q.select(*cols)
     return (
         engine.conform("identifier_issues", refused_all)
         .union(engine.conform("identifier_issues", old_q), distinct=False)
