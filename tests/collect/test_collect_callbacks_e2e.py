@@ -72,7 +72,7 @@ template: "first"
 trigger: {segment_entry: everyone}
 entry: {rule: once}
 policy:
-  no_response: {within_hours: 24, responses: [Message Opened, Message Clicked]}
+  no_response: {within_hours: 24}   # the default responses include a provider's Message Opened
 steps:
   - {id: one, send: {template: "one"}}
   - {id: pause, wait: 2d}

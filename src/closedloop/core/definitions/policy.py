@@ -94,7 +94,16 @@ class NoResponse(Definition):
 
     within_hours: float = Field(gt=0, le=24 * 90)
     responses: list[str] = Field(
-        default_factory=lambda: ["Email Opened", "Email Link Clicked", "SMS Clicked"],
+        # The last three are what providers report through `campaign feedback` and the
+        # collector's callback route (core.feedback_events), carrying the message's id.
+        default_factory=lambda: [
+            "Email Opened",
+            "Email Link Clicked",
+            "SMS Clicked",
+            "Message Opened",
+            "Message Clicked",
+            "Message Replied",
+        ],
         description="events that count as a response when they carry the message_id",
     )
 
