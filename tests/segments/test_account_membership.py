@@ -25,6 +25,7 @@ from closedloop.core.definitions import SegmentDef
 from closedloop.core.definitions.loading import load_project
 from closedloop.core.definitions.segments import account_target
 from closedloop.core.engine import Engine
+from closedloop.core.errors import DefinitionError
 from closedloop.demo.project import init_project
 from closedloop.identity.resolve import resolve
 from closedloop.pipeline import _with_line, segment_order
@@ -135,6 +136,19 @@ def test_problems_point_at_the_line(tmp_path: Path) -> None:
     # the account segment is evaluated first
     order = [s.name for s in segment_order(project)[0]]
     assert order.index("big") < order.index("s")
+
+
+def test_a_build_refuses_the_other_kind_before_writing(engine: Engine) -> None:
+    big = seg({"trait": "employees", "op": "gte", "value": 1}, name="big", of="accounts")
+    wrong = seg({"any": [{"trait": "orders", "op": "gte", "value": 1}, {"in_segment": "big"}]})
+    with pytest.raises(DefinitionError) as e:
+        evaluate_segments(engine, [big, wrong], Fields(segments=("big", "s")), Clock(NOW))
+    [problem] = e.value.problems
+    assert problem.key == "where.any.1.in_segment" and "account_in_segment: big" in str(problem)
+    assert not engine.exists(ACCOUNT_MEMBERSHIP.name) or engine.count(ACCOUNT_MEMBERSHIP.name) == 0
+    back = seg({"account_in_segment": "s"}, name="big", of="accounts")
+    with pytest.raises(DefinitionError, match="write `in_segment: s`"):
+        evaluate_segments(engine, [back, wrong], Fields(segments=("big", "s")), Clock(NOW))
 
 
 # ---- a build: group calls, an account segment, then the customers who read it -----------

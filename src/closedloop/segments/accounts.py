@@ -44,7 +44,7 @@ from closedloop.core.conditions import (
 )
 from closedloop.core.definitions import SegmentDef
 from closedloop.core.definitions.accounts import ROLES
-from closedloop.core.definitions.segments import account_target
+from closedloop.core.definitions.segments import kind_problem
 from closedloop.core.engine import Engine
 from closedloop.core.errors import Problem
 from closedloop.portrait.accounts import ACCOUNT_CONTACTS, ACCOUNTS
@@ -127,24 +127,14 @@ def check_account_segment(
                 key = f"{path}.contacts.where.{i}"
                 problems.extend(_check_field(f, profiles, where, key, "profile"))
         elif isinstance(c, SegmentRef):
-            target = account_target(c)
-            if target is not None:
-                msg = (
-                    "`account_in_segment` selects customers by their account; this segment "
-                    f"selects accounts: write `in_segment: {target}`"
-                )
-                problems.append(Problem(where, msg, key=f"{path}.account_in_segment"))
+            of = None  # what the named segment selects, when known
+            if account_segments is not None and c.in_segment in segments:
+                of = "accounts" if c.in_segment in account_segments else "customers"
+            if (problem := kind_problem(seg, c, of, path)) is not None:
+                problems.append(problem)
             elif c.in_segment == seg.name or c.in_segment not in segments:
                 known = ", ".join(s for s in segments if s != seg.name)
                 msg = f"in_segment {c.in_segment!r} is not another segment (known: {known})"
-                problems.append(Problem(where, msg, key=f"{path}.in_segment"))
-            elif account_segments is not None and c.in_segment not in account_segments:
-                msg = (
-                    f"{c.in_segment!r} is a segment of customers, and this segment selects "
-                    "accounts: select accounts by their contacts with `contacts: {where: "
-                    "[...], did: {...}}` (the conditions of that segment), or name a segment "
-                    "of accounts"
-                )
                 problems.append(Problem(where, msg, key=f"{path}.in_segment"))
         else:
             kind = "event" if isinstance(c, EventCondition) else "sequence"

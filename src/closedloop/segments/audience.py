@@ -34,9 +34,14 @@ from closedloop.core.conditions import (
     leaves,
 )
 from closedloop.core.definitions import SegmentDef
-from closedloop.core.definitions.segments import account_target, ref_target
+from closedloop.core.definitions.segments import (
+    account_target,
+    kind_problem,
+    ref_target,
+    refs_with_paths,
+)
 from closedloop.core.engine import Engine
-from closedloop.core.errors import Problem
+from closedloop.core.errors import DefinitionError, Problem
 from closedloop.portrait.tables import PROFILES
 from closedloop.segments import tables as _tables  # noqa: F401  (declares segment_membership)
 from closedloop.segments.derived import with_derived
@@ -173,19 +178,8 @@ def _check_ref(
     accounts = fields.account_segments
     if accounts is None:
         return []
-    if target is None and name in accounts:
-        msg = (
-            f"{name!r} is a segment of accounts (of: accounts), and this segment selects "
-            f"customers: write `account_in_segment: {name}` for customers whose account is in it"
-        )
-        return [Problem(where, msg, key=key)]
-    if target is not None and name not in accounts:
-        msg = (
-            f"{name!r} is a segment of customers, not of accounts: write `in_segment: {name}` "
-            "for its members"
-        )
-        return [Problem(where, msg, key=key)]
-    return []
+    problem = kind_problem(seg, c, "accounts" if name in accounts else "customers", path)
+    return [] if problem is None else [problem]
 
 
 def _check_field(
@@ -261,6 +255,9 @@ def evaluate_segments(
     now = ibis.literal(as_of).cast(TS)
     if not segs:
         return {}
+    problems = kind_problems(segs)
+    if problems:  # before anything is written: such a leaf would select no one
+        raise DefinitionError(problems)
     if any(s.of == "accounts" for s in segs):  # B2B: stays by account id (segments.accounts)
         from closedloop.segments.accounts import evaluate_account_segment
 
@@ -303,6 +300,22 @@ def evaluate_segments(
         new = new.union(leaving, distinct=False).union(arriving, distinct=False)
         engine.replace("segment_membership", engine.scratch("seg_new", new))
     return results
+
+
+def kind_problems(segs: Sequence[SegmentDef]) -> list[Problem]:
+    """Membership leaves naming a segment of the other kind, among the segments given.
+
+    ``check_segment`` catches these when its ``Fields`` say which segments select accounts;
+    a build evaluates all of a project's segments together, so it can tell by itself.
+    """
+    kinds = {s.name: s.of for s in segs}
+    out = []
+    for s in segs:
+        for ref, path in refs_with_paths(s.where):
+            problem = kind_problem(s, ref, kinds.get(ref_target(ref)), path)
+            if problem is not None:
+                out.append(problem)
+    return out
 
 
 def _per_segment(t: ir.Table) -> dict[str, int]:

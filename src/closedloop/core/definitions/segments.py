@@ -10,12 +10,14 @@ ordinary membership leaf whose target is ``account_target(ref)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from closedloop.core.conditions import Condition, SegmentRef
+from closedloop.core.conditions import AllOf, AnyOf, Condition, NotOf, SegmentRef
 from closedloop.core.definitions.base import NAME_PATTERN, Definition
+from closedloop.core.errors import Problem
 
 ACCOUNT_IN_SEGMENT = "account_in_segment"
 ACCOUNT_PREFIX = "account:"
@@ -70,3 +72,60 @@ class SegmentDef(Definition):
         if isinstance(data, dict) and "where" in data:
             return {**data, "where": _read_account_refs(data["where"])}
         return data
+
+
+def refs_with_paths(cond: Condition, path: str = "where") -> Iterator[tuple[SegmentRef, str]]:
+    """Every membership leaf of a condition with its key path (``where.all.1``)."""
+    if isinstance(cond, AllOf):
+        for i, c in enumerate(cond.all):
+            yield from refs_with_paths(c, f"{path}.all.{i}")
+    elif isinstance(cond, AnyOf):
+        for i, c in enumerate(cond.any):
+            yield from refs_with_paths(c, f"{path}.any.{i}")
+    elif isinstance(cond, NotOf):
+        yield from refs_with_paths(cond.not_, f"{path}.not")
+    elif isinstance(cond, SegmentRef):
+        yield cond, path
+
+
+def kind_problem(
+    seg: SegmentDef, ref: SegmentRef, target_of: str | None, path: str
+) -> Problem | None:
+    """The error for a membership leaf of ``seg`` that names a segment of the wrong kind.
+
+    ``target_of`` is what the named segment selects (``customers`` / ``accounts``; None when
+    unknown). Segments of customers read customer segments with ``in_segment`` and account
+    segments with ``account_in_segment``; segments of accounts read only account segments,
+    with ``in_segment``. Each message says what to write instead.
+    """
+    where = f"segments/{seg.name}.yaml"
+    target = account_target(ref)
+    name = ref_target(ref)
+    if seg.of == "accounts":
+        if target is not None:
+            msg = (
+                "`account_in_segment` selects customers by their account; this segment "
+                f"selects accounts: write `in_segment: {name}`"
+            )
+            return Problem(where, msg, key=f"{path}.{ACCOUNT_IN_SEGMENT}")
+        if target_of == "customers":
+            msg = (
+                f"{name!r} is a segment of customers, and this segment selects accounts: "
+                "select accounts by their contacts with `contacts: {where: [...], did: "
+                "{...}}` (the conditions of that segment), or name a segment of accounts"
+            )
+            return Problem(where, msg, key=f"{path}.in_segment")
+        return None
+    if target is None and target_of == "accounts":
+        msg = (
+            f"{name!r} is a segment of accounts (of: accounts), and this segment selects "
+            f"customers: write `account_in_segment: {name}` for customers whose account is in it"
+        )
+        return Problem(where, msg, key=f"{path}.in_segment")
+    if target is not None and target_of == "customers":
+        msg = (
+            f"{name!r} is a segment of customers, not of accounts: write `in_segment: {name}` "
+            "for its members"
+        )
+        return Problem(where, msg, key=f"{path}.{ACCOUNT_IN_SEGMENT}")
+    return None
