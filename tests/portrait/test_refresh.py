@@ -241,7 +241,8 @@ def test_a_crash_leaves_the_previous_state(engine: Engine, monkeypatch: pytest.M
 
 
 def snapshot_is_attribution(engine: Engine) -> None:
-    seen = engine.table("portrait_seen").to_pyarrow().to_pylist()
+    seen = engine.table("portrait_seen").select("message_id", "customer_id")
+    seen = seen.to_pyarrow().to_pylist()
     ec = engine.table("event_customers").select("message_id", "customer_id")
     assert sorted(seen, key=str) == sorted(ec.to_pyarrow().to_pylist(), key=str)
     assert len({r["message_id"] for r in seen}) == len(seen)  # appends never duplicate

@@ -114,6 +114,7 @@ def event_facts(events: ir.Table, duckdb: bool = False) -> ir.Table:
     props = events.properties.cast("json")
     subs = events.event.isin(list(SUBSCRIPTION_EVENTS))
     return events.select(
+        "message_id",
         "customer_id",
         "timestamp",
         "type",
@@ -378,11 +379,21 @@ def rfm_expr(engine: Engine, as_of: datetime) -> ir.Table:
     return rfm_scores(t.mutate(recency_days=recency))
 
 
+def parse_facts(engine: Engine) -> ir.Table:
+    """Every attributed event with its JSON parsed (``event_facts``), materialised once.
+
+    All events, also those after the clock: a full build stores this relation as the
+    snapshot a refresh starts from (``portrait_seen``), and ``base_expr`` reads only the
+    events up to its clock.
+    """
+    facts = event_facts(customer_events(engine), engine.backend == "duckdb")
+    return engine.scratch("portrait_facts", facts)
+
+
 def _facts_as_of(engine: Engine, as_of: datetime) -> ir.Table:
     """The customers' events up to ``as_of`` with their JSON parsed, materialised once."""
-    ev = customer_events(engine)
-    facts = event_facts(ev.filter(ev.timestamp <= as_of), engine.backend == "duckdb")
-    return engine.scratch("portrait_facts", facts)
+    facts = parse_facts(engine)
+    return facts.filter(facts.timestamp <= as_of)
 
 
 def profile_expr(engine: Engine, as_of: datetime, default_tz: str = "UTC") -> ir.Table:
@@ -402,14 +413,18 @@ def build_profiles(
     clock: Clock | None = None,
     default_tz: str = "UTC",
     accounts: AccountsConfig | None = None,
+    facts: ir.Table | None = None,
 ) -> int:
     """Rebuild ``profiles`` as of the clock's now; returns the number of customers.
 
     ``default_tz`` is the time zone of people whose events state none (the project's);
-    ``accounts`` says where B2B contacts' roles are read (the project's accounts.yaml).
+    ``accounts`` says where B2B contacts' roles are read (the project's accounts.yaml);
+    ``facts`` may give ``parse_facts`` already materialised (a full build keeps them as
+    the refresh snapshot).
     """
     as_of = (clock or Clock()).now()
-    facts = _facts_as_of(engine, as_of)
+    facts = parse_facts(engine) if facts is None else facts
+    facts = facts.filter(facts.timestamp <= as_of)
     zones, lo = _zones(facts, default_tz)
     with engine.temporary(localtime.offsets_table(zones, lo, as_of)) as offsets:
         base = base_expr(engine, as_of, offsets, zones, default_tz, facts=facts)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -43,20 +45,22 @@ from closedloop.core.engine import Engine
 from closedloop.portrait import localtime
 from closedloop.portrait.accounts import build_accounts
 from closedloop.portrait.build import (
+    _zones,
     base_expr,
     build_profiles,
-    customer_events,
+    event_facts,
     fill_relationships,
     finish,
-    zones_in_use,
+    parse_facts,
 )
-from closedloop.portrait.extras import (
-    RELATION_EVENTS,
-    RELATIONSHIP_COLUMNS,
-    named_member,
-    network,
+from closedloop.portrait.extras import RELATION_EVENTS, RELATIONSHIP_COLUMNS, network
+from closedloop.portrait.tables import (
+    COMPUTED_TRAITS,
+    FACT_COLUMNS,
+    PORTRAIT_RUNS,
+    PORTRAIT_SEEN,
+    PROFILES,
 )
-from closedloop.portrait.tables import COMPUTED_TRAITS, PORTRAIT_RUNS, PORTRAIT_SEEN, PROFILES
 from closedloop.portrait.traits import build_traits, trait_values
 
 TS = "timestamp('UTC', 6)"
@@ -103,7 +107,15 @@ def traits_digest(traits: dict[str, TraitDef]) -> str:
 
 
 def last_run(engine: Engine) -> LastRun | None:
+    """The last recorded build or refresh; None when a full build is needed.
+
+    A snapshot without the parsed facts (written before they were kept) needs one too.
+    """
     if not engine.exists(PORTRAIT_RUNS.name) or not engine.exists(PROFILES.name):
+        return None
+    if not engine.exists(PORTRAIT_SEEN.name):
+        return None
+    if set(PORTRAIT_SEEN.columns) - set(engine.table(PORTRAIT_SEEN.name).columns):
         return None
     runs = engine.table(PORTRAIT_RUNS.name)
     rows = runs.order_by(ibis.desc(runs.finished_at)).limit(1).to_pyarrow().to_pylist()
@@ -116,10 +128,31 @@ def last_run(engine: Engine) -> LastRun | None:
 def attribution_changes(engine: Engine) -> tuple[ir.Table, ir.Table]:
     """(added, gone): event → customer pairs in ``event_customers`` and not in the snapshot,
     and the reverse. New events are ``added``; an event moved by a merge or split is both."""
+    return _sides(attribution_diff(engine))
+
+
+def attribution_diff(engine: Engine) -> ir.Table:
+    """Pairs on one side only: (message_id, customer_id, added), ``added`` false for gone.
+
+    One outer join of the two relations gives both sides (two anti-joins hashed each of
+    them once more: a tenth of a refresh at 100,000 persons). Materialise it when both
+    sides are read.
+    """
     ec = engine.table("event_customers").select("message_id", "customer_id")
-    seen = engine.table(PORTRAIT_SEEN.name).select("message_id", "customer_id")
-    keys = ["message_id", "customer_id"]
-    return ec.anti_join(seen, keys), seen.anti_join(ec, keys)
+    seen = engine.table(PORTRAIT_SEEN.name)
+    seen = seen.select("message_id", "customer_id", in_seen=ibis.literal(True))
+    j = ec.mutate(in_ec=ibis.literal(True)).outer_join(seen, ["message_id", "customer_id"])
+    diff = j.filter(j.in_ec.isnull() | j.in_seen.isnull()).select(
+        message_id=j.message_id.fill_null(j.message_id_right),
+        customer_id=j.customer_id.fill_null(j.customer_id_right),
+        added=j.in_seen.isnull(),
+    )
+    return diff
+
+
+def _sides(diff: ir.Table) -> tuple[ir.Table, ir.Table]:
+    pair = ("message_id", "customer_id")
+    return diff.filter(diff.added).select(*pair), diff.filter(~diff.added).select(*pair)
 
 
 def affected_customers(
@@ -131,7 +164,9 @@ def affected_customers(
 ) -> ir.Table:
     """Customers whose per-customer portrait or traits may differ from the last build's.
 
-    ``changes`` may give ``attribution_changes`` already materialised.
+    ``changes`` may give ``attribution_changes`` already materialised. Events the clock
+    moves are looked up in the snapshot (customer and time, no join with the log): an event
+    not in it is ``added``, so its customer is affected already.
     """
     added, gone = changes or attribution_changes(engine)
     parts = [
@@ -141,7 +176,7 @@ def affected_customers(
         .anti_join(engine.table(PROFILES.name), "customer_id")
         .select("customer_id"),
     ]
-    ev = customer_events(engine)
+    ev = engine.table(PORTRAIT_SEEN.name)
     lo, hi = ibis.literal(since).cast(TS), ibis.literal(as_of).cast(TS)
     moved = (ev.timestamp > lo) & (ev.timestamp <= hi)
     for days in sorted(windows):
@@ -165,20 +200,33 @@ def _record(
     recomputed: int,
     digest: str,
     started: float,
-    added: ir.Table | None = None,
+    snapshot: ir.Table,
+    gone: ir.Table | None = None,
 ) -> RefreshResult:
     """Write the snapshot and the run record (last: they make the next refresh incremental).
 
-    ``added`` (given when no pair is gone since the snapshot) is appended instead of copying
-    all of ``event_customers`` again: the copy was an eighth of a refresh at 100,000 persons.
-    A crash after the append and before the run record is harmless: the profiles of those
+    A full build gives the whole ``snapshot`` (the attributed events with their facts). A
+    refresh gives only the new rows, and ``gone``, the pairs no longer attributed (None when
+    there are none): the snapshot loses those rows and gains the new ones, in one
+    transaction where the engine has them, rewritten whole where it cannot delete (Spark).
+    Copying the whole snapshot again was an eighth of a refresh at 100,000 persons. A crash
+    after the snapshot and before the run record is harmless: the profiles of those
     customers were written already, and the clock part is redone from the old run's clock.
     """
-    if added is None:
-        ec = engine.table("event_customers").select("message_id", "customer_id")
-        engine.replace(PORTRAIT_SEEN.name, ec)
+    name = PORTRAIT_SEEN.name
+    if mode == "full":
+        engine.replace(name, snapshot)
+    elif gone is None:
+        engine.append(name, snapshot)
+    elif engine.can("temp_tables"):
+        new = engine.scratch("refresh_seen_new", engine.conform(name, snapshot))
+        with _atomic(engine):
+            engine.delete_keys(name, gone)
+            engine.con.insert(name, new)
     else:
-        engine.append(PORTRAIT_SEEN.name, added)
+        seen = engine.table(name)
+        kept = seen.anti_join(gone, ["message_id", "customer_id"])
+        engine.replace(name, _seen_columns(kept).union(_seen_columns(snapshot)))
     customers = engine.count(PROFILES.name)
     seconds = time.perf_counter() - started
     row = {
@@ -205,9 +253,10 @@ def full_build(
     started = time.perf_counter()
     clock = clock or Clock()
     as_of = clock.now()
-    n = build_profiles(engine, clock, default_tz, accounts)
+    facts = parse_facts(engine)
+    n = build_profiles(engine, clock, default_tz, accounts, facts=facts)
     build_traits(engine, traits, clock)
-    return _record(engine, as_of, "full", n, traits_digest(traits), started)
+    return _record(engine, as_of, "full", n, traits_digest(traits), started, facts)
 
 
 def refresh(
@@ -233,10 +282,9 @@ def refresh(
         return full_build(engine, traits, clock, default_tz, accounts)
     started = time.perf_counter()
     windows = {t.window_days for t in traits.values() if t.window_days}
+    duckdb = engine.backend == "duckdb"
     # The attribution diff, once: it finds affected customers and then updates the snapshot.
-    added, gone = attribution_changes(engine)
-    added = engine.scratch("refresh_added", added)
-    gone = engine.scratch("refresh_gone", gone)
+    added, gone = _sides(engine.scratch("refresh_diff", attribution_diff(engine)))
     any_gone = int(gone.count().execute()) > 0
     affected = engine.scratch(
         "refresh_affected",
@@ -245,15 +293,21 @@ def refresh(
     recomputed = int(affected.count().execute())
     customers = engine.table("customers").select("customer_id")
 
-    ev = customer_events(engine)
-    ev = ev.filter(ev.timestamp <= as_of)
-    # The affected customers' events, once: every part of the portrait reads them. Their
-    # attribution rows first, then the log: joining the whole log to the whole attribution
-    # and keeping the affected customers' rows cost twice as much (a tenth of a refresh).
-    ec = engine.table("event_customers").semi_join(affected, "customer_id")
-    log = engine.table("events").join(ec, "message_id")
-    mine = engine.scratch("refresh_events", log.filter(log.timestamp <= as_of))
-    zones, lo = zones_in_use(engine, mine, default_tz)
+    # Only the events new to the snapshot are parsed; the affected customers' other events
+    # are read back from it, facts and all (the snapshot's pairs still attributed).
+    log = engine.table("events")
+    new = engine.scratch("refresh_new", event_facts(log.join(added, "message_id"), duckdb))
+    seen = engine.table(PORTRAIT_SEEN.name)
+    pair = ["message_id", "customer_id"]
+    still = seen.semi_join(affected, "customer_id")
+    if any_gone:
+        still = still.anti_join(gone, pair)
+    facts = engine.scratch(
+        "portrait_facts",
+        _seen_columns(still).union(_seen_columns(new.semi_join(affected, "customer_id"))),
+    )
+    current = facts.filter(facts.timestamp <= as_of)
+    zones, lo = _zones(current, default_tz)
     with engine.temporary(localtime.offsets_table(zones, lo, as_of)) as offsets:
         fresh = base_expr(
             engine,
@@ -263,19 +317,27 @@ def refresh(
             default_tz,
             customers=affected,
             with_relationships=False,
-            events=mine,
+            facts=facts,
         )
         old = engine.table(PROFILES.name)
         keep = old.anti_join(affected, "customer_id").semi_join(customers, "customer_id")
         base = _base_columns(keep).union(_base_columns(fresh), distinct=False)
-        # Only the relation events' sender, kind and named member: the network needs no more.
-        rev = ev.filter(ev.event.isin(list(RELATION_EVENTS)))
-        member = named_member(rev.properties.cast("json"))
+        # The network reads everyone's relation events: from the snapshot and the new ones,
+        # sender, kind and named member already parsed.
+        rel = list(RELATION_EVENTS)
+        rseen = seen.filter(seen.event.isin(rel))
+        if any_gone:
+            rseen = rseen.anti_join(gone, pair)
+        rnew = new.filter(new.event.isin(rel))
         related = engine.scratch(
-            "refresh_related", rev.select("customer_id", "event", member=member)
+            "refresh_related",
+            rseen.select("customer_id", "event", "member", "timestamp").union(
+                rnew.select("customer_id", "event", "member", "timestamp")
+            ),
         )
-        rel = network(related, engine.table("identity_map"))
-        base = base.left_join(rel, "customer_id").drop("customer_id_right")
+        related = related.filter(related.timestamp <= as_of)
+        net = network(related, engine.table("identity_map"))
+        base = base.left_join(net, "customer_id").drop("customer_id_right")
         engine.replace(PROFILES.name, finish(fill_relationships(base), as_of))
         build_accounts(engine, as_of, accounts)  # whole: see portrait.accounts
 
@@ -283,9 +345,37 @@ def refresh(
     ct = engine.table(COMPUTED_TRAITS.name)
     kept = ct.anti_join(affected, "customer_id").semi_join(customers, "customer_id")
     union = kept
-    for t in traits.values():
-        part = trait_values(engine, t, as_of_lit, customers=affected, events=mine)
-        union = union.union(part.mutate(computed_at=as_of_lit), distinct=False)
+    if traits:
+        # The affected customers' facts serve the traits when they read only columns the
+        # facts keep (as the built-in ones do); a trait may read any column of the log, and
+        # then the log's rows of those events are joined in.
+        mine = facts
+        if any(t.column is not None and t.column not in FACT_COLUMNS for t in traits.values()):
+            j = log.join(facts.select("message_id", "customer_id"), "message_id")
+            mine = engine.scratch("refresh_events", j)
+        for t in traits.values():
+            part = trait_values(engine, t, as_of_lit, customers=affected, events=mine)
+            union = union.union(part.mutate(computed_at=as_of_lit), distinct=False)
     engine.replace(COMPUTED_TRAITS.name, union)
-    snapshot_added = None if any_gone else added
-    return _record(engine, as_of, "incremental", recomputed, digest, started, snapshot_added)
+    gone_pairs = gone if any_gone else None
+    return _record(engine, as_of, "incremental", recomputed, digest, started, new, gone_pairs)
+
+
+@contextmanager
+def _atomic(engine: Engine) -> Iterator[None]:
+    """One transaction around the writes where the engine declares ``transactions``."""
+    if not engine.can("transactions"):
+        yield
+        return
+    engine.con.raw_sql("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        engine.con.raw_sql("ROLLBACK")
+        raise
+    engine.con.raw_sql("COMMIT")
+
+
+def _seen_columns(t: ir.Table) -> ir.Table:
+    """``t`` with the snapshot's columns in its order and types (for unions and writes)."""
+    return t.select(*[t[c].cast(typ).name(c) for c, typ in PORTRAIT_SEEN.columns.items()])

@@ -6,6 +6,27 @@ from closedloop.core.catalogue import Erasure, TableSpec, declare
 
 TS = "timestamp('UTC', 6)"
 
+# What the portrait reads from one event (``build.event_facts``): columns of the log, and
+# fields of its JSON parsed once (time zone, consent, subscription channel, style, the
+# member a relation event names).
+FACT_COLUMNS = {
+    "timestamp": TS,
+    "type": "string",
+    "event": "string",
+    "channel": "string",
+    "source": "string",
+    "category": "string",
+    "order_id": "string",
+    "revenue": "float64",
+    "coupon": "string",
+    "traits": "string",
+    "tz": "string",
+    "consent": "boolean",
+    "sub_channel": "string",
+    "style": "string",
+    "member": "string",
+}
+
 PROFILES = declare(
     TableSpec(
         name="profiles",
@@ -101,9 +122,11 @@ PORTRAIT_SEEN = declare(
     TableSpec(
         name="portrait_seen",
         stage="portrait",
-        description="The event → customer attribution the last portrait build read; a refresh "
-        "compares event_customers with it to find the customers whose events changed.",
-        columns={"message_id": "string", "customer_id": "string"},
+        description="The events the last portrait build read: their attribution to a customer, "
+        "which a refresh compares with event_customers to find the customers whose events "
+        "changed, and the facts the portrait reads from each (its JSON parsed once), so a "
+        "refresh parses only new events.",
+        columns={"message_id": "string", "customer_id": "string", **FACT_COLUMNS},
         key=("message_id",),
         erasure=Erasure.DELETE_BY_CUSTOMER,
         erasure_column="customer_id",
