@@ -4,7 +4,7 @@ On Spark an incremental run reads only the new events and recomputes only the re
 touch, like on DuckDB and PostgreSQL, but writes each table whole (no transactions, so no
 row-level delete then insert: ``resolve._Writer``). A generated stream (members, phones
 written several ways, e-mails, cookies, a shared device over its limit, names and birthdays
-for probabilistic matching) arrives in three increments. After each, the Spark warehouse,
+for probabilistic matching) arrives in two increments. After each, the Spark warehouse,
 resolving incrementally, must hold row for row what a DuckDB warehouse forced through full
 runs holds; then a full run on Spark itself must leave every identity table as the
 incremental runs left it (same ids, aliases, ledger). Each run's path is asserted, so a
@@ -108,7 +108,8 @@ def test_incremental_runs_on_spark_equal_full_runs() -> None:
     _need_java()
     assert set(KEYS) == set(TABLES)
     events = sample(11, 48)
-    parts = [events[:20], events[20:34], events[34:]]
+    # Two increments: each Spark run costs 25-90 s of job overhead here, whatever the size.
+    parts = [events[:26], events[26:]]
     with Engine("pyspark://") as spark, Engine("duckdb://") as full:
         for n, part in enumerate(parts):
             add_events(spark, part)
@@ -124,8 +125,6 @@ def test_incremental_runs_on_spark_equal_full_runs() -> None:
         assert rs.merges or rs.splits, "the sample merged no one across increments"
         assert any(q for _, _, _, q, _ in got["identity_map"]), "no identifier quarantined"
         # A full run on Spark over the same events changes nothing the increments wrote.
-        again = resolve(spark, CONFIG_MATCHING, Clock(START + timedelta(days=90, hours=9)))
-        assert again.path == "incremental" and again.new_messages == 0
         whole = resolve(
             spark, CONFIG_MATCHING, Clock(START + timedelta(days=90, hours=10)), incremental=False
         )
