@@ -41,8 +41,9 @@ TRAITS = {
 }
 
 
-def keyed(engine: Engine) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Profiles and traits with customer ids replaced by the customer's smallest identifier.
+def keyed(engine: Engine, snapshot: bool = False) -> tuple[list[dict[str, Any]], ...]:
+    """Profiles and traits with customer ids replaced by the customer's smallest identifier;
+    with ``snapshot`` also the refresh snapshot (``portrait_seen``: attribution and facts).
 
     Two histories may mint different ids for the same merged customer; its identifiers agree.
     """
@@ -53,16 +54,18 @@ def keyed(engine: Engine) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         key[r["customer_id"]] = min(key.get(r["customer_id"], k), k)
     p = engine.table("profiles").drop("computed_at").to_pyarrow().to_pylist()
     t = engine.table("computed_traits").drop("computed_at").to_pyarrow().to_pylist()
-    for rows in (p, t):
+    s = engine.table("portrait_seen").to_pyarrow().to_pylist() if snapshot else []
+    for rows in (p, t, s):
         for r in rows:
             r["customer_id"] = key.get(r["customer_id"], r["customer_id"])
     p.sort(key=lambda r: r["customer_id"])
     t.sort(key=lambda r: (r["customer_id"], r["trait"]))
+    s.sort(key=lambda r: r["message_id"])
     for r in p + t:
         for c, v in r.items():
             if isinstance(v, float):
                 r[c] = round(v, 6)
-    return p, t
+    return (p, t, s) if snapshot else (p, t)
 
 
 def incremental_equals_full(
@@ -86,12 +89,14 @@ def incremental_equals_full(
         b.append("events", pa.concat_tables([first, second]))
         resolve(b, config, Clock(t2))
         full_build(b, TRAITS, Clock(t2), tz)
-        pa_, ta = keyed(a)
-        pb, tb = keyed(b)
+        pa_, ta, sa = keyed(a, snapshot=True)
+        pb, tb, sb = keyed(b, snapshot=True)
         assert len(pa_) == len(pb)
         for x, y in zip(pa_, pb, strict=True):
             assert x == y, {c: (x[c], y[c]) for c in x if x[c] != y[c]}
         assert ta == tb
+        # The snapshot the next refresh starts from: the same events, attribution and facts.
+        assert sa == sb
         return r.recomputed
 
 

@@ -155,10 +155,15 @@ def may_hold(text: ir.StringValue, key: str) -> ir.BooleanValue:
     return text.contains(f'"{key}"') | text.contains("\\u")
 
 
-def _contacts(engine: Engine) -> ir.Table:
-    """Per customer, the most recently seen email and phone (quarantined ones excluded)."""
+def _contacts(engine: Engine, customers: ir.Table | None = None) -> ir.Table:
+    """Per customer, the most recently seen email and phone (quarantined ones excluded).
+
+    ``customers`` limits it to those customers (their identifiers only are grouped).
+    """
     m = engine.table("identity_map")
     m = m.filter(~m.quarantined)
+    if customers is not None:
+        m = m.semi_join(customers, "customer_id")
     return m.group_by("customer_id").aggregate(
         email=m.id_value.argmax(m.last_seen, where=m.id_type == "email"),
         phone=m.id_value.argmax(m.last_seen, where=m.id_type == "phone"),
@@ -264,11 +269,10 @@ def base_expr(
     ev = customer_events(engine) if events is None else events
     ev = ev.filter(ev.timestamp <= as_of)
     cust = engine.table("customers").select("customer_id")
-    contacts = _contacts(engine)
+    contacts = _contacts(engine, customers)
     if customers is not None:
         cust = cust.semi_join(customers, "customer_id")
         ev = ev.semi_join(customers, "customer_id")
-        contacts = contacts.semi_join(customers, "customer_id")
     if facts is not None:
         f = facts.filter(facts.timestamp <= as_of)
         f = f if customers is None else f.semi_join(customers, "customer_id")
