@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from closedloop.core.clock import Clock
 from closedloop.core.engine import Engine
+from closedloop.core.ids import customer_id_for
 from closedloop.identity.resolve import resolve
 from tests.identity.test_incremental import CONFIG, START
 from tests.identity.test_incremental_backends import _add
@@ -49,3 +50,38 @@ def test_row_level_and_whole_table_writes_equal_full_runs() -> None:
     finally:
         for e in (rows, whole, full):
             e.close()
+
+
+def test_a_split_off_part_whose_anchor_names_a_taken_id_gets_a_fresh_one() -> None:
+    """ck0 anchored customer X with ck9 and a phone; a second phone splits ck0 away (one phone
+    per customer), X stays with the majority, and the part holding ck0 — whose own id would
+    be X's — gets the next free id, on both paths alike."""
+    first = [
+        {"message_id": "a", "anonymous_id": "ck0", "traits": {"phone": "13800138001"}},
+        {"message_id": "b", "anonymous_id": "ck9", "traits": {"phone": "13800138001"}},
+    ]
+    later = START + timedelta(days=1)
+    second = [
+        {
+            "message_id": "c",
+            "anonymous_id": "ck0",
+            "user_id": "M1",
+            "traits": {"phone": "13900139003"},
+            "timestamp": later,
+        }
+    ]
+    owners = []
+    for incremental in (True, False):
+        with Engine("duckdb://") as e:
+            _add(e, [{**m, "timestamp": START} for m in first])
+            resolve(e, CONFIG, Clock(later))
+            x = customer_id_for("anonymous_id\x1fck0")
+            _add(e, second)
+            r = resolve(e, CONFIG, Clock(later + timedelta(days=1)), incremental=incremental)
+            assert r.path == ("incremental" if incremental else "full")
+            rows = e.table("identity_map").to_pyarrow().to_pylist()
+            owner = {(m["id_type"], m["id_value"]): m["customer_id"] for m in rows}
+            assert owner[("anonymous_id", "ck9")] == x
+            assert owner[("anonymous_id", "ck0")] == customer_id_for("anonymous_id\x1fck0#1")
+            owners.append(owner)
+    assert owners[0] == owners[1]

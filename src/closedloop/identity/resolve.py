@@ -378,7 +378,11 @@ def _run(
     if region_t is None:
         previous = imap_all.to_pandas()
         prev_customers = engine.table("customers").to_pandas()
-        taken = set(previous["customer_id"])
+        known = set(previous["customer_id"])
+
+        def in_use(ids: list[str]) -> set[str]:
+            return known.intersection(ids)
+
     else:
         in_region = imap_all.semi_join(
             region_t, on_region(imap_all, region_t, "id_type", "id_value")
@@ -388,10 +392,15 @@ def _run(
             "id_region_customers", in_region.select("customer_id").distinct()
         )
         prev_customers = engine.table("customers").semi_join(region_ids, "customer_id").to_pandas()
-        ids = imap_all.select("customer_id").distinct().to_pyarrow()
-        taken = set(ids["customer_id"].to_pylist())
+
+        def in_use(ids: list[str]) -> set[str]:
+            # Asked for the few ids new customers would take, not every id in the map.
+            with engine.temporary(pa.table({"customer_id": pa.array(ids, pa.string())})) as t:
+                hit = imap_all.semi_join(t, "customer_id").select("customer_id").distinct()
+                return set(hit.to_pyarrow()["customer_id"].to_pylist())
+
     assignment, aliases, ledger = _stable_ids(
-        frame, previous, prev_customers, pairs, now, reason, taken
+        engine, frame, previous, prev_customers, pairs, now, reason, in_use
     )
 
     frame["customer_id"] = frame["component"].map(assignment)
@@ -941,13 +950,14 @@ def _customers(
 
 
 def _stable_ids(
+    engine: Engine,
     frame: pd.DataFrame,
     previous: pd.DataFrame,
     prev_customers: pd.DataFrame,
     pairs: ir.Table,
     now: datetime,
     reason: str,
-    taken_ids: set[str],
+    in_use: Callable[[list[str]], set[str]],
 ) -> tuple[dict[int, str], pd.DataFrame, pd.DataFrame]:
     """Map component → customer id, keeping earlier ids; return (assignment, aliases, ledger)."""
     alias_cols = ["alias_id", "customer_id", "merged_at"]
@@ -996,7 +1006,18 @@ def _stable_ids(
         .set_index("component")["node"]
     )
     merged_pairs: list[tuple[str, str]] = []
-    previous_ids = taken_ids  # every id in use before this run, in or out of the region
+    # Ids in use before this run, in or out of the region, asked for the candidates only:
+    # the anchors' ids at once, a retry's id (after a clash) when it comes.
+    fresh = [customer_id_for(str(a)) for c, a in anchors.items() if int(str(c)) not in old_of]
+    previous_ids = in_use(fresh) if fresh else set()
+    asked = set(fresh)
+
+    def was_used(c: str) -> bool:
+        if c not in asked:
+            asked.add(c)
+            previous_ids.update(in_use([c]))
+        return c in previous_ids
+
     for comp_key, anchor_value in anchors.items():
         comp = int(str(comp_key))
         anchor = str(anchor_value)
@@ -1009,14 +1030,14 @@ def _stable_ids(
         else:
             survivor = customer_id_for(anchor)
             n = 1
-            while survivor in taken or survivor in previous_ids:
+            while survivor in taken or was_used(survivor):
                 survivor = customer_id_for(f"{anchor}#{n}")
                 n += 1
         assignment[comp] = survivor
         taken.add(survivor)
 
     if merged_pairs:
-        evidence = _merge_evidence(frame, previous, pairs, merged_pairs)
+        evidence = _merge_evidence(engine, frame, previous, pairs, merged_pairs)
         for survivor, other in merged_pairs:
             merge_id = format(stable_hash64("merge", survivor, other, now.isoformat()), "016x")
             ledger.append(
@@ -1035,6 +1056,7 @@ def _stable_ids(
 
 
 def _merge_evidence(
+    engine: Engine,
     frame: pd.DataFrame,
     previous: pd.DataFrame,
     pairs: ir.Table,
@@ -1045,10 +1067,18 @@ def _merge_evidence(
     owner = dict(zip(prev_key, previous["customer_id"], strict=True))
     wanted = {frozenset(p) for p in merged}
     involved = {c for p in merged for c in p}
-    nodes = [n for n, c in owner.items() if c in involved]
-    p = pairs.filter(pairs.a.isin(nodes) | pairs.b.isin(nodes)).to_pandas()
+    nodes = pa.table(
+        {"node": pa.array([n for n, c in owner.items() if c in involved], pa.string())}
+    )
+    # The nodes as a table, not a literal list: a run merging many customers names thousands.
+    with engine.temporary(nodes) as t:
+        hit = pairs.semi_join(t, pairs.a == t.node).union(
+            pairs.semi_join(t, pairs.b == t.node), distinct=True
+        )
+        p = hit.select("a", "b", "message_id").to_pandas()
     # One fixed order, so the evidence quoted never depends on how rows came back.
     p = p.sort_values(["a", "b", "message_id"], kind="stable")
+    by_key = {frozenset(m): m for m in merged}
     out: dict[tuple[str, str], str] = {}
     for a, b, mid in zip(p["a"], p["b"], p["message_id"], strict=True):
         ca, cb = owner.get(a), owner.get(b)
@@ -1057,12 +1087,13 @@ def _merge_evidence(
             continue
         key = frozenset((ca, cb))
         if key in wanted:
-            s, o = next((x, y) for x, y in merged if {x, y} == {ca, cb})
+            s, o = by_key[key]
             out.setdefault((s, o), f"{a.replace(SEP, ':')} ~ {b.replace(SEP, ':')} (message {mid})")
-    for s, o in merged:
-        if (s, o) not in out:
-            bridge = frame[frame["node"].map(owner).isna()]
-            out[(s, o)] = f"joined through new identifiers ({len(bridge)} new in this run)"
+    if any(m not in out for m in merged):
+        bridge = int(frame["node"].map(owner).isna().sum())
+        for m in merged:
+            if m not in out:
+                out[m] = f"joined through new identifiers ({bridge} new in this run)"
     return out
 
 
