@@ -15,7 +15,10 @@ Run as ``python bench/portrait.py [--persons N]`` (default 1,000,000). Steps:
 4. profile lookup by identifier: a random email or phone → customer (``identity_map``) →
    profile row, 1,000 times; p50 and p99 through ``ProfileLookup`` (the SQLite serving store
    a build ends with; the cost of writing it is timed too), beside the baseline through
-   Ibis and as one prepared DuckDB statement on the warehouse.
+   Ibis and as one prepared DuckDB statement on the warehouse;
+5. with ``--refresh 0.01``: an incremental refresh after 1% new events against a full build
+   of profiles and traits, on another copy of the cached warehouse (``bench/refresh.py``'s
+   ``measure_refresh``; figures prefixed ``refresh_``, ratio ``refresh_incremental_vs_full_*``).
 
 The last line printed is one JSON object with every figure.
 """
@@ -342,7 +345,7 @@ def prepare(persons: int, cache: Path) -> tuple[Path, float | None]:
     return root / "p", round(time.perf_counter() - t, 1)
 
 
-def run(persons: int, cache: Path, work: Path) -> dict[str, Any]:
+def run(persons: int, cache: Path, work: Path, refresh_share: float = 0.0) -> dict[str, Any]:
     fig: dict[str, Any] = {"persons": persons}
     src, prepared = prepare(persons, cache)
     if prepared is not None:
@@ -407,8 +410,24 @@ def run(persons: int, cache: Path, work: Path) -> dict[str, Any]:
         fig["lookup_prepared_over_served_p99"] = round(
             fig["lookup_prepared_p99_ms"] / max(fig["lookup_served_p99_ms"], 0.01), 1
         )
+    if refresh_share:
+        fig.update(refresh_figures(src, work, reference, refresh_share))
     fig["machine"] = f"{platform.machine()}, {platform.python_version()}"
     return fig
+
+
+def refresh_figures(src: Path, work: Path, reference: Any, share: float) -> dict[str, Any]:
+    """``bench/refresh.py``'s figures on a fresh copy of the cached warehouse, as refresh_*:
+    the newest ``share`` of events held back, an incremental refresh after they load timed
+    against a full build of profiles and traits in the same run, results checked equal."""
+    from refresh import measure_refresh  # bench/refresh.py, beside this script
+
+    shutil.copytree(src, work / "r")
+    project = load_project(work / "r")
+    with Engine(project.engine_url) as engine:
+        fig = measure_refresh(engine, project, reference, share)
+    shutil.rmtree(work / "r", ignore_errors=True)
+    return {f"refresh_{k}": v for k, v in fig.items()}
 
 
 def rfm(engine: Engine, as_of: Any, repeats: int = 5) -> dict[str, Any]:
@@ -566,9 +585,17 @@ def main() -> None:
         default=Path(tempfile.gettempdir()) / "closedloop-bench",
         help="where the loaded warehouse per person count is kept between runs",
     )
+    ap.add_argument(
+        "--refresh",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="also time an incremental refresh after SHARE (e.g. 0.01) new events against a "
+        "full build (bench/refresh.py's figures, prefixed refresh_)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        fig = run(args.persons, args.cache, Path(tmp))
+        fig = run(args.persons, args.cache, Path(tmp), args.refresh)
     for k, v in fig.items():
         print(f"{k:>24}: {v}")
     print(json.dumps(fig))

@@ -132,27 +132,31 @@ def attribution_changes(engine: Engine) -> tuple[ir.Table, ir.Table]:
 
 
 def attribution_diff(engine: Engine) -> ir.Table:
-    """Pairs on one side only: (message_id, customer_id, added), ``added`` false for gone.
+    """Events whose attribution differs from the snapshot's: (message_id, customer_id — now,
+    null when the event left —, seen_customer_id — in the snapshot, null when new).
 
-    One outer join of the two relations gives both sides (two anti-joins hashed each of
-    them once more: a tenth of a refresh at 100,000 persons). Materialise it when both
-    sides are read.
+    One outer join on the message id (the key of both relations) gives both sides: two
+    anti-joins on the pair hashed each relation once more, a tenth of a refresh at 100,000
+    persons. Materialise it when both sides are read.
     """
     ec = engine.table("event_customers").select("message_id", "customer_id")
     seen = engine.table(PORTRAIT_SEEN.name)
-    seen = seen.select("message_id", "customer_id", in_seen=ibis.literal(True))
-    j = ec.mutate(in_ec=ibis.literal(True)).outer_join(seen, ["message_id", "customer_id"])
-    diff = j.filter(j.in_ec.isnull() | j.in_seen.isnull()).select(
-        message_id=j.message_id.fill_null(j.message_id_right),
-        customer_id=j.customer_id.fill_null(j.customer_id_right),
-        added=j.in_seen.isnull(),
+    seen = seen.select(seen_message_id=seen.message_id, seen_customer_id=seen.customer_id)
+    j = ec.outer_join(seen, ec.message_id == seen.seen_message_id)
+    differs = j.customer_id.isnull() | j.seen_customer_id.isnull()
+    differs |= j.customer_id != j.seen_customer_id
+    return j.filter(differs).select(
+        message_id=j.message_id.fill_null(j.seen_message_id),
+        customer_id=j.customer_id,
+        seen_customer_id=j.seen_customer_id,
     )
-    return diff
 
 
 def _sides(diff: ir.Table) -> tuple[ir.Table, ir.Table]:
-    pair = ("message_id", "customer_id")
-    return diff.filter(diff.added).select(*pair), diff.filter(~diff.added).select(*pair)
+    """(added, gone) pairs of an ``attribution_diff``: an event moved is in both."""
+    added = diff.filter(diff.customer_id.notnull()).select("message_id", "customer_id")
+    gone = diff.filter(diff.seen_customer_id.notnull())
+    return added, gone.select("message_id", customer_id=gone.seen_customer_id)
 
 
 def affected_customers(
