@@ -10,6 +10,11 @@ it touches:
   or out of a trait's window (timestamp between the last clock and now, minus the window);
 * customers without a profile yet.
 
+The snapshot (``portrait_seen``) keeps, beside each event's customer, the facts the portrait
+reads from it with the JSON parsed (``build.event_facts``): a refresh parses only the events
+new to it and reads the affected customers' other events back from it, so their portrait
+is re-aggregated from stored facts and the JSON of old events is never parsed again.
+
 Not seen by the comparison: a change to the identity map alone (an identifier quarantined
 or blocked without any event moving) — it shows on the customer's next event, or with
 ``--full``.
@@ -19,9 +24,11 @@ referral network — is then recomputed for all customers from the stored per-cu
 (one row per customer, no events), so "no order in 30 days" becomes true on a scheduled
 refresh with no new events at all.
 
-Writes are whole-table swaps (``Engine.replace``): a crash leaves each table as it was or as
-new, never half-written; the snapshot and the run record are written last, so after a crash
-the next refresh sees the same changes again and redoes them (recomputing is idempotent).
+Writes are whole-table swaps (``Engine.replace``), but for the snapshot, which gains the new
+events' rows and loses the pairs no longer attributed in one transaction: a crash leaves
+each table as it was or as new, never half-written; the snapshot and the run record are
+written last, so after a crash the next refresh sees the same changes again and redoes them
+(recomputing is idempotent). A snapshot written before it kept the facts means a full build.
 """
 
 from __future__ import annotations
