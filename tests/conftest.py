@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,12 @@ import pytest
 import closedloop.collect.tables
 import closedloop.identity.tables
 from closedloop.core.engine import Engine
+
+# pytest-xdist hands its workers the controller's terminal size as COLUMNS/LINES, and a
+# rich Console created at import keeps a width found in the environment then: the CLI's
+# tables would be cut at 80 columns in a worker whatever width a test asks for.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
