@@ -9,6 +9,7 @@ beside forced full runs, over loads that merge, split by rule, refuse and quaran
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 from closedloop.core.clock import Clock
 from closedloop.core.engine import Engine
@@ -17,6 +18,7 @@ from closedloop.identity.resolve import resolve
 from tests.identity.test_incremental import CONFIG, START
 from tests.identity.test_incremental_backends import _add
 from tests.identity.test_incremental_crash import FIRST, SECOND, STATE, _state
+from tests.identity.test_matching import MATCHING, _population
 
 THIRD = [
     # a shared device: seen with more strong identifiers than it may be (quarantined)
@@ -85,3 +87,35 @@ def test_a_split_off_part_whose_anchor_names_a_taken_id_gets_a_fresh_one() -> No
             assert owner[("anonymous_id", "ck0")] == customer_id_for("anonymous_id\x1fck0#1")
             owners.append(owner)
     assert owners[0] == owners[1]
+
+
+def test_events_without_profile_records_reuse_the_scores_and_equal_a_full_run(
+    tmp_path: Path,
+) -> None:
+    """With matching on, new events that carry no record (orders, page views) leave the
+    records, hence the model and its scored pairs, as they were: the incremental run reads
+    the kept pairs back instead of refitting (no matching scratch is made on a fresh
+    connection) and still writes what a full run writes."""
+    msgs, twins = _population(3)
+    orders = [
+        {"message_id": f"o{i}", "user_id": m["user_id"], "type": "track", "event": "Order"}
+        for i, m in enumerate(msgs[:30])
+    ]
+    urls = [f"duckdb:///{tmp_path}/inc.duckdb", f"duckdb:///{tmp_path}/full.duckdb"]
+    for url in urls:
+        with Engine(url) as e:
+            _add(e, msgs)
+            resolve(e, MATCHING, Clock(START))
+            _add(e, orders)
+    clock = Clock(START + timedelta(hours=1))
+    # Fresh connections: a scratch table seen afterwards was made by this run.
+    with Engine(urls[0]) as inc, Engine(urls[1]) as full:
+        r = resolve(inc, MATCHING, clock)
+        assert (r.path, r.new_messages) == ("incremental", len(orders))
+        assert not any("pm_" in t for t in inc.con.list_tables())  # no refit
+        assert resolve(full, MATCHING, clock, incremental=False).probabilistic >= len(twins) // 2
+        assert any("pm_" in t for t in full.con.list_tables())
+        got, want = _state(inc), _state(full)
+        for name in STATE:
+            if name != "identity_runs":  # the path taken differs, by design
+                assert got[name] == want[name], name

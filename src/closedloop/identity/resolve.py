@@ -261,24 +261,27 @@ def _run(
         )
         rows = new_rows
         if inc:
+            # Read once, by the refit (if there is one): not materialised here.
             kept_rows = engine.table("identity_records")
-            rows = engine.scratch(
-                "id_records",
-                engine.conform("identity_records", kept_rows).union(
-                    engine.conform("identity_records", new_rows), distinct=False
-                ),
+            rows = engine.conform("identity_records", kept_rows).union(
+                engine.conform("identity_records", new_rows), distinct=False
             )
 
     region_t: ir.Table | None = None
     scored: ir.Table | None = None
     if inc:
         touched = new_occ.select("node")
-        if mc is not None:
+        if mc is not None and new_rows is not None and int(new_rows.count().execute()):
             # The model is refitted over every record; identifiers whose scored pair
             # appeared, vanished or changed are touched too.
             scored, _model = probabilistic_pairs(engine, config, new_occ, rows)
             moved = _moved_scores(engine, scored)
             touched = touched.union(moved.select(node="a")).union(moved.select(node="b"))
+        elif mc is not None:
+            # No new record: the same records fit the same model and score the same pairs,
+            # so the last run's are read back instead of refitting (most live refreshes:
+            # orders and page views carry no profile).
+            scored = _kept_scores(engine)
         region_t = region(engine, touched.distinct())
         node_occ = region_occurrences(engine, region_t, new_occ)
         if scored is not None:
@@ -724,6 +727,20 @@ def _moved_scores(engine: Engine, scored: ir.Table | None) -> ir.Table:
     new = _pair_columns(scored.anti_join(e.filter(e.kind == "message"), ["a", "b"]))
     moved = new.difference(old).union(old.difference(new))
     return engine.scratch("id_moved_scores", moved.select("a", "b"))
+
+
+def _kept_scores(engine: Engine) -> ir.Table:
+    """The scored record pairs the last run kept (``probabilistic`` rows of ``identity_edges``).
+
+    Pairs that were also message pairs then were not kept, and are message pairs still (the
+    evidence of a message only grows until a full run), so they are dropped as before.
+    """
+    e = engine.table("identity_edges")
+    e = e.filter(e.kind == "probabilistic")
+    e = e.mutate(
+        a=e.a_type + ibis.literal(SEP) + e.a_value, b=e.b_type + ibis.literal(SEP) + e.b_value
+    )
+    return engine.scratch("id_kept_scores", _pair_columns(e))
 
 
 def _pair_columns(t: ir.Table) -> ir.Table:
