@@ -242,6 +242,19 @@ def test_changed_traits_or_earlier_clock_mean_a_full_build(engine: Engine) -> No
     assert refresh(engine, fewer, Clock(NOW - DAY)).mode == "full"
 
 
+def test_a_snapshot_without_facts_means_a_full_build(engine: Engine) -> None:
+    # A warehouse built before the snapshot kept the parsed facts: its refresh cannot read
+    # them back, so it rebuilds everything once (and keeps the facts from then on).
+    engine.append("events", msgs([("A", "order", -1, 3)]))
+    resolve(engine, CONFIG)
+    full_build(engine, TRAITS, Clock(NOW))
+    pairs = engine.table("portrait_seen").select("message_id", "customer_id").to_pyarrow()
+    engine.con.create_table("portrait_seen", pairs, overwrite=True)
+    assert refresh(engine, TRAITS, Clock(NOW)).mode == "full"
+    assert "tz" in engine.table("portrait_seen").columns
+    assert refresh(engine, TRAITS, Clock(NOW)).mode == "incremental"
+
+
 def test_a_crash_leaves_the_previous_state(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     engine.append("events", msgs([("A", "order", -1, 3), ("B", "order", -3, 4)]))
     resolve(engine, CONFIG)
