@@ -330,12 +330,9 @@ def refresh(
             with_relationships=False,
             facts=facts,
         )
-        # Materialised apart: compiling the per-customer part inside the rest (finish,
-        # network, union) took longer than running it at 10,000 persons.
-        fresh = engine.scratch("refresh_fresh", _base_columns(fresh))
         old = engine.table(PROFILES.name)
         keep = old.anti_join(affected, "customer_id").semi_join(customers, "customer_id")
-        base = _base_columns(keep).union(fresh, distinct=False)
+        base = _base_columns(keep).union(_base_columns(fresh), distinct=False)
         # The network reads everyone's relation events: from the snapshot and the new ones,
         # sender, kind and named member already parsed.
         rel = list(RELATION_EVENTS)
