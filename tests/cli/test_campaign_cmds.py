@@ -186,7 +186,7 @@ def test_dry_run_shows_who_lost_arbitration_and_to_whom(built: Path) -> None:
         "priority: 5\narbitration: priority\nholdout: 0.1\n"
     )
     args = ["winback", "-p", str(built), "--as-of", AS_OF, "--show", "500"]
-    r = runner.invoke(app, ["campaign", "dry-run", *args])
+    r = runner.invoke(app, ["campaign", "dry-run", *args], env={"COLUMNS": "300"})
     assert r.exit_code == 0, r.output
-    assert "lost arbitration to thanks" in r.output
+    assert "lost arbitration to thanks: by priority 5 over 0" in r.output  # and why
     assert "0 would be messaged" in r.output  # every lapsed buyer goes to the higher priority

@@ -79,8 +79,9 @@ def _decide(
     for reason, n in sorted((run.reasons or {}).items(), key=lambda x: -x[1]):
         console.print(f"    {_reason(reason)}: {n:,}")
     if dry and run.decisions is not None and run.decisions.num_rows:
+        wanted = ["customer_id", "group", "variant", "status", "reason", "send_at", "why"]
         rows = run.decisions.select(
-            ["customer_id", "group", "variant", "status", "reason", "send_at"]
+            [c for c in wanted if c in run.decisions.column_names]
         ).to_pylist()
         groups = Counter((r["group"], r["variant"], r["status"]) for r in rows)
         table = Table("group", "variant", "status", "people")
@@ -97,7 +98,7 @@ def _decide(
             cells = [
                 str(r[k] or "—") for k in ("customer_id", "group", "variant", "status", "reason")
             ]
-            cells[4] = _reason(cells[4])
+            cells[4] = _reason(cells[4], r.get("why"))
             people.add_row(*cells, at)
         console.print(people)
         if len(rows) > show:
@@ -106,12 +107,12 @@ def _decide(
         console.print(f"  outbox: {run.outbox}")
 
 
-def _reason(reason: str) -> str:
-    """A suppression reason as people read it."""
+def _reason(reason: str, why: str | None = None) -> str:
+    """A suppression reason as people read it (with the arbitration's why, when known)."""
     from closedloop.activate.policy import LOST
 
     if reason.startswith(LOST):
-        return f"lost arbitration to {reason[len(LOST) :]}"
+        return f"lost arbitration to {why or reason[len(LOST) :]}"
     return reason
 
 
