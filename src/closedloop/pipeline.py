@@ -57,6 +57,7 @@ def project_fields(project: Project) -> Fields:
         tags=tuple(project.tags),
         traits=tuple((t.name, trait_dtype(t)) for t in project.traits.values()),
         segments=tuple(project.segments),
+        account_segments=tuple(n for n, s in project.segments.items() if s.of == "accounts"),
     )
 
 

@@ -28,7 +28,7 @@ from closedloop.core.engine import Engine
 from closedloop.core.errors import DefinitionError
 from closedloop.demo.project import init_project
 from closedloop.identity.resolve import resolve
-from closedloop.pipeline import _with_line, segment_order
+from closedloop.pipeline import _with_line, check_project, segment_order
 from closedloop.portrait.accounts import ACCOUNT_CONTACTS
 from closedloop.portrait.build import build_profiles
 from closedloop.portrait.tables import PROFILES
@@ -133,6 +133,9 @@ def test_problems_point_at_the_line(tmp_path: Path) -> None:
         "where.all.1.in_segment",
     )
     assert "account_in_segment: big" in str(problem)
+    # `closedloop validate` (check_project) knows the kinds from the project itself
+    found = [p for p in check_project(project) if p.key == "where.all.1.in_segment"]
+    assert [(p.file, p.line) for p in found] == [("segments/s.yaml", 7)]
     # the account segment is evaluated first
     order = [s.name for s in segment_order(project)[0]]
     assert order.index("big") < order.index("s")
