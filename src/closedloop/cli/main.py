@@ -11,6 +11,7 @@ from rich.table import Table
 
 from closedloop.cli import (
     account_cmds,
+    api_cmds,
     campaign_cmds,
     collect_cmds,
     identity_cmds,
@@ -172,6 +173,7 @@ profile_cmds.register(app)
 predict_cmds.register(app)
 tag_cmds.register(app)
 account_cmds.register(app)
+api_cmds.register(app)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,259 @@
+"""The read-only HTTP API: profiles, segments, tags and validation as typed JSON.
+
+A composition layer like ``cli``: every route calls the same functions as the command it
+mirrors (``closedloop profile``, ``segment size|preview``, ``tags list``, ``validate``), so
+the API and the CLI can never disagree. The warehouse is opened read-only per request
+(``api.warehouse``): while a writer holds it the answer is 503 with Retry-After, never 500.
+Profiles are personal data, so every route wants the bearer token ``create_api`` is given
+(``CLOSEDLOOP_API_TOKEN`` by default); without a token the API is open and
+``closedloop api`` serves it on loopback only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict
+
+from closedloop.api.warehouse import WarehouseBusy, read_only
+from closedloop.core.clock import Clock
+from closedloop.core.definitions import Project, load_project
+from closedloop.core.engine import Engine
+from closedloop.core.errors import ClosedloopError, DefinitionError, Problem
+
+TOKEN_ENV = "CLOSEDLOOP_API_TOKEN"  # noqa: S105 - the variable's name, not a secret
+RETRY_AFTER_S = 5
+MAX_SAMPLE = 1000
+BEARER = HTTPBearer(auto_error=False)  # module level: route annotations are resolved here
+
+
+class Matched(BaseModel):
+    type: str
+    value: str
+
+
+class ProfileOut(BaseModel):
+    """A customer (``customer_id``, ``source``, ``profile``, ``accounts``) or an account
+    (``account_id``, ``account``, ``contacts``, ``segments``), as ``closedloop profile --json``."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["customer", "account"]
+    matched: Matched
+
+
+class SegmentSummary(BaseModel):
+    name: str
+    kind: Literal["customers", "accounts"]
+    size: int
+
+
+class SegmentDetail(SegmentSummary):
+    by: dict[str, int]  # customers by lifecycle stage, accounts by industry
+    sample: list[dict[str, Any]]  # members with the fields that qualified them
+
+
+class TagOut(BaseModel):
+    """One tag of the catalogue, as ``closedloop tags list --json``."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    type: str
+    owner: str | None
+    coverage: float
+    computed_at: str | None
+    last_used_at: str | None
+
+
+class ProblemOut(BaseModel):
+    file: str
+    line: int | None
+    key: str | None
+    message: str
+
+
+class ValidationOut(BaseModel):
+    ok: bool
+    problems: list[ProblemOut]
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+def as_cli_json(value: Any) -> Any:
+    """``value`` encoded exactly as the CLI's ``--json`` encodes it (dates as ``str()``), so
+    the API and the CLI answer with equal documents."""
+    return json.loads(json.dumps(value, default=str, ensure_ascii=False))
+
+
+def _problems(problems: list[Problem]) -> list[ProblemOut]:
+    return [ProblemOut(file=p.file, line=p.line, key=p.key, message=p.message) for p in problems]
+
+
+def segment_size(
+    engine: Engine, project: Project, name: str, as_of: datetime | None = None
+) -> tuple[int, dict[str, int]]:
+    """Members now, and their split (lifecycle stage, or industry for accounts), as
+    ``closedloop segment size`` counts them."""
+    from closedloop.pipeline import project_fields
+    from closedloop.segments.audience import preview_expr
+
+    seg = project.segments[name]
+    expr = preview_expr(engine, seg, project_fields(project), Clock(as_of).now())
+    if seg.of == "accounts":
+        a = engine.table("accounts").select("account_id", "industry")
+        j = expr.select("account_id").join(a, "account_id")
+        key = "industry"
+    else:
+        p = engine.table("profiles").select("customer_id", "lifecycle_stage")
+        j = expr.select("customer_id").join(p, "customer_id")
+        key = "lifecycle_stage"
+    rows = j.group_by(key).aggregate(n=j.count()).to_pyarrow().to_pylist()
+    by = {str(r[key]) if r[key] is not None else "(unknown)": int(r["n"]) for r in rows}
+    return sum(by.values()), by
+
+
+def segment_sample(
+    engine: Engine, project: Project, name: str, n: int, as_of: datetime | None = None
+) -> list[dict[str, Any]]:
+    """``n`` members with the fields that qualified them (``segment preview``), by id."""
+    from closedloop.pipeline import project_fields
+    from closedloop.segments.audience import preview_expr
+
+    seg = project.segments[name]
+    expr = preview_expr(engine, seg, project_fields(project), Clock(as_of).now())
+    key = "account_id" if seg.of == "accounts" else "customer_id"
+    rows: list[dict[str, Any]] = expr.order_by(key).limit(n).to_pyarrow().to_pylist()
+    return rows
+
+
+def validate_project(root: Path | str) -> list[Problem]:
+    """Every problem of the project on disk, as ``closedloop validate`` finds them."""
+    from closedloop.activate.journeys import check_journeys
+    from closedloop.pipeline import check_project
+
+    try:
+        p = load_project(root)
+    except DefinitionError as e:
+        return list(e.problems)
+    except ClosedloopError as e:
+        return [Problem(file=str(root), message=str(e))]
+    return check_project(p) + check_journeys(p)
+
+
+def create_api(project: Project, token: str | None = None) -> FastAPI:
+    """The API over ``project``; ``token`` (default: ``$CLOSEDLOOP_API_TOKEN``) guards it."""
+    import closedloop.segments.accounts  # noqa: F401  (declares the account tables)
+    from closedloop.cli.profile_cmds import profile_document
+    from closedloop.tags.catalogue import catalogue
+
+    secret = token if token is not None else os.environ.get(TOKEN_ENV) or None
+
+    def auth(
+        cred: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+    ) -> None:
+        if secret is None:
+            return
+        given = cred.credentials if cred is not None else ""
+        if not secrets.compare_digest(given.encode(), secret.encode()):
+            raise HTTPException(
+                401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"}
+            )
+
+    errors: dict[int | str, dict[str, Any]] = {
+        401: {"model": ErrorOut},
+        503: {"model": ErrorOut, "description": "the warehouse is held by a writer"},
+    }
+    app = FastAPI(
+        title="closedloop API",
+        version="1",
+        description="Read-only: profiles, segments, tags and validation of one project.",
+        dependencies=[Depends(auth)],
+        responses=errors,
+    )
+
+    @app.exception_handler(WarehouseBusy)
+    def busy(_: Request, e: WarehouseBusy) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"{e}; retry later"},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    def unknown_segment(name: str) -> HTTPException:
+        known = ", ".join(sorted(project.segments)) or "none"
+        return HTTPException(404, f"no segment {name!r}; known: {known}")
+
+    @app.get("/v1/profiles/{identifier}", response_model=ProfileOut, tags=["profiles"])
+    def get_profile(
+        identifier: str,
+        type: Annotated[str | None, Query(description="identifier type, or `account`")] = None,
+    ) -> Any:
+        """The 360° profile of the customer (or account) ``identifier`` names."""
+        try:
+            with read_only(project.engine_url) as engine:
+                doc = profile_document(engine, project.identity, identifier, type)
+        except ClosedloopError as e:
+            raise HTTPException(400, str(e)) from None
+        if doc is None:
+            what = {None: "customer or account", "account": "account"}.get(type, "customer")
+            raise HTTPException(404, f"no {what} has the identifier {identifier!r}")
+        return as_cli_json(doc)
+
+    @app.get("/v1/segments", response_model=list[SegmentSummary], tags=["segments"])
+    def list_segments(as_of: datetime | None = None) -> list[SegmentSummary]:
+        """Every segment with its kind and its size now (or ``as_of``)."""
+        out = []
+        with read_only(project.engine_url) as engine:
+            for name in sorted(project.segments):
+                n, _ = segment_size(engine, project, name, as_of)
+                kind = project.segments[name].of
+                out.append(SegmentSummary(name=name, kind=kind, size=n))
+        return out
+
+    @app.get("/v1/segments/{name}", response_model=SegmentDetail, tags=["segments"])
+    def get_segment(
+        name: str,
+        sample: Annotated[int, Query(ge=0, le=MAX_SAMPLE)] = 10,
+        as_of: datetime | None = None,
+    ) -> SegmentDetail:
+        """A segment's size, its split, and a sample of members with the fields that qualified
+        them."""
+        if name not in project.segments:
+            raise unknown_segment(name)
+        with read_only(project.engine_url) as engine:
+            n, by = segment_size(engine, project, name, as_of)
+            rows = segment_sample(engine, project, name, sample, as_of) if sample else []
+        return SegmentDetail(
+            name=name,
+            kind=project.segments[name].of,
+            size=n,
+            by=by,
+            sample=as_cli_json(rows),
+        )
+
+    @app.get("/v1/tags", response_model=list[TagOut], tags=["tags"])
+    def list_tags() -> list[dict[str, Any]]:
+        """The tag catalogue: type, owner, coverage, freshness, last use and flags."""
+        try:
+            with read_only(project.engine_url) as engine:
+                infos = catalogue(engine, project)
+        except ClosedloopError as e:
+            raise HTTPException(400, str(e)) from None
+        return [as_cli_json(i.as_json()) for i in infos]
+
+    @app.post("/v1/validate", response_model=ValidationOut, tags=["project"])
+    def validate() -> ValidationOut:
+        """Validate the project's definitions as they are on disk now."""
+        problems = validate_project(project.root)
+        return ValidationOut(ok=not problems, problems=_problems(problems))
+
+    return app
