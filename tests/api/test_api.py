@@ -35,6 +35,8 @@ from tests.collect.conftest import free_port
 runner = CliRunner()
 TOKEN = "t0k3n-for-tests"  # noqa: S105 - a test token
 AS_OF = "2030-01-01T00:00:00+00:00"
+RUN_AT = "2026-11-20T10:00:00+00:00"  # the campaign decides then
+MEASURE_AT = "2026-12-04T00:00:00+00:00"  # and is measured then
 
 
 @dataclass
@@ -93,6 +95,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     p = root / "p"
     init_project(p, data_dir=relative_data_dir(p, root / "brand" / "data"))
     r = runner.invoke(app, ["build", "-p", str(p)])
+    assert r.exit_code == 0, r.output
+    args = ["--as-of", RUN_AT, "--occasion", "o1", "-p", str(p)]
+    r = runner.invoke(app, ["campaign", "run", "winback", *args])
     assert r.exit_code == 0, r.output
     env = {**os.environ, "CLOSEDLOOP_API_TOKEN": TOKEN}
     proc, port = _start(p, env)
@@ -194,6 +199,46 @@ def test_tags_equal_the_cli(server: Server) -> None:
             assert g[k] == w[k], (g["name"], k)
 
 
+def test_campaign_report_equals_measure_and_the_cli(server: Server) -> None:
+    from dataclasses import asdict
+    from datetime import datetime
+
+    from closedloop.core.clock import Clock
+    from closedloop.measure.campaign import measure_campaign
+    from closedloop.measure.report import campaign_rows
+
+    r = server.get("/v1/campaigns/winback/report", occasion="o1", as_of=MEASURE_AT)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    project = load_project(server.project)
+    with Engine(project.engine_url) as engine:
+        o = measure_campaign(
+            engine, project.campaigns["winback"], "o1", Clock(datetime.fromisoformat(MEASURE_AT))
+        )
+    want = json.loads(json.dumps(asdict(o)))
+    assert {k: got[k] for k in want} == want
+    assert o.treated > 0 and o.held_out > 0
+    assert got["treated_rate"] == o.treated_conversions / o.treated
+    assert got["held_out_rate"] == o.held_out_conversions / o.held_out
+    assert [tuple(x) for x in got["rows"]] == campaign_rows(o)
+    # the occasion decided last is the default
+    assert server.get("/v1/campaigns/winback/report", as_of=MEASURE_AT).json() == got
+    args = ["winback", "--occasion", "o1", "--as-of", MEASURE_AT, "-p", str(server.project)]
+    cli = runner.invoke(app, ["report", "campaign", *args])
+    assert cli.exit_code == 0, cli.output
+    printed = " ".join(cli.output.split())  # the console wraps long lines
+    for label, text in got["rows"]:
+        assert f"{label}: {' '.join(text.split())}" in printed
+
+
+def test_campaign_report_unknowns_are_404(server: Server) -> None:
+    r = server.get("/v1/campaigns/nope/report")
+    assert r.status_code == 404 and r.json()["detail"] == "no campaign 'nope'; known: winback"
+    r = server.get("/v1/campaigns/winback/report", occasion="o9")
+    assert r.status_code == 404
+    assert r.json()["detail"] == "campaign 'winback' has no occasion 'o9'; known: o1"
+
+
 def test_validate_returns_the_problems_with_file_line_key(server: Server, tmp_path: Path) -> None:
     r = server.post("/v1/validate")
     assert r.status_code == 200 and r.json() == {"ok": True, "problems": []}
@@ -234,7 +279,13 @@ def test_a_writer_holding_the_warehouse_gives_503_with_retry_after(server: Serve
     path = load_project(server.project).engine_url[len("duckdb://") :]
     con = duckdb.connect(path)  # a writer, in another process than the server
     try:
-        for route in ("/v1/tags", "/v1/segments", "/v1/profiles/someone@example.org"):
+        routes = [
+            "/v1/tags",
+            "/v1/segments",
+            "/v1/segments/champions",
+            "/v1/profiles/someone@example.org",
+        ]
+        for route in [*routes, "/v1/campaigns/winback/report"]:
             r = server.get(route)
             assert r.status_code == 503, (route, r.text)
             assert int(r.headers["retry-after"]) > 0
@@ -252,6 +303,7 @@ def test_openapi_lists_the_routes(server: Server) -> None:
         "/v1/segments/{name}",
         "/v1/tags",
         "/v1/validate",
+        "/v1/campaigns/{name}/report",
     }
     assert "post" in schema["paths"]["/v1/validate"]
 

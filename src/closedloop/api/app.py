@@ -1,7 +1,8 @@
-"""The read-only HTTP API: profiles, segments, tags and validation as typed JSON.
+"""The read-only HTTP API: profiles, segments, tags, campaign reports and validation.
 
 A composition layer like ``cli``: every route calls the same functions as the command it
-mirrors (``closedloop profile``, ``segment size|preview``, ``tags list``, ``validate``), so
+mirrors (``closedloop profile``, ``segment size|preview``, ``tags list``, ``report
+campaign``, ``validate``), so
 the API and the CLI can never disagree. The warehouse is opened read-only per request
 (``api.warehouse``): while a writer holds it the answer is 503 with Retry-After, never 500.
 Profiles are personal data, so every route wants the bearer token ``create_api`` is given
@@ -72,6 +73,49 @@ class TagOut(BaseModel):
     last_used_at: str | None
 
 
+class LiftOut(BaseModel):
+    """Conversion-rate lift of treatment over control: absolute (Newcombe's 95% interval)
+    and relative, with the two-sided p-value."""
+
+    treated_n: int
+    treated_x: int
+    control_n: int
+    control_x: int
+    absolute: float
+    absolute_low: float
+    absolute_high: float
+    relative: float | None
+    relative_low: float | None
+    relative_high: float | None
+    p_value: float
+
+
+class CampaignReport(BaseModel):
+    """One occasion of a campaign, as ``closedloop report campaign`` measures it: treatment
+    and holdout (intent-to-treat), reach, conversions, revenue, rates, lift and the SRM check."""
+
+    campaign: str
+    occasion: str
+    estimand: str
+    treated: int
+    held_out: int
+    reached: int | None
+    treated_stopped: int
+    held_out_stopped: int
+    treated_conversions: int
+    held_out_conversions: int
+    treated_rate: float | None
+    held_out_rate: float | None
+    treated_revenue: float
+    held_out_revenue: float
+    lift: LiftOut
+    sample_ratio_p: float
+    as_sent: LiftOut | None
+    held_out_capped: int
+    as_sent_symmetric: LiftOut | None
+    rows: list[tuple[str, str]]  # the report's rows, as the CLI prints them
+
+
 class ProblemOut(BaseModel):
     file: str
     line: int | None
@@ -135,6 +179,31 @@ def segment_sample(
     return rows
 
 
+def occasions(engine: Engine, campaign: str) -> list[str]:
+    """The occasions a campaign was decided for, the latest decided first."""
+    d = engine.table("deliveries")
+    d = d.filter(d.campaign == campaign)
+    rows = d.group_by("occasion").aggregate(at=d.decided_at.max()).to_pyarrow().to_pylist()
+    return [str(r["occasion"]) for r in sorted(rows, key=lambda r: r["at"], reverse=True)]
+
+
+def campaign_report(
+    engine: Engine, project: Project, name: str, occasion: str, as_of: datetime | None = None
+) -> CampaignReport:
+    """``measure_campaign`` (what ``closedloop report campaign`` prints) as one document."""
+    from dataclasses import asdict
+
+    from closedloop.measure.campaign import measure_campaign
+    from closedloop.measure.report import campaign_rows
+
+    o = measure_campaign(engine, project.campaigns[name], occasion, Clock(as_of))
+    doc = asdict(o)
+    doc["treated_rate"] = o.treated_conversions / o.treated if o.treated else None
+    doc["held_out_rate"] = o.held_out_conversions / o.held_out if o.held_out else None
+    doc["rows"] = campaign_rows(o)
+    return CampaignReport.model_validate(doc)
+
+
 def validate_project(root: Path | str) -> list[Problem]:
     """Every problem of the project on disk, as ``closedloop validate`` finds them."""
     from closedloop.activate.journeys import check_journeys
@@ -175,7 +244,7 @@ def create_api(project: Project, token: str | None = None) -> FastAPI:
     app = FastAPI(
         title="closedloop API",
         version="1",
-        description="Read-only: profiles, segments, tags and validation of one project.",
+        description="Read-only: profiles, segments, tags, campaign reports and validation of one project.",
         dependencies=[Depends(auth)],
         responses=errors,
     )
@@ -249,6 +318,36 @@ def create_api(project: Project, token: str | None = None) -> FastAPI:
         except ClosedloopError as e:
             raise HTTPException(400, str(e)) from None
         return [as_cli_json(i.as_json()) for i in infos]
+
+    @app.get("/v1/campaigns/{name}/report", response_model=CampaignReport, tags=["campaigns"])
+    def get_campaign_report(
+        name: str,
+        occasion: Annotated[
+            str | None, Query(description="default: the occasion decided last")
+        ] = None,
+        as_of: datetime | None = None,
+    ) -> CampaignReport:
+        """Treatment and holdout of one occasion: reach, conversions, rates, lift with its 95%
+        interval and p-value, and the sample-ratio check."""
+        if name not in project.campaigns:
+            known = ", ".join(sorted(project.campaigns)) or "none"
+            raise HTTPException(404, f"no campaign {name!r}; known: {known}")
+        with read_only(project.engine_url) as engine:
+            known_occasions = occasions(engine, name)
+            if not known_occasions:
+                raise HTTPException(404, f"campaign {name!r} has not run yet: nothing to measure")
+            if occasion is None:
+                occasion = known_occasions[0]
+            elif occasion not in known_occasions:
+                raise HTTPException(
+                    404,
+                    f"campaign {name!r} has no occasion {occasion!r}; "
+                    f"known: {', '.join(known_occasions)}",
+                )
+            try:
+                return campaign_report(engine, project, name, occasion, as_of)
+            except (ClosedloopError, ValueError) as e:
+                raise HTTPException(400, f"cannot measure {name} / {occasion}: {e}") from None
 
     @app.post("/v1/validate", response_model=ValidationOut, tags=["project"])
     def validate() -> ValidationOut:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import duckdb
+import ibis.expr.types as ir
+import pyarrow as pa
 
 from closedloop.core.catalogue import TableSpec
 from closedloop.core.engine import Engine
@@ -31,6 +33,19 @@ class ReadOnlyEngine(Engine):
     def ensure(self, spec: TableSpec) -> None:
         if not self.exists(spec.name):
             self.con.create_table(spec.name, schema=spec.schema, temp=True)
+
+    def replace(self, name: str, data: ir.Table | pa.Table) -> None:
+        """Kept in a temporary table of this connection, which hides the file's table.
+
+        Readers record nothing: ``measure_campaign`` keeps its result in
+        ``campaign_results`` as it measures, and through the API that record lives only as
+        long as the request (``closedloop report campaign`` is the one that keeps it).
+        """
+        if isinstance(data, pa.Table):
+            with self.temporary(data) as t:
+                self.con.create_table(name, self.conform(name, t), temp=True, overwrite=True)
+        else:
+            self.con.create_table(name, self.conform(name, data), temp=True, overwrite=True)
 
 
 class WarehouseBusy(Exception):
