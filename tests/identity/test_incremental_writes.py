@@ -11,6 +11,8 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from closedloop.core.clock import Clock
 from closedloop.core.engine import Engine
 from closedloop.core.ids import customer_id_for
@@ -89,6 +91,7 @@ def test_a_split_off_part_whose_anchor_names_a_taken_id_gets_a_fresh_one() -> No
     assert owners[0] == owners[1]
 
 
+@pytest.mark.slow
 def test_events_without_profile_records_reuse_the_scores_and_equal_a_full_run(
     tmp_path: Path,
 ) -> None:
