@@ -48,17 +48,23 @@ def test_a_crash_half_way_keeps_the_previous_resolution(engine: Engine) -> None:
     resolve(engine, CONFIG)
     before = engine.table("identity_map").to_pandas().sort_values("id_value")
     add_events(engine, [{"message_id": "c", "user_id": "M1", "anonymous_id": "ck"}])
-    real = engine.replace
+    real, real_delete = engine.replace, engine.delete_keys
 
-    def crash(name: str, data: object) -> None:
+    def crash(name: str, data: object) -> None:  # a full run replaces the map...
         if name == "identity_map":
             raise RuntimeError("power cut")
         real(name, data)  # type: ignore[arg-type]
 
+    def crash_after_delete(name: str, keys: object) -> None:  # ...an incremental one edits it
+        real_delete(name, keys)  # type: ignore[arg-type]
+        if name == "identity_map":
+            raise RuntimeError("power cut")  # the region's old rows are gone, no new ones yet
+
     engine.replace = crash  # type: ignore[method-assign]
+    engine.delete_keys = crash_after_delete  # type: ignore[method-assign]
     with pytest.raises(RuntimeError):
         resolve(engine, CONFIG)
-    engine.replace = real  # type: ignore[method-assign]
+    engine.replace, engine.delete_keys = real, real_delete  # type: ignore[method-assign]
     # The map is the previous, consistent one...
     after = engine.table("identity_map").to_pandas().sort_values("id_value")
     assert after["customer_id"].tolist() == before["customer_id"].tolist()
