@@ -16,13 +16,12 @@ def test_sources_lists_whole_write_keys(tmp_path: Path) -> None:
     project = tmp_path / "brand"
     assert runner.invoke(app, ["init", str(project)]).exit_code == 0
     sources = load_project(project).config.sources
-    width = console.width
-    console.width = 70  # a narrow terminal: other columns give way, the keys do not
-    try:
-        table = runner.invoke(app, ["sources", "-p", str(project)])
-    finally:
-        console.width = width
+    # A narrow terminal: other columns give way, the keys do not. (Through COLUMNS, read at
+    # each print: setting console.width would freeze the width for every later test.)
+    table = runner.invoke(app, ["sources", "-p", str(project)], env={"COLUMNS": "70"})
+    assert console.size.width == 80  # the width came from the environment, and went with it
     assert table.exit_code == 0, table.output
+    assert max(len(line) for line in table.output.splitlines()) <= 70
     for s in sources:
         assert s.write_key in table.output  # names may wrap in a narrow table; keys never
     listed = runner.invoke(app, ["sources", "-p", str(project), "--json"])
