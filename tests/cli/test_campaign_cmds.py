@@ -190,3 +190,19 @@ def test_dry_run_shows_who_lost_arbitration_and_to_whom(built: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "lost arbitration to thanks: by priority 5 over 0" in r.output  # and why
     assert "0 would be messaged" in r.output  # every lapsed buyer goes to the higher priority
+
+
+def test_run_refuses_a_journey_and_sends_nothing(built: Path) -> None:
+    """A triggered campaign is entered per person by the worker, never sent to all at once."""
+    (built / "campaigns" / "cart.yaml").write_text(
+        "name: cart\naudience: lapsed_buyers\ntrigger: {event: Product Added}\n"
+        "template: 'Your cart, {{ name }}'\n"
+    )
+    outbox = built / load_project(built).config.outbox
+    before = sorted(outbox.rglob("*")) if outbox.exists() else []
+    args = ["cart", "-p", str(built), "--as-of", AS_OF]
+    r = runner.invoke(app, ["campaign", "run", *args], env={"COLUMNS": "300"})
+    assert r.exit_code != 0 and "is a journey (it has a trigger)" in r.output, r.output
+    assert (sorted(outbox.rglob("*")) if outbox.exists() else []) == before
+    dry = runner.invoke(app, ["campaign", "dry-run", *args])
+    assert dry.exit_code == 0, dry.output  # its audience can still be looked at

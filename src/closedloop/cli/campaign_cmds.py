@@ -48,6 +48,16 @@ def _decide(
 
     p = project_or_exit(project_dir)
     c = _campaign(p, name)
+    if c.trigger is not None and not dry:
+        # A journey enters people when its trigger fires for them; a one-shot run would
+        # message its whole audience at once, whoever's trigger never fired.
+        raise fail(
+            ClosedloopError(
+                f"campaign {name!r} is a journey (it has a trigger): `closedloop serve` or "
+                "`closedloop worker` enters people when the trigger fires for them; "
+                "`closedloop campaign dry-run` shows its audience without sending"
+            )
+        )
     clock = Clock(as_of)
     key = occasion or clock.now().date().isoformat()
     with Engine(p.engine_url) as engine:
