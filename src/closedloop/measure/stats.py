@@ -5,7 +5,10 @@
   Wald interval does not.
 * p-value: two-sided pooled two-proportion z-test.
 * Relative lift CI: log risk ratio with the Katz standard error.
-* Sample-ratio mismatch: chi-square test of the observed split against the designed one.
+* Sample-ratio mismatch: chi-square test of the observed split against the designed one,
+  over two arms (treatment, holdout) or any number (holdout and each A/B/n variant).
+* Multiple comparisons: Holm–Bonferroni step-down adjusted p-values (controls the
+  family-wise error rate, uniformly more powerful than plain Bonferroni).
 """
 
 from __future__ import annotations
@@ -90,6 +93,50 @@ def sample_ratio_p(treated_n: int, control_n: int, holdout_share: float) -> floa
         return 1.0
     expected = [total * (1 - holdout_share), total * holdout_share]
     return float(stats.chisquare([treated_n, control_n], expected).pvalue)
+
+
+SRM_ALPHA = 0.001  # the usual sample-ratio-mismatch threshold: a broken split, not bad luck
+
+
+def sample_ratio_arms_p(observed: list[int], shares: list[float]) -> float:
+    """p-value that ``observed`` counts (one per arm) came from the designed ``shares``.
+
+    A chi-square goodness-of-fit test with ``len(observed) - 1`` degrees of freedom; the
+    shares are normalised, so weights in any unit do. Arms designed to get nobody must get
+    nobody: one who got people anyway is a certain mismatch (p = 0).
+    """
+    if len(observed) != len(shares) or len(observed) < 2:
+        raise ValueError("one share per arm, and at least two arms")
+    if any(s < 0 for s in shares) or sum(shares) <= 0:
+        raise ValueError("shares must be non-negative with a positive sum")
+    total = sum(observed)
+    if total == 0:
+        return 1.0
+    weight = sum(shares)
+    if any(s == 0 and o > 0 for o, s in zip(observed, shares, strict=True)):
+        return 0.0
+    pairs = [(o, total * s / weight) for o, s in zip(observed, shares, strict=True) if s > 0]
+    if len(pairs) < 2:
+        return 1.0
+    obs, exp = [o for o, _ in pairs], [e for _, e in pairs]
+    return float(stats.chisquare(obs, exp).pvalue)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in the order given.
+
+    Sorted ascending, the i-th smallest (from 0) is multiplied by ``m - i``, made monotone
+    non-decreasing and capped at 1; a hypothesis is rejected at level α when its adjusted
+    p-value is below α, which keeps the family-wise error rate at α.
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 @dataclass(frozen=True)
