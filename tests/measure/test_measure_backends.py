@@ -89,3 +89,120 @@ def test_measures_on_postgres_equal_duckdb(postgres_url: str) -> None:  # noqa: 
     pd.testing.assert_frame_equal(duck["cohorts"], pg["cohorts"], check_dtype=False)
     assert duck["programme"] == pg["programme"]
     assert duck["revenue"] == pytest.approx(pg["revenue"])
+
+
+def variant_campaign_tables(url: str, seed: int = 5) -> dict[str, Any]:
+    """A two-variant campaign's delivery log, variants, goal events and a merge, written to
+    ``url``; returns the per-arm rows of ``arms_expr`` and ``measure_variants``' verdict."""
+    from closedloop.activate.tables import DELIVERIES
+    from closedloop.core.definitions import CampaignDef
+    from closedloop.measure.variants import arms_expr, measure_variants
+
+    campaign = CampaignDef.model_validate(
+        {
+            "name": "ab",
+            "audience": "everyone",
+            "holdout": 0.2,
+            "variants": [
+                {"name": "a", "weight": 0.5, "template": "A"},
+                {"name": "b", "weight": 0.5, "template": "B"},
+            ],
+            "goal": {"event": "Order Completed", "window_days": 7},
+        }
+    )
+    rng = np.random.default_rng(seed)
+    n, at = 900, START
+    group = np.where(rng.random(n) < 0.2, "holdout", "treatment")
+    variant = np.where(rng.random(n) < 0.5, "a", "b")
+    status = np.where(
+        group == "holdout", "held_out", np.where(rng.random(n) < 0.1, "suppressed", "sent")
+    )
+    ids = [f"c{i:04d}" for i in range(n)]
+    deliveries = {c: [None] * n for c in DELIVERIES.columns}
+    deliveries.update(
+        delivery_id=[f"d{i}" for i in range(n)],
+        campaign=["ab"] * n,
+        occasion=["o1"] * n,
+        customer_id=ids,
+        group=group.tolist(),
+        status=status.tolist(),
+        channel=["email"] * n,
+        decided_at=[at] * n,
+    )
+    treated = [i for i in range(n) if group[i] == "treatment"]
+    msgs: list[dict[str, Any]] = []
+    for i in range(n):
+        p = 0.1 + (0.08 if group[i] == "treatment" and variant[i] == "b" else 0.0)
+        for k in range(2 if rng.random() < 0.2 else 1):  # some convert twice: counted once
+            if rng.random() < p:
+                days = float(rng.uniform(0, 9))  # some after the 7-day window
+                msgs.append(
+                    {
+                        "message_id": f"g{i}_{k}",
+                        "user_id": ids[i] if i % 50 else f"s{i}",  # every 50th since merged
+                        "event": "Order Completed",
+                        "timestamp": at + timedelta(days=days),
+                        "revenue": float(rng.integers(10, 300)),
+                    }
+                )
+    aliases = pa.table(
+        {
+            "alias_id": [ids[i] for i in range(0, n, 50)],
+            "customer_id": [f"s{i}" for i in range(0, n, 50)],
+            "merged_at": pa.array([at] * len(range(0, n, 50)), pa.timestamp("us", tz="UTC")),
+        }
+    )
+    with Engine(url) as engine:
+        for t in ("events", "event_customers", "deliveries", "delivery_variants"):
+            if engine.exists(t):
+                engine.drop(t)
+        schema = ibis.schema(EVENTS.columns).to_pyarrow()
+        engine.append("events", event_rows(msgs).select(schema.names).cast(schema))
+        engine.append(
+            "event_customers",
+            pa.table(
+                {
+                    "message_id": [m["message_id"] for m in msgs],
+                    "customer_id": [m["user_id"] for m in msgs],
+                }
+            ),
+        )
+        engine.append("deliveries", pa.table(deliveries).cast(DELIVERIES.schema.to_pyarrow()))
+        engine.append(
+            "delivery_variants",
+            pa.table(
+                {
+                    "delivery_id": [f"d{i}" for i in treated],
+                    "campaign": ["ab"] * len(treated),
+                    "occasion": ["o1"] * len(treated),
+                    "customer_id": [ids[i] for i in treated],
+                    "variant": [str(variant[i]) for i in treated],
+                    "salt": ["ab"] * len(treated),
+                }
+            ),
+        )
+        engine.replace("customer_aliases", aliases)
+        arms = arms_expr(engine, campaign, "o1").to_pandas()
+        o = measure_variants(engine, campaign, "o1")
+    return {
+        "arms": arms.sort_values(["group", "variant"]).reset_index(drop=True),
+        "counts": [
+            (a.name, a.assigned, a.reached, a.stopped, a.conversions)
+            for a in [o.holdout, *(r.arm for r in o.variants)]
+        ],
+        "srm": o.sample_ratio.p_value,
+        "winner": o.winner.line(),
+    }
+
+
+@pytest.mark.postgres
+def test_variant_measurement_on_postgres_equals_duckdb(postgres_url: str) -> None:  # noqa: F811
+    import pandas as pd
+
+    duck, pg = variant_campaign_tables("duckdb://"), variant_campaign_tables(postgres_url)
+    assert [c[0] for c in duck["counts"]] == ["holdout", "a", "b"]
+    assert sum(c[1] for c in duck["counts"]) == 900 and duck["counts"][1][4] > 0
+    pd.testing.assert_frame_equal(duck["arms"], pg["arms"], check_dtype=False)
+    assert duck["counts"] == pg["counts"]
+    assert duck["srm"] == pytest.approx(pg["srm"])
+    assert duck["winner"] == pg["winner"]
