@@ -21,6 +21,14 @@ Run as ``python bench/identity.py [--persons N] [--edges E] [--small S]``. Figur
   writes the labels back; the portable Ibis label propagation is timed on the same graph
   (``--no-portable`` skips it).
 
+With ``--accuracy-only``: only the accuracy figures, from one full resolve, at S and N
+persons (e.g. ``--accuracy-only --persons 1000000``), on brands generated with only the
+messages that show identity evidence not shown before (``generate(..., identity_only=True)``:
+same persons, identifiers, noise and traps, a quarter of the messages); at S the full brand
+is resolved too and ``identity_only_same_map`` says whether both gave the same identity map.
+CPU seconds beside every wall time, the load average, and the peak RSS. ``BENCH_TMP`` puts
+the scratch folders elsewhere (a 1M run takes about 10 GB).
+
 With ``--only-incremental``: only the incremental figures, at S and N persons (no accuracy,
 matching or components), e.g. ``--only-incremental --small 10000 --persons 100000``.
 
@@ -37,6 +45,8 @@ import argparse
 import json
 import os
 import platform
+import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +55,7 @@ from typing import Any
 import ibis
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -153,6 +164,72 @@ def accuracy(
         fig["crm_rows"] = crm
         fig.update(time_matching(engine, project))
     return fig
+
+
+def _cpu() -> float:
+    """CPU seconds of this process, every thread (DuckDB's too)."""
+    return time.process_time()
+
+
+def accuracy_only(persons: int, root: Path, *, identity_only: bool = True) -> dict[str, Any]:
+    """Generate, load, resolve once (full), score: the accuracy figures alone.
+
+    ``identity_only`` generates only the messages that show identity evidence not shown
+    before (``generate(..., identity_only=True)``): the same persons, identifiers, noise and
+    traps, about a quarter of the messages; ``main`` checks at the small size that it
+    resolves to the very same identity map as the full brand. The map is left in
+    ``root/identity_map.parquet`` for that check.
+    """
+    fig: dict[str, Any] = {"persons": persons, "identity_only": identity_only}
+    t, c = time.perf_counter(), _cpu()
+    summary = generate(root / "brand", persons, identity_only=identity_only)
+    fig["generate_s"], fig["generate_cpu_s"] = _since(t, c)
+    fig["messages"] = summary.messages
+    init_project(root / "p", data_dir=relative_data_dir(root / "p", root / "brand" / "data"))
+    project = load_project(root / "p")
+    with Engine(project.engine_url) as engine:
+        t, c = time.perf_counter(), _cpu()
+        load_imports(engine, project)
+        fig["load_s"], fig["load_cpu_s"] = _since(t, c)
+        fig["events"] = engine.count("events")
+        t, c = time.perf_counter(), _cpu()
+        r = resolve(engine, project.identity, Clock(summary.reference_time), incremental=False)
+        fig["resolve_s"], fig["resolve_cpu_s"] = _since(t, c)
+        fig["load_average_after_resolve"] = [round(x, 1) for x in os.getloadavg()]
+        fig["identifiers"] = r.identifiers
+        fig["customers"] = r.customers
+        fig["probabilistic_links"] = r.probabilistic
+        imap = engine.table("identity_map").select(
+            "id_type", "id_value", "customer_id", "quarantined", "first_seen"
+        )
+        pq.write_table(imap.to_pyarrow(), root / "identity_map.parquet")
+        t, c = time.perf_counter(), _cpu()
+        acc = identity_accuracy(engine, root / "brand" / "truth")
+        fig["score_s"], fig["score_cpu_s"] = _since(t, c)
+        fig.update(
+            precision=round(acc.precision, 5),
+            recall=round(acc.recall, 5),
+            f1=round(acc.f1, 5),
+            linkable_recall=round(acc.linkable_recall, 5),
+            exact_persons=round(acc.exact_persons, 5),
+        )
+        m = matching_accuracy(engine, root / "brand" / "truth")
+        fig.update({f"matching_{k}": round(v, 5) for k, v in m.items()})
+        fig["crm_rows"] = summary.crm_rows
+        fig.update(time_matching(engine, project))
+    fig["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return fig
+
+
+def same_map(a: Path, b: Path) -> bool:
+    """Whether two runs left the same identity map (same rows, in key order)."""
+    ta = pq.read_table(a).sort_by([("id_type", "ascending"), ("id_value", "ascending")])
+    tb = pq.read_table(b).sort_by([("id_type", "ascending"), ("id_value", "ascending")])
+    return ta.equals(tb)
+
+
+def _since(t: float, c: float) -> tuple[float, float]:
+    return round(time.perf_counter() - t, 2), round(_cpu() - c, 2)
 
 
 def time_matching(engine: Engine, project: Project) -> dict[str, Any]:
@@ -302,6 +379,12 @@ def main() -> None:
     ap.add_argument(
         "--spark", type=int, default=0, help="only compare DuckDB and Spark on this many persons"
     )
+    ap.add_argument(
+        "--accuracy-only",
+        action="store_true",
+        help="only accuracy (one full resolve) at --small and --persons, on brands of identity"
+        " evidence only; at --small the full brand too, and whether both give one identity map",
+    )
     args = ap.parse_args()
     fig: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
@@ -310,6 +393,26 @@ def main() -> None:
     if args.spark:
         with tempfile.TemporaryDirectory() as tmp:
             fig["spark"] = spark_vs_duckdb(args.spark, Path(tmp))
+        print(json.dumps(fig))
+        return
+    if args.accuracy_only:
+        scratch = os.environ.get("BENCH_TMP")  # e.g. /tmp/closedloop-bench: room for 1M
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            small_full = accuracy_only(args.small, Path(tmp) / "full", identity_only=False)
+            fig[f"accuracy_{args.small}_full_brand"] = small_full
+            print(json.dumps(small_full), flush=True)
+            for persons in sorted({args.small, args.persons}):
+                key = f"accuracy_{persons}"
+                fig[key] = accuracy_only(persons, Path(tmp) / str(persons))
+                print(json.dumps(fig[key]), flush=True)
+                if persons == args.small:
+                    fig["identity_only_same_map"] = same_map(
+                        Path(tmp) / "full" / "identity_map.parquet",
+                        Path(tmp) / str(persons) / "identity_map.parquet",
+                    )
+                    print(json.dumps({"identity_only_same_map": fig["identity_only_same_map"]}))
+                    shutil.rmtree(Path(tmp) / "full", ignore_errors=True)
+                shutil.rmtree(Path(tmp) / str(persons), ignore_errors=True)
         print(json.dumps(fig))
         return
     if not args.only_incremental:
