@@ -332,7 +332,7 @@ def test_sample_ratio_p_is_a_probability(counts: list[int], data: st.DataObject)
     p = sample_ratio_arms_p(counts, shares)
     assert 0.0 <= p <= 1.0
     # The counts the design expects exactly are never a mismatch.
-    total = 1000 * len(counts)
+    total = 1_000_000
     exact = [round(total * s / sum(shares)) for s in shares]
     assert sample_ratio_arms_p(exact, shares) > 0.9  # rounded to whole people
 

@@ -90,9 +90,74 @@ class LiftOut(BaseModel):
     p_value: float
 
 
+class MeanDifferenceOut(BaseModel):
+    """Revenue per person of a variant minus the holdout's, with Welch's 95% interval."""
+
+    treated_mean: float
+    control_mean: float
+    difference: float
+    low: float
+    high: float
+    p_value: float
+
+
+class ArmOut(BaseModel):
+    """One arm (the holdout, or a variant), intent-to-treat: everyone assigned to it."""
+
+    name: str
+    assigned: int
+    reached: int  # messaged
+    stopped: int  # stopped by a timing rule of the contact policy (or would have been)
+    conversions: int
+    rate: float
+    revenue: float
+    revenue_per_person: float
+
+
+class VariantOut(ArmOut):
+    """A variant's counts and its effect over the holdout."""
+
+    lift: LiftOut | None  # conversion rate vs the holdout
+    revenue_difference: MeanDifferenceOut | None  # revenue per person vs the holdout
+
+
+class SampleRatioOut(BaseModel):
+    """Chi-square check of the split across all arms (holdout first) against the design;
+    ``flagged`` when p < 0.001."""
+
+    arms: list[str]
+    observed: list[int]
+    expected_shares: list[float]
+    p_value: float | None
+    flagged: bool
+    line: str
+
+
+class ComparisonOut(BaseModel):
+    better: str
+    worse: str
+    lift: LiftOut
+    p_adjusted: float  # Holm-Bonferroni over all pairs of variants
+    significant: bool
+    text: str
+
+
+class WinnerOut(BaseModel):
+    """The A/B verdict: ``name`` only when the best variant significantly beats every other
+    (Holm-adjusted) and the holdout; else null, and ``reason`` says which comparison failed."""
+
+    name: str | None
+    reason: str
+    line: str
+    method: str
+    comparisons: list[ComparisonOut]
+    vs_holdout: LiftOut | None
+
+
 class CampaignReport(BaseModel):
     """One occasion of a campaign, as ``closedloop report campaign`` measures it: treatment
-    and holdout (intent-to-treat), reach, conversions, revenue, rates, lift and the SRM check."""
+    and holdout (intent-to-treat), reach, conversions, revenue, rates, lift and the SRM check;
+    per variant and holdout, the sample-ratio check across arms and the A/B verdict."""
 
     campaign: str
     occasion: str
@@ -114,6 +179,13 @@ class CampaignReport(BaseModel):
     held_out_capped: int
     as_sent_symmetric: LiftOut | None
     rows: list[tuple[str, str]]  # the report's rows, as the CLI prints them
+    has_variants: bool  # False: ``variants`` is the one treatment arm
+    holdout: ArmOut
+    variants: list[VariantOut]
+    sample_ratio: SampleRatioOut
+    winner: WinnerOut
+    variant_header: list[str]  # the per-variant table, as the CLI prints it
+    variant_rows: list[list[str]]
 
 
 class ProblemOut(BaseModel):
@@ -195,12 +267,47 @@ def campaign_report(
 
     from closedloop.measure.campaign import measure_campaign
     from closedloop.measure.report import campaign_rows
+    from closedloop.measure.variants import Arm, measure_variants, variant_table
 
-    o = measure_campaign(engine, project.campaigns[name], occasion, Clock(as_of))
+    campaign = project.campaigns[name]
+    o = measure_campaign(engine, campaign, occasion, Clock(as_of))
+    v = measure_variants(engine, campaign, occasion)
     doc = asdict(o)
     doc["treated_rate"] = o.treated_conversions / o.treated if o.treated else None
     doc["held_out_rate"] = o.held_out_conversions / o.held_out if o.held_out else None
     doc["rows"] = campaign_rows(o)
+
+    def arm(a: Arm) -> dict[str, Any]:
+        out = asdict(a)
+        del out["revenue_sumsq"]
+        return out | {"rate": a.rate, "revenue_per_person": a.revenue_per_person}
+
+    srm = v.sample_ratio
+    w = v.winner
+    header, rows = variant_table(v)
+    doc |= {
+        "has_variants": v.has_variants,
+        "holdout": arm(v.holdout),
+        "variants": [
+            arm(r.arm)
+            | {
+                "lift": None if r.lift is None else asdict(r.lift),
+                "revenue_difference": None if r.revenue is None else asdict(r.revenue),
+            }
+            for r in v.variants
+        ],
+        "sample_ratio": asdict(srm) | {"flagged": srm.flagged, "line": srm.line()},
+        "winner": {
+            "name": w.name,
+            "reason": w.reason,
+            "line": w.line(),
+            "method": w.method,
+            "comparisons": [asdict(c) | {"text": c.text()} for c in w.comparisons],
+            "vs_holdout": None if w.vs_holdout is None else asdict(w.vs_holdout),
+        },
+        "variant_header": header,
+        "variant_rows": rows,
+    }
     return CampaignReport.model_validate(doc)
 
 
@@ -328,7 +435,8 @@ def create_api(project: Project, token: str | None = None) -> FastAPI:
         as_of: datetime | None = None,
     ) -> CampaignReport:
         """Treatment and holdout of one occasion: reach, conversions, rates, lift with its 95%
-        interval and p-value, and the sample-ratio check."""
+        interval and p-value, and the sample-ratio check; per variant and holdout the same,
+        the split checked across all arms, and the A/B winner only when significant."""
         if name not in project.campaigns:
             known = ", ".join(sorted(project.campaigns)) or "none"
             raise HTTPException(404, f"no campaign {name!r}; known: {known}")

@@ -334,29 +334,52 @@ def report_campaign(
     ] = None,
     as_of: AsOf = None,
 ) -> None:
-    """Intent-to-treat conversions and lift with 95% CIs and the sample-ratio check, as HTML and PNG."""
+    """Intent-to-treat conversions and lift with 95% CIs, per variant and holdout, the
+    sample-ratio check across arms and the A/B winner (only when significant), as HTML and PNG."""
     from closedloop.core.clock import Clock
     from closedloop.core.engine import Engine
     from closedloop.measure.campaign import measure_campaign
-    from closedloop.measure.report import Section, campaign_rows, lift_chart, write_report
+    from closedloop.measure.report import (
+        Section,
+        campaign_rows,
+        lift_chart,
+        variant_notes,
+        variant_section,
+        write_report,
+    )
+    from closedloop.measure.variants import measure_variants, variant_table
 
     p = project_or_exit(project)
     c = _campaign(p, name)
     with Engine(p.engine_url) as engine:
         try:
             o = measure_campaign(engine, c, occasion, Clock(as_of))
+            v = measure_variants(engine, c, occasion)
         except (ClosedloopError, ValueError) as e:
             raise fail(ClosedloopError(f"cannot measure {name} / {occasion}: {e}")) from None
     rows = campaign_rows(o)
+    sections = [Section("Outcome", rows=rows, charts=[lift_chart(o)])]
+    if v.has_variants:
+        sections.append(variant_section(v))
     folder = out or p.path(p.config.reports) / f"{name}-{occasion}"
     path = write_report(
         folder,
         f"Campaign {name}",
         f"occasion {occasion}, goal {c.goal.event} within {c.goal.window_days} days",
-        [Section("Outcome", rows=rows, charts=[lift_chart(o)])],
+        sections,
     )
-    for k, v in rows:
-        console.print(f"{k:>30}: {v}")
+    for k, text in rows:
+        console.print(f"{k:>30}: {text}", markup=False, highlight=False)
+    if v.has_variants:
+        header, table_rows = variant_table(v)
+        table = Table(*header, box=box.SIMPLE_HEAD, title="per variant (intent-to-treat)")
+        for r in table_rows:
+            table.add_row(*r)
+        console.print(table)
+        for line in variant_notes(v):
+            console.print(line, markup=False, highlight=False)
+    elif v.sample_ratio.flagged:
+        console.print(v.sample_ratio.line(), markup=False, highlight=False)
     console.print(f"report: {path}")
 
 

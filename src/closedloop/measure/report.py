@@ -25,6 +25,7 @@ from closedloop.measure.cohorts import Cohort
 from closedloop.measure.funnels import Funnel
 from closedloop.measure.programme import ProgrammeOutcome
 from closedloop.measure.stats import Lift, wilson
+from closedloop.measure.variants import METHOD, VariantsOutcome, variant_table
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -311,3 +312,69 @@ def programme_rows(p: ProgrammeOutcome) -> list[tuple[str, str]]:
             "—" if p.sample_ratio_p is None else f"{p.sample_ratio_p:.3f}",
         ),
     ]
+
+
+def variant_chart(o: VariantsOutcome) -> Chart:
+    """Conversion rate per arm (95% Wilson intervals), and each variant's lift over the
+    holdout (95% Newcombe intervals); the winner, if any, in its own colour."""
+    arms = [o.holdout, *(r.arm for r in o.variants)]
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(9, 0.9 + 0.5 * len(arms)), gridspec_kw={"width_ratios": [1.4, 1.4]}
+    )
+    names = [a.name for a in arms]
+    rates = [a.rate * 100 for a in arms]
+    errs: list[list[float]] = [[], []]
+    for a in arms:
+        lo, hi = wilson(a.conversions, a.assigned)
+        errs[0].append(max(0.0, a.rate - lo) * 100)
+        errs[1].append(max(0.0, hi - a.rate) * 100)
+
+    def colour(name: str) -> str:
+        if name == "holdout":
+            return "#aaaaaa"
+        return "#5cb85c" if name == o.winner.name else "#2b7bba"
+
+    ys = list(range(len(arms)))[::-1]
+    left.barh(ys, rates, xerr=errs, capsize=5, color=[colour(n) for n in names])
+    left.set_yticks(ys, names)
+    left.set_xlabel("conversion rate (%)")
+    left.set_title("Conversions per arm, 95% CI")
+    for y, r in zip(ys[1:], o.variants, strict=True):
+        lf = r.lift
+        if lf is None:
+            continue
+        right.errorbar(
+            [lf.absolute * 100],
+            [y],
+            xerr=[
+                [max(0.0, lf.absolute - lf.absolute_low) * 100],
+                [max(0.0, lf.absolute_high - lf.absolute) * 100],
+            ],
+            fmt="o",
+            capsize=5,
+            color=colour(r.arm.name),
+        )
+    right.axvline(0, color="#999", linewidth=0.8)
+    right.set_yticks(ys[1:], names[1:])
+    right.set_ylim(-0.5, len(arms) - 0.5)
+    right.set_xlabel("lift over holdout (percentage points)")
+    right.set_title(o.winner.line() if o.winner.name else "no winner yet", fontsize=9)
+    fig.tight_layout()
+    return Chart(f"variants_{o.campaign}", f"Variants of {o.campaign}", _png(fig))
+
+
+def variant_notes(o: VariantsOutcome) -> list[str]:
+    """The verdict, the split check and the method, one sentence each."""
+    return [o.winner.line(), o.sample_ratio.line(), f"method: {METHOD}"]
+
+
+def variant_section(o: VariantsOutcome) -> Section:
+    """Per variant and holdout: the table, the chart, the verdict and the split check."""
+    header, rows = variant_table(o)
+    return Section(
+        "Variants (intent-to-treat, each against the holdout)",
+        header=header,
+        table=rows,
+        charts=[variant_chart(o)],
+        note=" · ".join(variant_notes(o)),
+    )
