@@ -12,7 +12,13 @@ Run as ``python bench/activate.py [--audience N] [--campaigns K]``:
 * false-positive rate — K simulated A/A campaigns (no true effect; 10,000 people, 20% held
   out, 5% base rate): the share declared significant at 5% must be 5% within its sampling
   error, and the 95% interval must cover 0 about 95% of the time;
-* power — the same with a true +2-point effect.
+* power — the same with a true +2-point effect;
+* A/B winner — K simulated A/A and A/A/A campaigns (same sizes, the treatment split evenly
+  between the variants): how often ``measure.variants.choose_winner`` names a winner when
+  every variant is the same (target: at most 5% within its sampling error), beside a naive
+  rule measured in the same run (each variant tested against the holdout alone at unadjusted
+  p < 0.05, the best significant one named, variants never compared with each other); and
+  its power to name the right variant when one has +2 points.
 
 The last line printed is one JSON object with every figure.
 """
@@ -39,6 +45,7 @@ from closedloop.core.clock import Clock
 from closedloop.core.definitions import CampaignDef, ContactPolicy
 from closedloop.core.engine import Engine
 from closedloop.measure.stats import lift
+from closedloop.measure.variants import choose_winner
 from closedloop.portrait.tables import PROFILES
 
 NOW = datetime(2026, 11, 20, tzinfo=UTC)
@@ -185,6 +192,35 @@ def simulate(k: int, effect: float, rng: np.random.Generator) -> dict[str, float
     return {"rate": rate, "rate_se": math.sqrt(rate * (1 - rate) / k), "coverage": covered / k}
 
 
+def simulate_winner(k: int, effects: list[float], rng: np.random.Generator) -> dict[str, float]:
+    """``k`` campaigns with one variant per effect: the share with a declared winner, with
+    the right one (the largest effect's, when it is positive), and the naive rule's share."""
+    n, share, base = 10_000, 0.2, 0.05
+    shares = [share, *[(1 - share) / len(effects)] * len(effects)]
+    best = f"v{int(np.argmax(effects))}" if max(effects) > 0 else None
+    declared = right = naive = 0
+    for _ in range(k):
+        counts = rng.multinomial(n, shares)
+        hx = int(rng.binomial(counts[0], base))
+        arms = [
+            (f"v{i}", int(rng.binomial(m, base + e)), int(m))
+            for i, (m, e) in enumerate(zip(counts[1:], effects, strict=True))
+        ]
+        w = choose_winner((hx, int(counts[0])), arms)
+        declared += w.name is not None
+        right += best is not None and w.name == best
+        top = max(arms, key=lambda a: a[1] / a[2])
+        vs = lift(top[1], top[2], hx, int(counts[0]))
+        naive += vs.absolute > 0 and vs.p_value < 0.05
+    rate = declared / k
+    return {
+        "rate": rate,
+        "rate_se": math.sqrt(rate * (1 - rate) / k),
+        "right": right / k,
+        "naive": naive / k,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--audience", type=int, default=1_000_000)
@@ -193,6 +229,12 @@ def main() -> None:
     rng = np.random.default_rng(2026)
     aa = simulate(args.campaigns, 0.0, rng)
     power = simulate(args.campaigns, 0.02, rng)
+    t = time.process_time()
+    aa2 = simulate_winner(args.campaigns, [0.0, 0.0], rng)
+    aa3 = simulate_winner(args.campaigns, [0.0, 0.0, 0.0], rng)
+    ab2 = simulate_winner(args.campaigns, [0.02, 0.0], rng)
+    ab3 = simulate_winner(args.campaigns, [0.02, 0.0, 0.0], rng)
+    winner_cpu_s = time.process_time() - t
     with tempfile.TemporaryDirectory() as tmp:
         tp = throughput(args.audience, Path(tmp))
     fig: dict[str, object] = {
@@ -203,6 +245,16 @@ def main() -> None:
         "aa_ci_coverage": round(aa["coverage"], 4),
         "power_2pt_effect": round(power["rate"], 4),
         "ci_coverage_2pt_effect": round(power["coverage"], 4),
+        "ab_winner_fp_rate_aa": round(aa2["rate"], 4),
+        "ab_winner_fp_se_aa": round(aa2["rate_se"], 4),
+        "ab_winner_fp_rate_aaa": round(aa3["rate"], 4),
+        "ab_winner_fp_se_aaa": round(aa3["rate_se"], 4),
+        "naive_winner_fp_rate_aa": round(aa2["naive"], 4),
+        "naive_winner_fp_rate_aaa": round(aa3["naive"], 4),
+        "ab_winner_power_2pt_ab": round(ab2["right"], 4),
+        "ab_winner_power_2pt_abc": round(ab3["right"], 4),
+        "ab_winner_wrong_2pt_abc": round(ab3["rate"] - ab3["right"], 4),
+        "ab_winner_cpu_s": round(winner_cpu_s, 2),
         "machine": f"{platform.machine()}, {platform.python_version()}",
     }
     for key, value in fig.items():

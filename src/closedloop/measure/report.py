@@ -358,7 +358,7 @@ def variant_chart(o: VariantsOutcome) -> Chart:
     right.set_yticks(ys[1:], names[1:])
     right.set_ylim(-0.5, len(arms) - 0.5)
     right.set_xlabel("lift over holdout (percentage points)")
-    right.set_title(o.winner.line() if o.winner.name else "no winner yet", fontsize=9)
+    right.set_title(f"winner: {o.winner.name}" if o.winner.name else "no winner yet", fontsize=9)
     fig.tight_layout()
     return Chart(f"variants_{o.campaign}", f"Variants of {o.campaign}", _png(fig))
 
