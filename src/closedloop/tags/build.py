@@ -85,8 +85,24 @@ def sql_values(engine: Engine, tag: TagDef) -> ir.Table:
     return t.group_by("customer_id").aggregate(value=t.value.min())
 
 
+def per_customer(tag: TagDef) -> bool:
+    """Whether a tag's value for a customer reads only that customer's rows.
+
+    Rules, ranges, first/last, top-N and RFM read the customer's profile, traits or events
+    (RFM ranks are in the profile row already). Percentile buckets compare everyone; SQL,
+    import, manual and model tags read tables or files a refresh does not follow — those
+    are recomputed whole (``tags.incremental``).
+    """
+    if tag.type is TagType.BUCKET:
+        return bool(tag.ranges)
+    return tag.type in (TagType.RULE, TagType.RFM, *EVENT_TAGS)
+
+
 def shared_events(
-    engine: Engine, tags: dict[str, TagDef], now: datetime
+    engine: Engine,
+    tags: dict[str, TagDef],
+    now: datetime,
+    customers: ir.Table | None = None,
 ) -> dict[str, tuple[ir.Table, str]]:
     """Per event tag, the materialised events it shares with other tags on the same event.
 
@@ -104,7 +120,7 @@ def shared_events(
         if len(group) < 2:
             continue
         keys = sorted({value_key(t) for t in group})
-        table = engine.scratch(f"tag_events_{i}", tag_events(engine, event, keys, now))
+        table = engine.scratch(f"tag_events_{i}", tag_events(engine, event, keys, now, customers))
         for t in group:
             out[t.name] = (table, f"v{keys.index(value_key(t))}")
     return out
@@ -118,23 +134,31 @@ def plan_tag(
     stack: ExitStack,
     events_at: datetime | None,
     shared: tuple[ir.Table, str] | None = None,
+    customers: ir.Table | None = None,
 ) -> TagPlan:
-    """``shared``: the tag's events from ``shared_events`` (event tags only)."""
+    """``shared``: the tag's events from ``shared_events`` (event tags only).
+
+    ``customers``: only these customers' values (``per_customer`` tags only).
+    """
     t = tag.type
+    c = customers
+    if c is not None and not per_customer(tag):
+        raise ValueError(f"tag {tag.name}: a {t.value} tag is computed for everyone")
     if t is TagType.RULE:
-        return TagPlan(rule_values(engine, tag), events_at)
+        return TagPlan(rule_values(engine, tag, c), events_at)
     if t is TagType.BUCKET:
-        direct = profile_bucket_values(engine, tag)
+        direct = profile_bucket_values(engine, tag, c)
         if direct is not None:
             return TagPlan(direct, events_at)
-        return TagPlan(with_default(engine, bucket_values(engine, tag), tag.default), events_at)
+        v = bucket_values(engine, tag, c)
+        return TagPlan(with_default(engine, v, tag.default, c), events_at)
     if t in (TagType.FIRST, TagType.LAST):
-        v = first_last_values(engine, tag, now, shared)
-        return TagPlan(with_default(engine, v, tag.default), events_at)
+        v = first_last_values(engine, tag, now, shared, c)
+        return TagPlan(with_default(engine, v, tag.default, c), events_at)
     if t is TagType.TOP_N:
-        return TagPlan(top_n_values(engine, tag, now, shared), events_at)
+        return TagPlan(top_n_values(engine, tag, now, shared, c), events_at)
     if t is TagType.RFM:
-        return TagPlan(rfm_values(engine, tag), events_at)
+        return TagPlan(rfm_values(engine, tag, c), events_at)
     if t is TagType.SQL:
         return TagPlan(sql_values(engine, tag), events_at)
     if t is TagType.IMPORT:
@@ -165,45 +189,31 @@ def _empty(engine: Engine) -> ir.Table:
     return tv.select("customer_id", "value").limit(0)
 
 
-def build_tags(
-    engine: Engine,
-    tags: dict[str, TagDef],
-    clock: Clock | None = None,
-    *,
-    root: Path | None = None,
-) -> dict[str, int]:
-    """Recompute every tag; returns the number of customers holding a value, per tag.
-
-    ``root`` is the project folder import tags' paths are relative to.
-    """
-    now = (clock or Clock()).now()
-    root = root or Path()
-    computed_at = ibis.literal(now).cast(TS)
-    events_at = _latest(engine, "events", "received_at")
-    shared = shared_events(engine, tags, now)
-    with ExitStack() as stack:
-        plans = {
-            name: plan_tag(engine, tag, now, root, stack, events_at, shared.get(name))
-            for name, tag in tags.items()
-        }
-        parts = []
-        for name, plan in plans.items():
-            v = plan.values
-            parts.append(
-                v.filter(v.value.notnull()).select(
-                    "customer_id",
-                    tag=ibis.literal(name),
-                    value=v.value.cast("string"),
-                    computed_at=computed_at,
-                )
+def tag_rows(plans: dict[str, TagPlan], computed_at: ir.TimestampValue) -> ir.Table | None:
+    """The plans' values as ``tag_values`` rows (null values left out), one union; None if none."""
+    parts = []
+    for name, plan in plans.items():
+        v = plan.values
+        parts.append(
+            v.filter(v.value.notnull()).select(
+                "customer_id",
+                tag=ibis.literal(name),
+                value=v.value.cast("string"),
+                computed_at=computed_at,
             )
-        if parts:
-            union = parts[0]
-            for p in parts[1:]:
-                union = union.union(p, distinct=False)
-            engine.replace("tag_values", union)
-        else:
-            engine.replace("tag_values", engine.table("tag_values").limit(0))
+        )
+    if not parts:
+        return None
+    union = parts[0]
+    for p in parts[1:]:
+        union = union.union(p, distinct=False)
+    return union
+
+
+def record_runs(
+    engine: Engine, tags: dict[str, TagDef], plans: dict[str, TagPlan], now: datetime
+) -> dict[str, int]:
+    """Count each tag's holders in ``tag_values`` and append a ``tag_runs`` row per tag."""
     tv = engine.table("tag_values")
     counts = tv.group_by("tag").aggregate(n=tv.count()).to_pyarrow().to_pylist()
     got = {str(r["tag"]): int(r["n"]) for r in counts}
@@ -229,3 +239,32 @@ def build_tags(
         )
         engine.append(_tables.TAG_RUNS.name, runs)
     return result
+
+
+def build_tags(
+    engine: Engine,
+    tags: dict[str, TagDef],
+    clock: Clock | None = None,
+    *,
+    root: Path | None = None,
+) -> dict[str, int]:
+    """Recompute every tag; returns the number of customers holding a value, per tag.
+
+    ``root`` is the project folder import tags' paths are relative to.
+    """
+    now = (clock or Clock()).now()
+    root = root or Path()
+    computed_at = ibis.literal(now).cast(TS)
+    events_at = _latest(engine, "events", "received_at")
+    shared = shared_events(engine, tags, now)
+    with ExitStack() as stack:
+        plans = {
+            name: plan_tag(engine, tag, now, root, stack, events_at, shared.get(name))
+            for name, tag in tags.items()
+        }
+        union = tag_rows(plans, computed_at)
+        if union is not None:
+            engine.replace("tag_values", union)
+        else:
+            engine.replace("tag_values", engine.table("tag_values").limit(0))
+    return record_runs(engine, tags, plans, now)

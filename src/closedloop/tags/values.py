@@ -21,6 +21,15 @@ from closedloop.portrait.extras import join_ranked
 TS = "timestamp('UTC', 6)"
 
 
+def only(t: ir.Table, customers: ir.Table | None) -> ir.Table:
+    """``t``'s rows of the given customers (a ``customer_id`` table); all when None.
+
+    Why: a live refresh recomputes per-customer tags only for the customers whose inputs
+    changed (``tags.incremental``); every reader below narrows its input with this.
+    """
+    return t if customers is None else t.semi_join(customers, "customer_id")
+
+
 def rule_value_expr(tag: TagDef, profiles: ir.Table) -> ir.StringValue:
     """The first rule whose condition holds gives the value; else the default (or null)."""
     cases = [(compile_condition(r.when, profiles), r.value) for r in tag.rules]
@@ -47,25 +56,28 @@ def percentile_labels(tag: TagDef) -> list[str]:
     return [f"p{a}_{b}" for a, b in itertools.pairwise(edges)]
 
 
-def numeric_field(engine: Engine, tag: TagDef) -> ir.Table:
+def numeric_field(engine: Engine, tag: TagDef, customers: ir.Table | None = None) -> ir.Table:
     """``(customer_id, x)``: a numeric profile field, or a numeric computed trait."""
     assert tag.field is not None  # noqa: S101 - checked by check_tag
     p = engine.table("profiles")
     if tag.field in p.columns:
+        p = only(p, customers)
         return p.select("customer_id", x=p[tag.field].cast("float64"))
     ct = engine.table("computed_traits")
-    ct = ct.filter(ct.trait == tag.field)
+    ct = only(ct.filter(ct.trait == tag.field), customers)
     return ct.select("customer_id", x=ct.number_value)
 
 
-def bucket_values(engine: Engine, tag: TagDef) -> ir.Table:
+def bucket_values(engine: Engine, tag: TagDef, customers: ir.Table | None = None) -> ir.Table:
     """Explicit ranges (first match), or percentile buckets of the population.
 
     Percentile cut points are computed over customers that have a value (continuous
     quantiles, the same on every engine). A value goes to the first bucket whose upper cut it
     does not exceed, so on constant values every customer lands in the first bucket.
     """
-    f = numeric_field(engine, tag)
+    if customers is not None and not tag.ranges:
+        raise ValueError(f"tag {tag.name}: percentile buckets depend on everyone")
+    f = numeric_field(engine, tag, customers)
     f = f.filter(f.x.notnull())
     if tag.ranges:
         return f.select("customer_id", value=_ranges_expr(tag.ranges, f.x))
@@ -76,7 +88,9 @@ def bucket_values(engine: Engine, tag: TagDef) -> ir.Table:
     return j.select("customer_id", value=ibis.cases(*cases, else_=labels[-1]))
 
 
-def profile_bucket_values(engine: Engine, tag: TagDef) -> ir.Table | None:
+def profile_bucket_values(
+    engine: Engine, tag: TagDef, customers: ir.Table | None = None
+) -> ir.Table | None:
     """``with_default(bucket_values(...), default)`` for a profile field, in one scan.
 
     Every customer has a profile row, so the default needs no join back to ``profiles``:
@@ -87,6 +101,9 @@ def profile_bucket_values(engine: Engine, tag: TagDef) -> ir.Table | None:
     p = engine.table("profiles")
     if tag.field not in p.columns:
         return None
+    if customers is not None and not tag.ranges:
+        raise ValueError(f"tag {tag.name}: percentile buckets depend on everyone")
+    p = only(p, customers)
     x = p[tag.field].cast("float64")
     if tag.ranges:
         value = _ranges_expr(tag.ranges, x)
@@ -116,7 +133,13 @@ def value_key(tag: TagDef) -> str:
     return f"column:{tag.column}" if tag.column is not None else f"property:{tag.property}"
 
 
-def tag_events(engine: Engine, event: str | None, keys: list[str], now: datetime) -> ir.Table:
+def tag_events(
+    engine: Engine,
+    event: str | None,
+    keys: list[str],
+    now: datetime,
+    customers: ir.Table | None = None,
+) -> ir.Table:
     """The customers' events that event tags on ``event`` read, once for all of them.
 
     One row per event (up to ``now``, named ``event``, or every track event when None) with
@@ -137,13 +160,17 @@ def tag_events(engine: Engine, event: str | None, keys: list[str], now: datetime
             else e.properties.cast("json")[name].unwrap_as("string")
         )
     e = e.select("message_id", "timestamp", **cols)
-    ec = engine.table("event_customers")
+    ec = only(engine.table("event_customers"), customers)
     j = e.join(ec, "message_id")
     return j.select(ec.customer_id, e.timestamp, e.message_id, *[e[c] for c in cols])
 
 
 def matching_events(
-    engine: Engine, tag: TagDef, now: datetime, shared: tuple[ir.Table, str] | None = None
+    engine: Engine,
+    tag: TagDef,
+    now: datetime,
+    shared: tuple[ir.Table, str] | None = None,
+    customers: ir.Table | None = None,
 ) -> ir.Table:
     """The customer's events the tag reads, with the value column ``v`` (non-null).
 
@@ -165,13 +192,17 @@ def matching_events(
         e = e.filter(e.timestamp > as_of - ibis.interval(days=tag.window_days))
     e = e.select("message_id", "timestamp", v=_event_value(e, tag))
     e = e.filter(e.v.notnull() & (e.v != ""))
-    ec = engine.table("event_customers")
+    ec = only(engine.table("event_customers"), customers)
     j = e.join(ec, "message_id")
     return j.select(ec.customer_id, e.timestamp, e.message_id, e.v)
 
 
 def first_last_values(
-    engine: Engine, tag: TagDef, now: datetime, shared: tuple[ir.Table, str] | None = None
+    engine: Engine,
+    tag: TagDef,
+    now: datetime,
+    shared: tuple[ir.Table, str] | None = None,
+    customers: ir.Table | None = None,
 ) -> ir.Table:
     """The value on the first (or last) matching event; same-time ties go to the message id.
 
@@ -180,7 +211,7 @@ def first_last_values(
     one event. A row number over every customer's events sorted them all, the costliest step
     of a tag build.
     """
-    e = matching_events(engine, tag, now, shared)
+    e = matching_events(engine, tag, now, shared, customers)
     first = tag.type is TagType.FIRST
     edge = e.group_by("customer_id").aggregate(at=e.timestamp.min() if first else e.timestamp.max())
     edge = edge.rename(edge_customer="customer_id")
@@ -190,10 +221,14 @@ def first_last_values(
 
 
 def top_n_values(
-    engine: Engine, tag: TagDef, now: datetime, shared: tuple[ir.Table, str] | None = None
+    engine: Engine,
+    tag: TagDef,
+    now: datetime,
+    shared: tuple[ir.Table, str] | None = None,
+    customers: ir.Table | None = None,
 ) -> ir.Table:
     """The N most frequent values, most frequent first, comma-separated; ties by value."""
-    e = matching_events(engine, tag, now, shared)
+    e = matching_events(engine, tag, now, shared, customers)
     counts = e.group_by("customer_id", "v").aggregate(n=e.count())
     rank = ibis.row_number().over(
         group_by=counts.customer_id, order_by=[ibis.desc(counts.n), counts.v]
@@ -202,9 +237,13 @@ def top_n_values(
     return join_ranked(top, top.v, top.rank, tag.n, "value")
 
 
-def rfm_values(engine: Engine, tag: TagDef) -> ir.Table:
-    """The portrait's RFM group, or its scores as ``R5F3M2`` (customers without scores: none)."""
-    p = engine.table("profiles")
+def rfm_values(engine: Engine, tag: TagDef, customers: ir.Table | None = None) -> ir.Table:
+    """The portrait's RFM group, or its scores as ``R5F3M2`` (customers without scores: none).
+
+    Per customer although ranks compare everyone: the portrait has ranked them already, so
+    the value is a function of the customer's own profile row.
+    """
+    p = only(engine.table("profiles"), customers)
     if tag.rfm is RfmPart.GROUP:
         return p.select("customer_id", value=p.rfm_group)
     scores = (
@@ -238,15 +277,17 @@ def model_values(engine: Engine, tag: TagDef) -> ir.Table:
     return s.select("customer_id", value=value)
 
 
-def rule_values(engine: Engine, tag: TagDef) -> ir.Table:
-    p = engine.table("profiles")
+def rule_values(engine: Engine, tag: TagDef, customers: ir.Table | None = None) -> ir.Table:
+    p = only(engine.table("profiles"), customers)
     return p.select("customer_id", value=rule_value_expr(tag, p).cast("string"))
 
 
-def with_default(engine: Engine, values: ir.Table, default: str | None) -> ir.Table:
+def with_default(
+    engine: Engine, values: ir.Table, default: str | None, customers: ir.Table | None = None
+) -> ir.Table:
     """Every customer without a value gets ``default`` (when one is declared)."""
     if default is None:
         return values
-    c = engine.table("profiles").select("customer_id")
+    c = only(engine.table("profiles"), customers).select("customer_id")
     j = c.left_join(values, "customer_id")
     return j.select(c.customer_id, value=j.value.fill_null(default))
