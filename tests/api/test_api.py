@@ -295,6 +295,62 @@ def test_a_writer_holding_the_warehouse_gives_503_with_retry_after(server: Serve
     assert server.get("/v1/tags").status_code == 200
 
 
+def test_a_busy_warehouse_answers_profiles_from_the_serving_store(server: Server) -> None:
+    import sqlite3
+    from datetime import datetime
+
+    from closedloop.api.warehouse import store_path
+
+    who = a_member(server.project)
+    cli = runner.invoke(app, ["profile", who["email"], "--json", "-p", str(server.project)])
+    assert cli.exit_code == 0, cli.output
+    want = json.loads(cli.output)
+    url = load_project(server.project).engine_url
+    store = store_path(url)
+    assert store is not None and store.exists()
+    with sqlite3.connect(store) as db:
+        written = db.execute("SELECT value FROM meta WHERE key = 'written_at'").fetchone()[0]
+    con = duckdb.connect(url[len("duckdb://") :])  # a writer, in another process
+    try:
+        r = server.get(f"/v1/profiles/{who['email']}")
+        assert r.status_code == 200, r.text
+        got = r.json()
+        for k in ("kind", "customer_id", "matched", "profile"):
+            assert got[k] == want[k], k
+        assert got["source"] == "serving" and got["accounts"] is None
+        assert got["served_from"]["written_at"] == written
+        assert datetime.fromisoformat(written) <= datetime.now(
+            datetime.fromisoformat(written).tzinfo
+        )
+        assert "the warehouse is busy" in got["served_from"]["why"]
+        by_id = server.get(f"/v1/profiles/{who['customer_id']}", type="customer_id")
+        assert by_id.status_code == 200 and by_id.json()["profile"] == want["profile"]
+        # Unknown under a given type: 404, saying as of when.
+        r = server.get("/v1/profiles/nobody@example.org", type="email")
+        assert r.status_code == 404
+        assert r.json()["detail"] == (
+            "no customer has the identifier 'nobody@example.org' "
+            f"(as of the serving store written at {written})"
+        )
+        assert server.get("/v1/profiles/x", type="no_such_type").status_code == 400
+        # Accounts, and an identifier that might be one, only the warehouse knows: 503.
+        for params in ({"type": "account"}, {}):
+            r = server.get("/v1/profiles/nobody.example.org", **params)
+            assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, params
+        # Without a store, nothing can answer: 503.
+        moved = store.with_name(store.name + ".away")
+        store.rename(moved)
+        try:
+            r = server.get(f"/v1/profiles/{who['email']}")
+            assert r.status_code == 503 and "no profile serving store" in r.json()["detail"]
+        finally:
+            moved.rename(store)
+    finally:
+        con.close()
+    r = server.get(f"/v1/profiles/{who['email']}")
+    assert r.status_code == 200 and "served_from" not in r.json()
+
+
 def test_openapi_lists_the_routes(server: Server) -> None:
     schema = server.get("/openapi.json").json()
     assert set(schema["paths"]) >= {

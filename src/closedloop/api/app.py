@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict
 
-from closedloop.api.warehouse import WarehouseBusy, read_only
+from closedloop.api.warehouse import WarehouseBusy, read_only, serving_profile
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import Project, load_project
 from closedloop.core.engine import Engine
@@ -373,15 +373,29 @@ def create_api(project: Project, token: str | None = None) -> FastAPI:
         identifier: str,
         type: Annotated[str | None, Query(description="identifier type, or `account`")] = None,
     ) -> Any:
-        """The 360° profile of the customer (or account) ``identifier`` names."""
+        """The 360° profile of the customer (or account) ``identifier`` names.
+
+        While a writer holds the warehouse, a customer is answered from the profile serving
+        store the last build wrote (``source: serving`` and ``served_from`` say so and when;
+        accounts left out); an account, or a store that cannot be read, is 503."""
+        served_from = None
         try:
-            with read_only(project.engine_url) as engine:
-                doc = profile_document(engine, project.identity, identifier, type)
+            try:
+                with read_only(project.engine_url) as engine:
+                    doc = profile_document(engine, project.identity, identifier, type)
+            except WarehouseBusy as busy:
+                if type == "account":
+                    raise
+                doc, written_at = serving_profile(
+                    project.engine_url, project.identity, identifier, type, busy
+                )
+                served_from = f" (as of the serving store written at {written_at})"
         except ClosedloopError as e:
             raise HTTPException(400, str(e)) from None
         if doc is None:
             what = {None: "customer or account", "account": "account"}.get(type, "customer")
-            raise HTTPException(404, f"no {what} has the identifier {identifier!r}")
+            detail = f"no {what} has the identifier {identifier!r}"
+            raise HTTPException(404, detail + (served_from or ""))
         return as_cli_json(doc)
 
     @app.get("/v1/segments", response_model=list[SegmentSummary], tags=["segments"])
