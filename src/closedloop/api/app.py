@@ -4,7 +4,8 @@ A composition layer like ``cli``: every route calls the same functions as the co
 mirrors (``closedloop profile``, ``segment size|preview``, ``tags list``, ``report
 campaign``, ``validate``), so
 the API and the CLI can never disagree. The warehouse is opened read-only per request
-(``api.warehouse``): while a writer holds it the answer is 503 with Retry-After, never 500.
+(``api.warehouse``): while a writer holds it the answer is 503 with Retry-After, never 500 —
+except a customer's profile, answered from the serving store the last build wrote, saying so.
 Profiles are personal data, so every route wants the bearer token ``create_api`` is given
 (``CLOSEDLOOP_API_TOKEN`` by default); without a token the API is open and
 ``closedloop api`` serves it on loopback only.
