@@ -29,22 +29,27 @@ def _unrelated(names: list[str]) -> int:
     return len({"".join(sorted(n.replace(" ", ""))) for n in names})
 
 
-def suspects(engine: Engine, config: IdentityConfig, node_occ: ir.Table) -> ir.Table:
+def suspects(
+    engine: Engine, config: IdentityConfig, node_occ: ir.Table, names: ir.Table | None = None
+) -> ir.Table:
     """(id_type, id_value, node, names, messages, reason) for strong identifiers on too many
     unrelated names: more than the type's ``max_names``, or ``DEFAULT_NAMES`` when unset.
 
     Distinct names are counted in the warehouse; only identifiers with two or more (a small
     share) are pulled to tell typos from unrelated names.
+
+    ``names``: (message_id, name) of the messages with a name, already read (the matching
+    records keep them: same path, trimmed and lower-cased, empty names left out). Without
+    it, only the events of ``node_occ``'s messages have their JSON read — an incremental
+    run's region, not the whole log.
     """
-    path = config.matching.name if config.matching is not None else "traits.name"
-    events = engine.table("events")
-    events = events.filter(events.traits.notnull())
-    name = json_string(engine, events.traits, path.split(".")[1:])
-    named = events.select("message_id", name=name.strip().lower())
-    named = named.filter(named.name.notnull() & (named.name != ""))
     strong = [t.name for t in config.types if t.strong]
     occ = node_occ.filter(node_occ.id_type.isin(strong))
-    j = prepare(engine, occ.join(named, "message_id"))
+    if names is None:
+        names = named_messages(engine, config, occ.select("message_id").distinct())
+    else:
+        names = names.semi_join(occ, "message_id")
+    j = prepare(engine, occ.join(names.select("message_id", "name"), "message_id"))
     per = j.group_by(id_type=j.id_type, id_value=j.value, node=j.node).aggregate(
         names=j.name.nunique(), messages=j.message_id.nunique()
     )
@@ -81,6 +86,19 @@ def suspects(engine: Engine, config: IdentityConfig, node_occ: ir.Table) -> ir.T
             reason=ibis.literal("seen with ") + g.unrelated.cast("string") + " unrelated names",
         )
         return engine.scratch("id_suspects", out)
+
+
+def named_messages(engine: Engine, config: IdentityConfig, messages: ir.Table) -> ir.Table:
+    """(message_id, name) of those of ``messages`` (a message_id column) with a name.
+
+    The events are narrowed to ``messages`` before any JSON is read.
+    """
+    path = config.matching.name if config.matching is not None else "traits.name"
+    events = engine.table("events").semi_join(messages, "message_id")
+    events = events.filter(events.traits.notnull())
+    name = json_string(engine, events.traits, path.split(".")[1:])
+    named = events.select("message_id", name=name.strip().lower())
+    return named.filter(named.name.notnull() & (named.name != ""))
 
 
 @dataclass(frozen=True)

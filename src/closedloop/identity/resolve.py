@@ -308,7 +308,10 @@ def _run(
     own_occ = node_occ if region_t is None else node_occ.semi_join(region_t, "node")
     # Quarantined: values over their type's name limit, and values seen with too many
     # strong identifiers (only identifiers seen together count, not scored profile matches).
-    suspect = suspects(engine, config, own_occ)
+    # Names come from the matching records when kept (no JSON read again), else from the
+    # region's own messages.
+    names = rows.select("message_id", "name") if rows is not None else None
+    suspect = suspects(engine, config, own_occ, names)
     limited = [t.name for t in config.types if t.max_names is not None]
     on_many_names = suspect.filter(suspect.id_type.isin(limited)).select("node")
     quarantine = _quarantined(unblocked.filter(unblocked.kind == "message"), config).union(
