@@ -35,7 +35,7 @@ typecheck: install-dev
 	$(BIN)/mypy
 
 pytest: install-dev
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal --basetemp=$(CURDIR)/.pytest-tmp
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal --basetemp=$(CURDIR)/.pytest-tmp --durations=30
 
 test: lint typecheck pytest
 

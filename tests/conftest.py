@@ -32,6 +32,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """With ``CLOSEDLOOP_TEST_CPU=FILE``, append each test's CPU seconds to FILE (JSON lines).
+
+    Wall times of a parallel suite on a shared 2-core machine say little; CPU seconds of
+    the test process and the children it waited for (servers, PostgreSQL clients, Spark
+    jobs count only when their process ends) show where the suite's budget goes.
+    """
+    out = os.environ.get("CLOSEDLOOP_TEST_CPU")
+    if not out:
+        yield
+        return
+    import resource
+
+    def cpu() -> float:
+        s = resource.getrusage(resource.RUSAGE_SELF)
+        c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    import time
+
+    c0, w0 = cpu(), time.perf_counter()
+    yield
+    row = {
+        "test": item.nodeid,
+        "cpu": round(cpu() - c0, 3),
+        "wall": round(time.perf_counter() - w0, 3),
+    }
+    with open(out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 @pytest.fixture
 def engine() -> Iterator[Engine]:
     e = Engine("duckdb://")
