@@ -45,6 +45,7 @@ from closedloop.core.errors import DefinitionError, Problem
 from closedloop.portrait.tables import PROFILES
 from closedloop.segments import tables as _tables  # noqa: F401  (declares segment_membership)
 from closedloop.segments.derived import with_derived
+from closedloop.tags.values import only
 
 TS = "timestamp('UTC', 6)"
 
@@ -76,20 +77,23 @@ class Fields:
 
 
 def audience_table(
-    engine: Engine, fields: Fields, needed: Collection[str] | None = None
+    engine: Engine,
+    fields: Fields,
+    needed: Collection[str] | None = None,
+    customers: ir.Table | None = None,
 ) -> ir.Table:
     """``profiles`` with one column per tag and per computed trait (null where absent).
 
     ``needed`` limits those columns to the names given (the fields a condition reads):
     ``tag_values`` holds a row per customer and tag, and pivoting all fifty tags of a
     catalogue over every customer for each segment was most of a segment's time, for
-    segments that read one tag or none.
+    segments that read one tag or none. ``customers``: only these customers' rows.
     """
-    t = engine.table("profiles")
+    t = only(engine.table("profiles"), customers)
     tag_names = [n for n in fields.tags if needed is None or n in needed]
     traits = [(n, typ) for n, typ in fields.traits if needed is None or n in needed]
     if tag_names:
-        tv = engine.table("tag_values")
+        tv = only(engine.table("tag_values"), customers)
         if needed is not None:
             tv = tv.filter(tv.tag.isin(tag_names))
         pivot = tv.group_by("customer_id").aggregate(
@@ -97,7 +101,7 @@ def audience_table(
         )
         t = t.left_join(pivot, "customer_id").drop("customer_id_right")
     if traits:
-        ct = engine.table("computed_traits")
+        ct = only(engine.table("computed_traits"), customers)
         if needed is not None:
             ct = ct.filter(ct.trait.isin([n for n, _ in traits]))
         wide = ct.group_by("customer_id").aggregate(
@@ -222,14 +226,15 @@ def members_expr(
     fields: Fields,
     as_of: datetime,
     members: Mapping[str, ir.Table] | None = None,
+    customers: ir.Table | None = None,
 ) -> ir.Table:
     """The customers in ``seg`` as of ``as_of``: one ``customer_id`` column.
 
     ``members`` may give other segments' members as evaluated in this run (``in_segment``
-    reads them instead of ``segment_membership``).
+    reads them instead of ``segment_membership``). ``customers``: only these are evaluated.
     """
-    audience = audience_table(engine, fields, fields_used(seg.where))
-    t = with_derived(engine, audience, seg.where, as_of, members)
+    audience = audience_table(engine, fields, fields_used(seg.where), customers)
+    t = with_derived(engine, audience, seg.where, as_of, members, customers)
     return t.filter(compile_condition(seg.where, t)).select("customer_id")
 
 

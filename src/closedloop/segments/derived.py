@@ -74,14 +74,27 @@ def _matching(
     return e
 
 
-def event_counts(engine: Engine, leaf: EventCondition, as_of: datetime) -> ir.Table:
+def _events_of(engine: Engine, customers: ir.Table | None) -> ir.Table:
+    """The customers' events (all customers' when None): a live refresh reads only the
+    events of the customers it re-evaluates."""
+    if customers is None:
+        return customer_events(engine)
+    ec = engine.table("event_customers").semi_join(customers, "customer_id")
+    return engine.table("events").join(ec, "message_id")
+
+
+def event_counts(
+    engine: Engine, leaf: EventCondition, as_of: datetime, customers: ir.Table | None = None
+) -> ir.Table:
     """(customer_id, count) of the customer's events matching ``leaf`` within its window."""
     window = window_bounds(leaf.within_days, leaf.between, as_of)
-    e = _matching(customer_events(engine), leaf.event, leaf.where, as_of, window)
+    e = _matching(_events_of(engine, customers), leaf.event, leaf.where, as_of, window)
     return e.group_by("customer_id").aggregate(n=e.count())
 
 
-def sequence_flags(engine: Engine, leaf: SequenceCondition, as_of: datetime) -> ir.Table:
+def sequence_flags(
+    engine: Engine, leaf: SequenceCondition, as_of: datetime, customers: ir.Table | None = None
+) -> ir.Table:
     """(customer_id, ok) for customers who did the sequence — one pass of window functions.
 
     Each step's matching events become rows tagged with the step number (an event matching
@@ -92,7 +105,7 @@ def sequence_flags(engine: Engine, leaf: SequenceCondition, as_of: datetime) -> 
     matches when it spans at most ``within``; with an absent last step, the next absent-event
     after the chain's end must be later than ``within`` (and that time must have passed).
     """
-    events = customer_events(engine)
+    events = _events_of(engine, customers)
     window = window_bounds(leaf.within_days, leaf.between, as_of)
     ts_type = "timestamp('UTC', 6)"
     parts = []
@@ -159,8 +172,11 @@ def with_derived(
     cond: Condition,
     as_of: datetime,
     members: Mapping[str, ir.Table] | None = None,
+    customers: ir.Table | None = None,
 ) -> ir.Table:
     """``table`` plus one column per event, sequence or segment leaf of ``cond``.
+
+    ``customers``: ``table`` holds only these customers; event leaves read only their events.
 
     A segment leaf reads ``members[segment]`` (a ``customer_id`` table of that segment's
     members, evaluated earlier in the same run) when given, else its open stays; an
@@ -176,9 +192,9 @@ def with_derived(
         seen.add(leaf.derived_column)
         name = leaf.derived_column
         if isinstance(leaf, EventCondition):
-            counts = event_counts(engine, leaf, as_of).rename({name: "n"})
+            counts = event_counts(engine, leaf, as_of, customers).rename({name: "n"})
         elif isinstance(leaf, SequenceCondition):
-            counts = sequence_flags(engine, leaf, as_of).rename({name: "ok"})
+            counts = sequence_flags(engine, leaf, as_of, customers).rename({name: "ok"})
         elif (target := account_target(leaf)) is not None:
             counts = account_flags(engine, target).rename({name: "ok"})
         elif members is not None and leaf.in_segment in members:
