@@ -123,13 +123,13 @@ def accuracy(
         clock = Clock(summary.reference_time)
         held = _hold_back(engine, new_share)
         fig["new_events"] = held.num_rows
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         resolve(engine, project.identity, clock)
-        fig["resolve_first_s"] = round(time.perf_counter() - t, 2)
+        fig["resolve_first_s"], fig["resolve_first_cpu_s"] = _since(t, c)
         engine.append("events", held)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         inc = resolve(engine, project.identity, clock)
-        fig["incremental_s"] = round(time.perf_counter() - t, 2)
+        fig["incremental_s"], fig["incremental_cpu_s"] = _since(t, c)
         fig["incremental_path"] = inc.path
         fig["incremental_changed_customers"] = len(inc.changed)
         runs = engine.table("identity_runs")
@@ -139,10 +139,12 @@ def accuracy(
         for name in IDENTITY_TABLES:
             snaps[name] = f"bench_snap_{name}"
             engine.con.create_table(snaps[name], engine.table(name), overwrite=True)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         r = resolve(engine, project.identity, clock, incremental=False)
-        fig["resolve_s"] = round(time.perf_counter() - t, 2)
+        fig["resolve_s"], fig["resolve_cpu_s"] = _since(t, c)
+        fig["load_average"] = [round(x, 1) for x in os.getloadavg()]
         fig["incremental_vs_full"] = round(fig["incremental_s"] / fig["resolve_s"], 3)
+        fig["incremental_vs_full_cpu"] = round(fig["incremental_cpu_s"] / fig["resolve_cpu_s"], 3)
         fig["incremental_equals_full"] = not r.changed and _unchanged(engine, snaps)
         fig["identifiers"] = r.identifiers
         fig["customers"] = r.customers
