@@ -27,6 +27,7 @@ from closedloop.identity.explain import split
 from closedloop.identity.resolve import ResolveResult, resolve
 from tests.conftest import add_events
 from tests.identity.test_matching import MATCHING, _population
+from tests.identity.test_resolve import customer_of
 
 CONFIG = IdentityConfig.model_validate(
     {
@@ -261,6 +262,12 @@ def test_each_fallback_to_a_full_run_is_taken_and_recorded(engine: Engine) -> No
     assert _last_run(engine)["why"] == "1 resolved message(s) were erased since"
     assert resolve(engine, changed).path == "incremental"  # nothing new: nothing to do
     assert resolve(engine, changed, incremental=False).changed == frozenset()
+    # A resolved message's id logged again (a hand-made log): only a full run reads it.
+    add_events(engine, [{"message_id": "a", "user_id": "M7", "anonymous_id": "ck1"}])
+    r = resolve(engine, changed)
+    assert r.path == "full"
+    assert _last_run(engine)["why"] == "the event log holds a message id more than once"
+    assert customer_of(engine, "member_id", "M7")  # read, and resolved
 
 
 @pytest.mark.slow

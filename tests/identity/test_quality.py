@@ -81,3 +81,41 @@ def test_cli_quality(tmp_path: Path) -> None:
     r = runner.invoke(app, ["identity", "quality", "-p", str(target)])
     assert r.exit_code == 0, r.output
     assert "+86" + CLERK in r.output and "invalid phone" in r.output
+
+
+def test_names_read_from_matching_records_and_incrementally_give_the_same_suspects(
+    engine: Engine,
+) -> None:
+    """With matching configured the names come from its kept records, and an incremental
+    run reads only its region's: both must list and quarantine exactly as a full run does."""
+    from closedloop.core.definitions import MatchingConfig
+
+    config = _config(1).model_copy(
+        update={
+            "matching": MatchingConfig.model_validate(
+                {"gender": None, "city": None, "blocking": [["birthday"]]}
+            )
+        }
+    )
+    first = {"user_id": "M1", "type": "identify", "traits": {"name": "Luo Fang", "phone": CLERK}}
+    other = {"message_id": "m-wu", "user_id": "M9", "traits": {"name": "Wu Hao"}}
+    add_events(engine, [first, other])
+    resolve(engine, config)
+    assert report(engine).suspects.num_rows == 0
+    # The clerk's phone under a second, unrelated name arrives later: an incremental run.
+    second = {
+        "message_id": "m-second",
+        "user_id": "M2",
+        "type": "identify",
+        "traits": {"name": "Zhang Peng", "phone": CLERK},
+    }
+    add_events(engine, [second])
+    r = resolve(engine, config)
+    runs = engine.table("identity_runs").to_pyarrow().to_pylist()
+    assert r.path == "incremental", runs[-1]["why"]
+    listed = report(engine).suspects.to_pylist()
+    assert [(s["id_value"], s["names"]) for s in listed] == [("+86" + CLERK, 2)]
+    assert customer_of(engine, "member_id", "M1") != customer_of(engine, "member_id", "M2")
+    before = engine.table("identity_suspects").to_pyarrow()
+    resolve(engine, config, incremental=False)
+    assert engine.table("identity_suspects").to_pyarrow().equals(before)
