@@ -206,7 +206,9 @@ def duck() -> Iterator[Engine]:
 
 
 @given(text=st.lists(WORDS, max_size=5).map(" ".join) | st.none())
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 def test_role_mapping_agrees_with_python(duck: Engine, text: str | None) -> None:
     config = AccountsConfig()
     value = duck.con.execute(role_of(ibis.literal(text, type="string"), config))

@@ -1,7 +1,7 @@
 """The DuckDB-only shortcuts of the build give exactly what the portable expressions give.
 
-The portrait reads the time zone from ``context`` with DuckDB's own JSON functions and the
-local hour and weekday from epoch arithmetic (``build.json_string_field``,
+The portrait reads the time zone and consent from ``context`` with one DuckDB JSON parse and
+the local hour and weekday from epoch arithmetic (``build.context_fields``,
 ``extras.local_hour_weekday``); lists of ranked values are joined per rank
 (``extras.join_ranked``). Each is checked here against the portable Ibis expression it
 replaces, on random inputs, on a real DuckDB.
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from closedloop.core.engine import Engine
-from closedloop.portrait.build import json_string_field
+from closedloop.portrait.build import _latest_traits, context_fields
 from closedloop.portrait.extras import join_ranked, local_hour_weekday
 
 TS = pa.timestamp("us", tz="UTC")
@@ -36,24 +36,43 @@ json_values = st.recursive(
     max_leaves=6,
 )
 documents = st.dictionaries(
-    st.sampled_from(["timezone", "tz", "zone", "timezonE", "a"]), json_values, max_size=4
+    st.sampled_from(["timezone", "tz", "zone", "timezonE", "a", "consent"]), json_values, max_size=4
+)
+# Consent documents: the path ``consent.categoryPreferences.marketing`` present or nearly so.
+consents = st.fixed_dictionaries(
+    {"categoryPreferences": st.dictionaries(st.sampled_from(["marketing", "ads"]), json_values)}
 )
 
 
-@settings(max_examples=30, deadline=None)
-@given(docs=st.lists(documents, min_size=1, max_size=8), escape=st.booleans())
-def test_json_string_field_on_duckdb_equals_the_portable_unwrap(
-    docs: list[dict[str, Any]], escape: bool
+def _consent(d: dict[str, Any]) -> bool | None:
+    c = d.get("consent")
+    prefs = c.get("categoryPreferences") if isinstance(c, dict) else None
+    value = prefs.get("marketing") if isinstance(prefs, dict) else None
+    return value if isinstance(value, bool) else None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    docs=st.lists(documents, min_size=1, max_size=8),
+    consent=st.lists(st.none() | consents, min_size=1, max_size=8),
+    escape=st.booleans(),
+)
+def test_context_fields_on_duckdb_equal_the_portable_unwrap(
+    docs: list[dict[str, Any]], consent: list[dict[str, Any] | None], escape: bool
 ) -> None:
+    for d, c in zip(docs, consent, strict=False):
+        if c is not None:
+            d["consent"] = c
     texts = [json.dumps(d, ensure_ascii=escape) for d in docs]
-    with Engine("duckdb://") as engine, engine.temporary(pa.table({"c": texts})) as t:
-        out = t.select(
-            fast=json_string_field(t.c, "timezone", duckdb=True),
-            portable=json_string_field(t.c, "timezone", duckdb=False),
-        ).to_pyarrow()
-    fast, portable = out.column("fast").to_pylist(), out.column("portable").to_pylist()
-    assert fast == portable
-    assert portable == [d["timezone"] if isinstance(d.get("timezone"), str) else None for d in docs]
+    with Engine("duckdb://") as engine, engine.temporary(pa.table({"context": texts})) as t:
+        fast = context_fields(t, duckdb=True).to_pyarrow()
+        portable = context_fields(t, duckdb=False).to_pyarrow()
+    assert fast.column("tz").to_pylist() == portable.column("tz").to_pylist()
+    assert fast.column("consent").to_pylist() == portable.column("consent").to_pylist()
+    assert portable.column("tz").to_pylist() == [
+        d["timezone"] if isinstance(d.get("timezone"), str) else None for d in docs
+    ]
+    assert portable.column("consent").to_pylist() == [_consent(d) for d in docs]
 
 
 @settings(max_examples=30, deadline=None)
@@ -107,3 +126,43 @@ def test_join_ranked_equals_the_list_in_rank_order(rows: list[tuple[str, str]], 
         ordered = sorted(tally, key=lambda v: (-tally[v], v))[:n]
         expected[c] = ",".join(ordered)
     assert {r["customer_id"]: r["top"] for r in got} == expected
+
+
+trait_documents = st.dictionaries(
+    st.sampled_from(["name", "city", "points", "birthday", "tier", "Name", "x"]),
+    json_values,
+    max_size=4,
+)
+
+
+def _nested(v: Any) -> bool:
+    return isinstance(v, list | dict)
+
+
+@settings(max_examples=20, deadline=None)
+@given(docs=st.lists(st.none() | trait_documents, min_size=1, max_size=8), escape=st.booleans())
+def test_latest_traits_on_duckdb_equal_the_portable_reading(
+    docs: list[dict[str, Any] | None], escape: bool
+) -> None:
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    data = pa.table(
+        {
+            "customer_id": [f"c{i % 3}" for i in range(len(docs))],
+            "timestamp": pa.array([base + timedelta(hours=i) for i in range(len(docs))], TS),
+            "traits": [None if d is None else json.dumps(d, ensure_ascii=escape) for d in docs],
+        }
+    )
+    with Engine("duckdb://") as engine, engine.temporary(data) as t:
+        fast = _latest_traits(t, duckdb=True).order_by("customer_id").to_pyarrow()
+        portable = _latest_traits(t, duckdb=False).order_by("customer_id").to_pyarrow()
+    assert fast.to_pylist() == portable.to_pylist()
+    # the city of a customer's last document naming one (as text or an integer)
+    for row in portable.to_pylist():
+        mine = [d for i, d in enumerate(docs) if f"c{i % 3}" == row["customer_id"] and d]
+        values = [d.get("city") for d in mine]
+        values = [v for v in values if v is not None and not _nested(v)]  # lists: no city
+        if any(isinstance(v, bool | float) for v in values):
+            continue  # booleans and floats: the engine's own text for them
+        cities = [v.strip() if isinstance(v, str) else str(v) for v in values]
+        cities = [c for c in cities if c]
+        assert row["city"] == (cities[-1] if cities else None)

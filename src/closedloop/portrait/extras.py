@@ -140,10 +140,18 @@ def active_times(e: ir.Table, tz: ir.Table, offsets: ir.Table, duckdb: bool = Fa
     hour or weekday. ``duckdb``: the engine is DuckDB (see ``local_hour_weekday``).
     """
     e = e.filter(e.type != "identify").select("customer_id", "timestamp")
-    e = e.join(tz, "customer_id")
+    # Each customer's offset periods first (customers × a zone's few transitions), then the
+    # events by customer and time: joined the other way round, DuckDB matched every event
+    # with every zone's periods by time alone (five times the events) before the customer.
+    zo = offsets.join(tz, "tz")
+    zo = zo.select("customer_id", "valid_from", "valid_to", "offset_s")
     j = e.join(
-        offsets,
-        [e.tz == offsets.tz, e.timestamp >= offsets.valid_from, e.timestamp < offsets.valid_to],
+        zo,
+        [
+            e.customer_id == zo.customer_id,
+            e.timestamp >= zo.valid_from,
+            e.timestamp < zo.valid_to,
+        ],
     )
     hour, dow = local_hour_weekday(j.timestamp, j.offset_s, duckdb)
     t = j.select("customer_id", hour=hour, dow=dow)

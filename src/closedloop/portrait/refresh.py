@@ -349,7 +349,8 @@ def refresh(
         related = related.filter(related.timestamp <= as_of)
         net = network(related, engine.table("identity_map"))
         base = base.left_join(net, "customer_id").drop("customer_id_right")
-        engine.replace(PROFILES.name, finish(fill_relationships(base), as_of))
+        base = engine.scratch("portrait_base", fill_relationships(base))  # read twice
+        engine.replace(PROFILES.name, finish(base, as_of))
         build_accounts(engine, as_of, accounts)  # whole: see portrait.accounts
 
     as_of_lit = ibis.literal(as_of).cast(TS)
