@@ -64,6 +64,14 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         f.write(json.dumps(row) + "\n")
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With ``CLOSEDLOOP_TEST_CPU=FILE``, failures are written there too (which test, when)."""
+    out = os.environ.get("CLOSEDLOOP_TEST_CPU")
+    if out and report.failed:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"test": report.nodeid, "failed": report.when}) + "\n")
+
+
 @pytest.fixture
 def engine() -> Iterator[Engine]:
     e = Engine("duckdb://")
