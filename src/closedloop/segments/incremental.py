@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import ibis
 import ibis.expr.types as ir
@@ -101,6 +102,10 @@ def evaluate_changed(
 
     ``changed``: customers (``customer_id``) whose profile, traits, events or tags changed
     since the run at ``since`` (gone customers included: their stays close).
+
+    Few queries, since at small sizes each costs more than the rows it reads: per segment
+    one materialised table of its moves (stays closing and opening); the open stays
+    counted once before, the moves once after, one write.
     """
     as_of = clock.now()
     now = ibis.literal(as_of).cast(TS)
@@ -116,50 +121,57 @@ def evaluate_changed(
 
         for s in accounts:
             done[s.name] = SegmentResult(s.name, *evaluate_account_segment(engine, s, clock))
-    base = engine.scratch("seg_changed", changed.select("customer_id").distinct())
+    people = [s for s in segs if s.of != "accounts"]
     m = engine.table(MEMBERSHIP)
-    open_all = m.filter(m.exited_at.isnull())
+    open_all = m.filter(m.exited_at.isnull() & m.segment.isin([s.name for s in people]))
+    sizes = _counts(open_all.group_by("segment").aggregate(n=open_all.count()))
+    base = changed.select("customer_id")
     moved: dict[str, ir.Table] = {}
     current: dict[str, ir.Table] = {}
-    leaving_parts: list[ir.Table] = []
-    arriving_parts: list[ir.Table] = []
-    for i, seg in enumerate(s for s in segs if s.of != "accounts"):
+    tables: list[ir.Table] = []
+    for i, seg in enumerate(people):
         todo = scope(engine, seg, base, moved, since, as_of)
-        if todo is not None:
-            todo = engine.scratch(f"seg_todo_{i}", todo)
-        now_in = engine.scratch(
-            f"seg_in_{i}", members_expr(engine, seg, fields, as_of, current, todo)
-        )
+        now_in = members_expr(engine, seg, fields, as_of, current, todo)
         mine = open_all.filter(open_all.segment == seg.name)
         before = only(mine, todo)
-        leaving = engine.scratch(
-            f"seg_leaving_{i}", before.anti_join(now_in, "customer_id").select(*STAY)
+        leaving = before.anti_join(now_in, "customer_id").select(
+            *STAY, exited_at=now, kind=ibis.literal("out")
         )
-        arriving = engine.scratch(
-            f"seg_arriving_{i}",
-            now_in.anti_join(before, "customer_id").select(
-                segment=ibis.literal(seg.name), customer_id=now_in.customer_id, entered_at=now
-            ),
+        arriving = now_in.anti_join(before, "customer_id").select(
+            segment=ibis.literal(seg.name),
+            customer_id=now_in.customer_id,
+            entered_at=now,
+            exited_at=ibis.null(TS),
+            kind=ibis.literal("in"),
         )
-        n_out, n_in = int(leaving.count().execute()), int(arriving.count().execute())
-        if todo is None:
-            size = int(now_in.count().execute())
-            current[seg.name] = now_in
-        else:
-            size = int(mine.count().execute()) - n_out + n_in
-            current[seg.name] = (
-                mine.select("customer_id")
-                .anti_join(leaving, "customer_id")
-                .union(arriving.select("customer_id"), distinct=False)
-            )
-        moved[seg.name] = leaving.select("customer_id").union(arriving.select("customer_id"))
-        done[seg.name] = SegmentResult(seg.name, size, n_in, n_out)
-        if n_out:
-            leaving_parts.append(leaving)
-        if n_in:
-            arriving_parts.append(arriving)
-    _write(engine, leaving_parts, arriving_parts, now)
+        moves = engine.scratch(f"seg_moves_{i}", leaving.union(arriving, distinct=False))
+        tables.append(moves)
+        out = moves.filter(moves.kind == "out").select("customer_id")
+        current[seg.name] = (
+            mine.select("customer_id")
+            .anti_join(out, "customer_id")
+            .union(moves.filter(moves.kind == "in").select("customer_id"), distinct=False)
+        )
+        moved[seg.name] = moves.select("customer_id")
+    if not tables:
+        return {s.name: done[s.name] for s in segs}
+    all_moves = _union(tables)
+    counts = _counts(
+        all_moves.group_by(["segment", "kind"]).aggregate(n=all_moves.count()), ("segment", "kind")
+    )
+    for seg in people:
+        n_in, n_out = counts.get((seg.name, "in"), 0), counts.get((seg.name, "out"), 0)
+        done[seg.name] = SegmentResult(seg.name, sizes.get(seg.name, 0) - n_out + n_in, n_in, n_out)
+    if any(r.entered or r.exited for n, r in done.items() if n not in {a.name for a in accounts}):
+        _write(engine, all_moves)
     return {s.name: done[s.name] for s in segs}
+
+
+def _counts(t: ir.Table, keys: tuple[str, ...] = ("segment",)) -> dict[Any, int]:
+    rows = t.to_pyarrow().to_pylist()
+    if len(keys) == 1:
+        return {r[keys[0]]: int(r["n"]) for r in rows}
+    return {tuple(r[k] for k in keys): int(r["n"]) for r in rows}
 
 
 def _union(parts: list[ir.Table]) -> ir.Table:
@@ -169,23 +181,19 @@ def _union(parts: list[ir.Table]) -> ir.Table:
     return out
 
 
-def _write(
-    engine: Engine, leaving: list[ir.Table], arriving: list[ir.Table], now: ir.Value
-) -> None:
-    """Close the stays of those who left, open stays for those who came in."""
-    if not leaving and not arriving:
-        return
-    rows = [t.mutate(exited_at=now) for t in leaving]
-    rows += [t.mutate(exited_at=ibis.null(TS)) for t in arriving]
-    new = _union([engine.conform(MEMBERSHIP, t) for t in rows])
+def _write(engine: Engine, moves: ir.Table) -> None:
+    """Close the stays of those who left, open stays for those who came in.
+
+    ``moves``: rows as they will be (closed stays with their exit time, new stays open),
+    ``kind`` saying which.
+    """
+    rows = engine.conform(MEMBERSHIP, moves)
     if not engine.can("temp_tables"):  # no DELETE (Spark): the table replaced whole
         m = engine.table(MEMBERSHIP)
-        kept = m.anti_join(_union(leaving), STAY) if leaving else m
-        whole = engine.conform(MEMBERSHIP, kept).union(new, distinct=False)
+        kept = m.anti_join(moves.filter(moves.kind == "out"), STAY)
+        whole = engine.conform(MEMBERSHIP, kept).union(rows, distinct=False)
         engine.replace(MEMBERSHIP, engine.scratch("seg_new", whole))
         return
-    new = engine.scratch("seg_rows", new)
     with engine.transaction():
-        if leaving:
-            engine.delete_keys(MEMBERSHIP, _union(leaving))
-        engine.append(MEMBERSHIP, new)
+        engine.delete_keys(MEMBERSHIP, moves.filter(moves.kind == "out").select(*STAY))
+        engine.append(MEMBERSHIP, rows)

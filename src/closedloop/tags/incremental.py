@@ -41,7 +41,6 @@ from closedloop.tags.build import (
     per_customer,
     plan_tag,
     record_runs,
-    shared_events,
     tag_rows,
 )
 
@@ -51,7 +50,7 @@ TAG_VALUES = "tag_values"
 @dataclass(frozen=True)
 class TagRefresh:
     counts: dict[str, int]  # customers holding a value, per tag (as ``build_tags`` returns)
-    recomputed: int  # customers whose per-customer tags were recomputed
+    recomputed: ir.Table  # customer_id: whose per-customer tags were recomputed (scratch)
     changed: ir.Table  # customer_id: whose tags may differ from before (a scratch table)
 
 
@@ -90,8 +89,11 @@ def refresh_tags(
 ) -> TagRefresh:
     """Bring ``tag_values`` up to the clock, recomputing per-customer tags only where needed.
 
-    ``changed``: customers (``customer_id``) whose profile row or traits changed since the
-    tag run at ``since``, including customers who are gone (their rows go).
+    ``changed``: customers (``customer_id``) whose profile row, traits or attributed events
+    changed since the tag run at ``since``, including customers who are gone (their rows go).
+
+    Few queries, since at small sizes each costs more than the rows it reads: who to
+    recompute, the new rows, who changed, then one delete and one insert.
     """
     now = clock.now()
     root = root or Path()
@@ -103,60 +105,49 @@ def refresh_tags(
         windows = [timedelta(days=t.window_days) for t in events.values() if t.window_days]
         todo = todo.union(crossed(engine, since, now, windows))
     todo = engine.scratch("tags_todo", todo.distinct())
-    recomputed = int(todo.count().execute())
     computed_at = ibis.literal(now).cast(TS)
     events_at = _latest(engine, "events", "received_at")
-    shared = shared_events(engine, events, now, todo)
     old = engine.table(TAG_VALUES)
+    cols = ["customer_id", "tag", "value"]
     with ExitStack() as stack:
         plans = {
-            n: plan_tag(engine, t, now, root, stack, events_at, shared.get(n), todo)
-            for n, t in per.items()
+            n: plan_tag(engine, t, now, root, stack, events_at, None, todo) for n, t in per.items()
         }
         plans |= {n: plan_tag(engine, t, now, root, stack, events_at) for n, t in whole.items()}
-        fresh_per = tag_rows({n: plans[n] for n in per}, computed_at)
-        fresh_whole = tag_rows({n: plans[n] for n in whole}, computed_at)
-        new_parts = []
-        cols = ["customer_id", "tag", "value"]
-        moved: ir.Table | None = None
-        if fresh_whole is not None:
-            new_whole = engine.scratch("tags_new_whole", engine.conform(TAG_VALUES, fresh_whole))
-            new_parts.append(new_whole)
-            was = old.filter(old.tag.isin(list(whole))).select(*cols)
-            now_rows = new_whole.select(*cols)
-            moved = (
-                now_rows.anti_join(was, cols)
-                .select("customer_id")
-                .union(was.anti_join(now_rows, cols).select("customer_id"))
-            )
-        if fresh_per is not None:
-            new_parts.append(engine.scratch("tags_new_per", engine.conform(TAG_VALUES, fresh_per)))
-        out = todo if moved is None else todo.union(moved)
+        fresh = tag_rows(plans, computed_at)
+        new = (
+            None if fresh is None else engine.scratch("tags_new", engine.conform(TAG_VALUES, fresh))
+        )
+        out = todo
+        if new is not None and whole:
+            names = list(whole)
+            was = old.filter(old.tag.isin(names)).select(*cols)
+            is_ = new.filter(new.tag.isin(names)).select(*cols)
+            moved = is_.anti_join(was, cols).union(was.anti_join(is_, cols))
+            out = out.union(moved.select("customer_id"))
         changed_out = engine.scratch("tags_changed", out.distinct())
-        _write(engine, old, list(per), todo, new_parts)
+        _write(engine, old, list(per), todo, new)
     counts = record_runs(engine, tags, plans, now)
-    return TagRefresh(counts, recomputed, changed_out)
+    return TagRefresh(counts, todo, changed_out)
 
 
 def _write(
-    engine: Engine, old: ir.Table, per: list[str], todo: ir.Table, new_parts: list[ir.Table]
+    engine: Engine, old: ir.Table, per: list[str], todo: ir.Table, new: ir.Table | None
 ) -> None:
     """Rows of per-customer tags for ``todo`` and every row of other tags out; new rows in.
 
     Rows of tags no longer defined go too (as a full build drops them).
     """
-    stale = old.tag.isin(per) if per else ibis.literal(False)
-    kept = old.filter(stale).anti_join(todo, "customer_id")
+    mine = old.tag.isin(per) if per else ibis.literal(False)
     if not engine.can("temp_tables"):  # no DELETE (Spark): the table replaced whole
-        union = kept
-        for p in new_parts:
-            union = union.union(p, distinct=False)
+        union = old.filter(mine).anti_join(todo, "customer_id")
+        if new is not None:
+            union = union.union(new, distinct=False)
         engine.replace(TAG_VALUES, engine.scratch("tags_all", union))
         return
-    mine = old.filter(stale).semi_join(todo, "customer_id").select("customer_id", "tag")
-    others = old.filter(~stale).select("tag").distinct()
+    inside = old.customer_id.isin(todo.customer_id)
+    going = old.filter(~mine | inside).select("customer_id", "tag")
     with engine.transaction():
-        engine.delete_keys(TAG_VALUES, others)
-        engine.delete_keys(TAG_VALUES, mine)
-        for p in new_parts:
-            engine.append(TAG_VALUES, p)
+        engine.delete_keys(TAG_VALUES, going)
+        if new is not None:
+            engine.append(TAG_VALUES, new)
