@@ -48,10 +48,12 @@ def json_string(engine: Engine, column: ir.StringValue, keys: list[str]) -> ir.S
     )
 
 
-def _path_values(engine: Engine, events: ir.Table, t: IdentifierType, path: str) -> ir.Table:
+def _path_values(
+    engine: Engine, events: ir.Table, t: IdentifierType, path: str, ext: ir.Table | None = None
+) -> ir.Table:
     head, *rest = path.split(".")
     if head == "external_ids":
-        ext = engine.table("event_external_ids")
+        ext = engine.table("event_external_ids") if ext is None else ext
         ext = ext.filter(ext.type == rest[0])
         raw = (ext.collection.fill_null("") + ibis.literal(":") + ext.id) if t.scoped else ext.id
         joined = ext.select(ext.message_id, raw_value=raw).join(
@@ -83,16 +85,23 @@ def prepare(engine: Engine, expr: ir.Table) -> ir.Table:
 
 
 def identifier_occurrences(
-    engine: Engine, config: IdentityConfig, events: ir.Table | None = None
+    engine: Engine, config: IdentityConfig, events: ir.Table | None = None, *, few: bool = False
 ) -> ir.Table:
     """Every (message_id, id_type, raw_value, ts) found in the event log, non-empty values only.
 
     ``events`` (rows of the event log) limits the scan to those: an incremental run reads
-    only the events it has not resolved yet.
+    only the events it has not resolved yet. ``few``: they are a small part of the log, so
+    their external ids are copied out first. Why: the non-empty test on the values is pushed
+    below the join onto ``event_external_ids``, and would trim every external id ever logged
+    (measured: 1.2 of 1.3 CPU-s for 21,695 new events among 2.2 million).
     """
     if events is None:
         events = engine.table("events")
-    parts = [_path_values(engine, events, t, p) for t in config.types for p in t.paths]
+    ext: ir.Table | None = None
+    if few and any(p.startswith("external_ids.") for t in config.types for p in t.paths):
+        every = engine.table("event_external_ids")
+        ext = engine.scratch("id_new_external_ids", every.semi_join(events, "message_id"))
+    parts = [_path_values(engine, events, t, p, ext) for t in config.types for p in t.paths]
     union = parts[0]
     for p in parts[1:]:
         union = union.union(p, distinct=False)

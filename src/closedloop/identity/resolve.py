@@ -232,7 +232,7 @@ def _run(
 ) -> ResolveResult | None:
     """One run on the path ``p`` chose; None if an incremental run's region is not closed."""
     inc = p.path == INCREMENTAL
-    occ = engine.scratch("id_occ", identifier_occurrences(engine, config, p.events))
+    occ = engine.scratch("id_occ", identifier_occurrences(engine, config, p.events, few=inc))
     # The messages this run resolved: those it found a raw identifier in (a message without
     # any is read again next time, and again yields nothing).
     seen = engine.scratch("id_seen", occ.select("message_id").distinct())
