@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import tempfile
@@ -168,12 +169,21 @@ def accuracy(
     return fig
 
 
+def memory_size(text: str) -> str:
+    """A size such as ``6GB`` (checked: it goes into a SET statement)."""
+    if not re.fullmatch(r"\d+(\.\d+)?[KMGT]i?B", text):
+        raise argparse.ArgumentTypeError(f"not a size like 6GB or 512MiB: {text!r}")
+    return text
+
+
 def _cpu() -> float:
     """CPU seconds of this process, every thread (DuckDB's too)."""
     return time.process_time()
 
 
-def accuracy_only(persons: int, root: Path, *, identity_only: bool = True) -> dict[str, Any]:
+def accuracy_only(
+    persons: int, root: Path, *, identity_only: bool = True, memory_limit: str = ""
+) -> dict[str, Any]:
     """Generate, load, resolve once (full), score: the accuracy figures alone.
 
     ``identity_only`` generates only the messages that show identity evidence not shown
@@ -190,6 +200,11 @@ def accuracy_only(persons: int, root: Path, *, identity_only: bool = True) -> di
     init_project(root / "p", data_dir=relative_data_dir(root / "p", root / "brand" / "data"))
     project = load_project(root / "p")
     with Engine(project.engine_url) as engine:
+        if memory_limit:
+            # DuckDB takes up to 80% of RAM by default: on a shared machine a 1M resolve
+            # grew past 15 GB and starved everything else. A constant statement.
+            engine.con.raw_sql(f"SET memory_limit = '{memory_limit}'")
+            fig["memory_limit"] = memory_limit
         t, c = time.perf_counter(), _cpu()
         load_imports(engine, project)
         fig["load_s"], fig["load_cpu_s"] = _since(t, c)
@@ -387,6 +402,13 @@ def main() -> None:
         help="only accuracy (one full resolve) at --small and --persons, on brands of identity"
         " evidence only; at --small the full brand too, and whether both give one identity map",
     )
+    ap.add_argument(
+        "--memory-limit",
+        type=memory_size,
+        default="",
+        help="with --accuracy-only: DuckDB's memory_limit for the runs (e.g. 6GB; it spills"
+        " to disk beyond it)",
+    )
     args = ap.parse_args()
     fig: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
@@ -405,7 +427,9 @@ def main() -> None:
             print(json.dumps(small_full), flush=True)
             for persons in sorted({args.small, args.persons}):
                 key = f"accuracy_{persons}"
-                fig[key] = accuracy_only(persons, Path(tmp) / str(persons))
+                fig[key] = accuracy_only(
+                    persons, Path(tmp) / str(persons), memory_limit=args.memory_limit
+                )
                 print(json.dumps(fig[key]), flush=True)
                 if persons == args.small:
                     fig["identity_only_same_map"] = same_map(
