@@ -48,6 +48,7 @@ import platform
 import re
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -197,6 +198,7 @@ def accuracy_only(
     summary = generate(root / "brand", persons, identity_only=identity_only)
     fig["generate_s"], fig["generate_cpu_s"] = _since(t, c)
     fig["messages"] = summary.messages
+    _progress(fig)
     init_project(root / "p", data_dir=relative_data_dir(root / "p", root / "brand" / "data"))
     project = load_project(root / "p")
     with Engine(project.engine_url) as engine:
@@ -209,6 +211,7 @@ def accuracy_only(
         load_imports(engine, project)
         fig["load_s"], fig["load_cpu_s"] = _since(t, c)
         fig["events"] = engine.count("events")
+        _progress(fig)
         t, c = time.perf_counter(), _cpu()
         r = resolve(engine, project.identity, Clock(summary.reference_time), incremental=False)
         fig["resolve_s"], fig["resolve_cpu_s"] = _since(t, c)
@@ -216,6 +219,7 @@ def accuracy_only(
         fig["identifiers"] = r.identifiers
         fig["customers"] = r.customers
         fig["probabilistic_links"] = r.probabilistic
+        _progress(fig)
         imap = engine.table("identity_map").select(
             "id_type", "id_value", "customer_id", "quarantined", "first_seen"
         )
@@ -247,6 +251,11 @@ def same_map(a: Path, b: Path) -> bool:
 
 def _since(t: float, c: float) -> tuple[float, float]:
     return round(time.perf_counter() - t, 2), round(_cpu() - c, 2)
+
+
+def _progress(fig: dict[str, Any]) -> None:
+    """The figures so far, on stderr: a long run that is stopped still says how far it got."""
+    print(json.dumps(fig), file=sys.stderr, flush=True)
 
 
 def time_matching(engine: Engine, project: Project) -> dict[str, Any]:
