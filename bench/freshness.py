@@ -1,7 +1,9 @@
 """Benchmark: event → segment-entry latency while ``closedloop serve`` runs (target p95 < 5 s).
 
-Run as ``python bench/freshness.py [--persons N] [--events N] [--gap S]`` (default 10,000
-persons, 60 events, mean gap 1 s). In one run:
+Run as ``python bench/freshness.py [--persons N] [--events N] [--gap S]
+[--incremental-from N]`` (default 10,000 persons, 60 events, mean gap 1 s; tags, segments
+and the lookup store are refreshed only for changed customers from N customers on — the
+server's default, ``serving.live.INCREMENTAL_FROM``, when not given). In one run:
 
 1. a generated brand (``--persons``) is loaded and built in full (``pipeline.build``) into a
    DuckDB warehouse; the project gets a trait ``bench_orders_1d`` (orders in the last day)
@@ -317,8 +319,20 @@ def main() -> None:
     ap.add_argument("--persons", type=int, default=10_000)
     ap.add_argument("--events", type=int, default=60)
     ap.add_argument("--gap", type=float, default=1.0, help="mean seconds between events")
+    ap.add_argument(
+        "--incremental-from",
+        type=int,
+        default=None,
+        help="customers from which tags/segments/lookup refresh incrementally (server default)",
+    )
     args = ap.parse_args()
     fig: dict[str, Any] = {"persons": args.persons, "events": args.events, "gap_s": args.gap}
+    if args.incremental_from is not None:
+        os.environ["CLOSEDLOOP_INCREMENTAL_FROM"] = str(args.incremental_from)  # the server's
+    from closedloop.serving.live import INCREMENTAL_FROM
+
+    fig["incremental_from"] = int(os.environ.get("CLOSEDLOOP_INCREMENTAL_FROM", INCREMENTAL_FROM))
+    fig["load_before"] = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         project, members, prep = prepare(Path(tmp), args.persons, args.events)
         fig.update(prep)
@@ -326,6 +340,7 @@ def main() -> None:
         fig.update(baseline(project, members, key, args.gap))
         fig.update(live(project, members, key, args.gap))
     fig["entry_vs_loader_p95"] = round(fig["entry_p95_s"] / fig["baseline_loader_p95_s"], 1)
+    fig["load_after"] = os.getloadavg()[0]
     fig["machine"] = f"{platform.machine()}, {platform.python_version()}, ibis {ibis.__version__}"
     for k, v in fig.items():
         print(f"{k:>32}: {v}")

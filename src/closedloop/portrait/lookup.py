@@ -9,6 +9,14 @@ profile rows are copied into a SQLite file beside the warehouse (``WAREHOUSE.loo
 whose B-tree keys answer a lookup in tens of microseconds whatever the size. The file is
 written under a temporary name and renamed into place, so a reader never sees half of it.
 
+A live refresh (``closedloop serve``) does not rewrite the file: :func:`update_store`
+replaces, in one SQLite transaction, only the rows of the customers whose profile or
+identifiers changed (``serving.changes`` finds them), and the aliases. It does so only when
+the store is the one the previous refresh left (its ``stamp``, the portrait run it matches)
+and every profile shares one ``computed_at`` (kept once in ``meta``, so unchanged rows need
+no rewrite); otherwise the file is written whole. A crash in the middle rolls back: the
+store is old or new, never half.
+
 Why it cannot go stale: the store records a fingerprint of the warehouse tables it copied
 (a hash over every row of ``identity_map``, ``customer_aliases`` and ``profiles``).
 :class:`ProfileLookup` compares it with the warehouse when it opens and whenever the file
@@ -42,6 +50,8 @@ BATCH = 50_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NAIVE_EPOCH = datetime(1970, 1, 1)  # for a timestamp column without a time zone
 HASH_MOD = 1_000_000_007  # hashes are summed modulo this, so the sum cannot overflow
+VERSION = "2"  # 2: identifiers indexed by customer, stamp and computed_at in meta
+INCREMENTAL_SHARE = 0.2  # more customers changed than this share: write the file whole
 
 
 def serving_path(engine: Engine) -> Path | None:
@@ -105,6 +115,35 @@ class MaterialiseResult:
     bytes: int
 
 
+def stamp(engine: Engine) -> str:
+    """Which portrait run the warehouse's profiles come from ('' when none is recorded)."""
+    if not engine.exists("portrait_runs"):
+        return ""
+    row = engine.con.con.execute("SELECT max(finished_at) FROM portrait_runs").fetchone()
+    return "" if row is None or row[0] is None else row[0].astimezone(UTC).isoformat()
+
+
+def _computed_at(engine: Engine) -> str:
+    """Every profile's ``computed_at`` in microseconds, when they all share one ('' if not)."""
+    if "computed_at" not in engine.table("profiles").columns:
+        return ""
+    n, us = engine.con.con.execute(
+        "SELECT count(DISTINCT computed_at), max(epoch_us(computed_at)) FROM profiles"
+    ).fetchone()
+    return str(us) if n == 1 and us is not None else ""
+
+
+def _meta(engine: Engine, columns: list[tuple[str, str]]) -> dict[str, str]:
+    return {
+        "fingerprint": fingerprint(engine),
+        "columns": json.dumps(columns),
+        "written_at": datetime.now(UTC).isoformat(),
+        "version": VERSION,
+        "stamp": stamp(engine),
+        "computed_at": _computed_at(engine),
+    }
+
+
 def materialise(engine: Engine, path: Path | None = None) -> MaterialiseResult | None:
     """Write the serving store for ``engine`` atomically; None when it has no place for one.
 
@@ -160,11 +199,8 @@ def materialise(engine: Engine, path: Path | None = None) -> MaterialiseResult |
             "WHERE customer_id IS NOT NULL ORDER BY customer_id",
             "INSERT OR REPLACE INTO profiles VALUES (?, ?)",
         )
-        meta = {
-            "fingerprint": fingerprint(engine),
-            "columns": json.dumps(columns),
-            "written_at": datetime.now(UTC).isoformat(),
-        }
+        out.execute("CREATE INDEX identifiers_customer ON identifiers (customer_id)")
+        meta = _meta(engine, columns)
         out.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
         out.execute("COMMIT")
         out.close()
@@ -177,6 +213,81 @@ def materialise(engine: Engine, path: Path | None = None) -> MaterialiseResult |
     return MaterialiseResult(path, ids, aliases, profiles, path.stat().st_size)
 
 
+def update_store(
+    engine: Engine, customers: list[str], previous: str, path: Path | None = None
+) -> MaterialiseResult | None:
+    """Rewrite only ``customers``' identifiers and profile rows (and all aliases) in place.
+
+    ``previous``: the ``stamp`` the store must carry — the portrait run of the refresh that
+    last wrote it, whose state ``customers`` were found against. None (nothing written)
+    when the store is not that one, is of another version or shape, when the profiles do
+    not share one ``computed_at``, or when so many changed that a whole write is cheaper:
+    then call :func:`materialise`.
+    """
+    path = path or serving_path(engine)
+    if path is None or engine.backend != "duckdb" or not path.exists():
+        return None
+    columns = _columns(engine)
+    con = engine.con.con
+    total = con.execute("SELECT count(*) FROM profiles").fetchone()[0]
+    if len(customers) > INCREMENTAL_SHARE * max(total, 1):
+        return None
+    out = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        try:
+            meta = dict(out.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError:
+            return None
+        now = _meta(engine, columns)
+        if (
+            meta.get("version") != VERSION
+            or meta.get("stamp") != previous
+            or meta.get("columns") != now["columns"]
+            or not now["computed_at"]
+        ):
+            return None
+        keys = [(c,) for c in customers]
+        out.execute("BEGIN IMMEDIATE")
+        try:
+            out.executemany("DELETE FROM identifiers WHERE customer_id = ?", keys)
+            out.executemany("DELETE FROM profiles WHERE customer_id = ?", keys)
+            out.execute("DELETE FROM aliases")
+            ids = aliases = profiles = 0
+            if customers:
+                ids = _copy(
+                    con,
+                    out,
+                    "SELECT id_value, id_type, customer_id FROM identity_map "
+                    "WHERE NOT coalesce(quarantined, false) AND list_contains(?, customer_id)",
+                    "INSERT OR REPLACE INTO identifiers VALUES (?, ?, ?)",
+                    [customers],
+                )
+                values = ", ".join(_as_json_value(n, k) for n, k in columns)
+                profiles = _copy(
+                    con,
+                    out,
+                    f"SELECT customer_id, CAST(json_array({values}) AS VARCHAR) FROM profiles "  # noqa: S608 - schema names
+                    "WHERE list_contains(?, customer_id)",
+                    "INSERT OR REPLACE INTO profiles VALUES (?, ?)",
+                    [customers],
+                )
+            if engine.exists("customer_aliases"):
+                aliases = _copy(
+                    con,
+                    out,
+                    "SELECT alias_id, customer_id FROM customer_aliases",
+                    "INSERT OR REPLACE INTO aliases VALUES (?, ?)",
+                )
+            out.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(now.items()))
+            out.execute("COMMIT")
+        except BaseException:
+            out.execute("ROLLBACK")
+            raise
+    finally:
+        out.close()
+    return MaterialiseResult(path, ids, aliases, profiles, path.stat().st_size)
+
+
 def _as_json_value(name: str, kind: str) -> str:
     q = _quote(name)
     if kind in ("timestamp", "naive_timestamp"):
@@ -186,7 +297,13 @@ def _as_json_value(name: str, kind: str) -> str:
     return q
 
 
-def _copy(con: Any, out: sqlite3.Connection, select: str, insert: str) -> int:
+def _copy(
+    con: Any,
+    out: sqlite3.Connection,
+    select: str,
+    insert: str,
+    params: list[Any] | None = None,
+) -> int:
     """Rows of ``select`` (DuckDB) into ``insert`` (SQLite), a batch of Arrow columns at once.
 
     Arrow batches turned into Python lists column by column cost less than DuckDB's
@@ -194,7 +311,7 @@ def _copy(con: Any, out: sqlite3.Connection, select: str, insert: str) -> int:
     that holds the B-tree's right edge, SQLite's inserts are appends.
     """
     cur = con.cursor()
-    reader = cur.execute(select).to_arrow_reader(BATCH)
+    reader = cur.execute(select, params).to_arrow_reader(BATCH)
     n = 0
     for batch in reader:
         columns = [c.to_pylist() for c in batch.columns]
@@ -204,9 +321,15 @@ def _copy(con: Any, out: sqlite3.Connection, select: str, insert: str) -> int:
     return n
 
 
-def _decode(doc: str, columns: list[tuple[str, str]]) -> dict[str, Any]:
+def _decode(
+    doc: str, columns: list[tuple[str, str]], computed_at: int | None = None
+) -> dict[str, Any]:
+    """A stored row; ``computed_at`` (microseconds), when the store keeps it in ``meta``,
+    is every row's (rows a live refresh did not rewrite keep an older one in the doc)."""
     row: dict[str, Any] = {}
     for (name, kind), v in zip(columns, json.loads(doc), strict=True):
+        if name == "computed_at" and computed_at is not None:
+            v = computed_at
         if v is not None and kind == "timestamp":
             v = EPOCH + timedelta(microseconds=v)
         elif v is not None and kind == "naive_timestamp":
@@ -237,6 +360,7 @@ class ProfileLookup:
     _db: sqlite3.Connection | None = field(default=None, init=False, repr=False)
     _stat: tuple[int, int] | None = field(default=None, init=False, repr=False)
     _columns: list[tuple[str, str]] = field(default_factory=list, init=False, repr=False)
+    _computed_at: int | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def open(
@@ -288,6 +412,7 @@ class ProfileLookup:
             db.close()  # stale: the warehouse changed after the store was written
             return
         self._columns = [(n, k) for n, k in json.loads(meta["columns"])]
+        self._computed_at = int(meta["computed_at"]) if meta.get("computed_at") else None
         self._db = db
 
     def _current(self) -> None:
@@ -404,7 +529,7 @@ class ProfileLookup:
             row = self._db.execute(
                 "SELECT doc FROM profiles WHERE customer_id = ?", (cid,)
             ).fetchone()
-            return None if row is None else _decode(row[0], self._columns)
+            return None if row is None else _decode(row[0], self._columns, self._computed_at)
         if not self.engine.exists("profiles"):
             return None
         p = self.engine.table("profiles")

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 from datetime import timedelta
 from pathlib import Path
 
-from closedloop.serving.live import DEFAULT_INTERVAL, LiveRefresher
+from closedloop.serving.live import DEFAULT_INTERVAL, INCREMENTAL_FROM, LiveRefresher
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,14 @@ def main(argv: list[str] | None = None) -> None:
     refresher = (
         None
         if args.no_refresh
-        else LiveRefresher(project, interval=args.refresh_interval or None, report=log.info)
+        else LiveRefresher(
+            project,
+            interval=args.refresh_interval or None,
+            report=log.info,
+            # Where incremental tags, segments and lookup start (live.INCREMENTAL_FROM);
+            # an environment setting so benchmarks can compare both paths.
+            incremental_from=int(os.environ.get("CLOSEDLOOP_INCREMENTAL_FROM", INCREMENTAL_FROM)),
+        )
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -33,3 +33,29 @@ LIVE_REFRESHES = declare(
         erasure=Erasure.NONE,
     )
 )
+
+LIVE_DIGESTS = declare(
+    TableSpec(
+        name="live_digests",
+        stage="segments",
+        description="Per customer, a digest of the profile row (all but computed_at) and of "
+        "the identifiers, as the last live refresh left them: the next one compares them to "
+        "find whose tags, segments and served profile to recompute (serving.changes).",
+        columns={"customer_id": "string", "profile": "int64", "identity": "int64"},
+        key=("customer_id",),
+        erasure=Erasure.DELETE_BY_CUSTOMER,
+        erasure_column="customer_id",
+    )
+)
+
+LIVE_STATE = declare(
+    TableSpec(
+        name="live_state",
+        stage="segments",
+        description="What the digests in live_digests describe: the clock of the refresh "
+        "that wrote them, the portrait run it followed, and the definitions it used.",
+        columns={"as_of": TS, "portrait_run": TS, "definitions": "string"},
+        key=("as_of",),
+        erasure=Erasure.NONE,
+    )
+)
