@@ -50,6 +50,7 @@ class Crash(Exception):
 def setup(engine: Engine, root: Path) -> tuple[Project, Path]:
     for name in engine.con.list_tables():  # a fresh warehouse in the same database
         engine.con.drop_table(name)
+    engine.forget()  # tables dropped behind the engine's back (it remembers what exists)
     project = make_project(root / "p", {"cart": JOURNEY})
     ids = [f"c{i:03d}" for i in range(12)]
     set_profiles(
