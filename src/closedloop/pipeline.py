@@ -91,7 +91,7 @@ def check_project(project: Project) -> list[Problem]:
         problems += check_segment(seg, project_fields(project))
     problems += segment_order(project)[1]
     for c in project.campaigns.values():
-        problems += check_templates(c)
+        problems += check_templates(c, project.tags)
     if (project.root / "tracking_plans").is_dir():  # plans need the server extra's schemas
         from closedloop.collect.tracking_plan import check_tracking_plans
 

@@ -26,6 +26,7 @@ from closedloop.core.definitions import CampaignDef, SegmentDef
 from closedloop.core.engine import Engine
 from closedloop.predict.recommend import RECOMMENDATIONS
 from closedloop.segments.audience import Fields, evaluate_segment
+from closedloop.tags.tables import TAG_VALUES
 from tests.conftest import event_rows
 from tests.segments.test_audience import set_profiles
 
@@ -68,9 +69,23 @@ def test_the_fallback_reads_no_profile_data_and_recommended_fields_are_checked()
     assert problems(good) == []
 
 
+def test_tags_are_read_by_name_and_unknown_tags_fail_validation() -> None:
+    c = campaign(template="For a {{ tags.style or 'tea lover' }}: {{ tags['tier_band'] or '' }}")
+    assert check_templates(c, ["style", "tier_band"]) == []
+    (p,) = [str(x) for x in check_templates(c, ["style"])]
+    assert "[template]" in p and "unknown tag 'tier_band'" in p and "style" in p
+    bare = [str(x) for x in check_templates(campaign(template="{{ tags.style }}"), ["style"])]
+    assert len(bare) == 1 and "prints tags" in bare[0]  # a tag profiles the person
+    tested = campaign(template="{% if tags.style == 'oolong' %}Oolong for you{% endif %}")
+    assert check_templates(tested, ["style"]) == []  # a test never prints the tag
+    dyn = campaign(template="{% for k in ['style'] %}{{ tags[k] or '' }}{% endfor %}")
+    assert any("computed name" in str(x) for x in check_templates(dyn, ["style"]))
+
+
 # ---- in a run -----------------------------------------------------------------------------
 SENTINEL = {"top_category": "CAT-SECRET", "city": "CITY-SECRET"}
 PRODUCT = "PRODUCT-SECRET"
+TAG = "TAG-SECRET"
 
 
 def setup(engine: Engine, refused: dict[str, bool | None], n: int) -> None:
@@ -122,6 +137,11 @@ def setup(engine: Engine, refused: dict[str, bool | None], n: int) -> None:
     engine.replace(
         "recommendations", pa.Table.from_pylist(recs, RECOMMENDATIONS.schema.to_pyarrow())
     )
+    tags = [  # every other person has a style tag
+        {"customer_id": f"c{i:03d}", "tag": "style", "value": f"{TAG}-{i}", "computed_at": NOW}
+        for i in range(0, n, 2)
+    ]
+    engine.replace("tag_values", pa.Table.from_pylist(tags, TAG_VALUES.schema.to_pyarrow()))
 
 
 TEMPLATES = [
@@ -133,6 +153,7 @@ TEMPLATES = [
         "fallback_template": "Hello {{ name }}, see our best sellers",
     },
     {"template": "{% if recommended %}{{ recommended[0].name }}{% else %}new teas{% endif %}"},
+    {"template": "For a {{ tags.style or 'tea lover' }}, {{ name }}"},
 ]
 
 
@@ -159,12 +180,16 @@ def test_no_personalised_content_ever_reaches_a_person_who_refused_it(
     assert run.outbox is not None
     for m in map(json.loads, run.outbox.read_text().splitlines()):
         text = m["subject"] + m["body"]
-        personal = any(s in text for s in [*SENTINEL.values(), PRODUCT])
+        personal = any(s in text for s in [*SENTINEL.values(), PRODUCT, TAG])
         if refused[m["customer_id"]] is False:  # refused: never anything of the profile
             assert not m["personalised"] and not personal, m
             assert "None" not in text
+        elif which == len(TEMPLATES) - 1 and int(m["customer_id"][1:]) % 2:  # has no tag
+            assert m["personalised"] and TAG not in text and "tea lover" in text, m
         else:  # never stated or granted: the personalised message
             assert m["personalised"] and personal, m
+            if which == len(TEMPLATES) - 1:  # each person their own tag's value
+                assert f"{TAG}-{int(m['customer_id'][1:])}," in text, m
     assert run.sent > 0
 
 
@@ -206,3 +231,23 @@ def test_a_declared_personalisation_trait_is_honoured_too(engine: Engine, tmp_pa
         m["customer_id"]: m["body"] for m in map(json.loads, run.outbox.read_text().splitlines())
     }
     assert all((b == "teas") == (cid in {"c000", "c001", "c003"}) for cid, b in got.items())
+
+
+def test_each_person_gets_their_own_tags(engine: Engine, tmp_path: Path) -> None:
+    setup(engine, {"c002": False}, 4)  # c002 refused personalisation
+    c = campaign(template="For a {{ tags.style or 'tea lover' }}, {{ name }}")
+    run = run_campaign(engine, c, outbox_dir=tmp_path, occasion="o", clock=Clock(NOW))
+    assert run.outbox is not None
+    bodies = {
+        m["customer_id"]: m["body"] for m in map(json.loads, run.outbox.read_text().splitlines())
+    }
+    expected = {
+        "c000": f"For a {TAG}-0, N0",
+        "c001": "For a tea lover, N1",  # no style tag
+        "c002": "For a tea lover, N2",  # has one, but refused personalisation
+        "c003": "For a tea lover, N3",
+    }
+    assert {k: v for k, v in bodies.items() if k in expected} == {
+        k: v for k, v in expected.items() if k in bodies
+    }
+    assert "c000" in bodies and "c002" in bodies  # a 1% holdout of four people keeps them

@@ -55,6 +55,7 @@ from closedloop.activate.policy import (
 )
 from closedloop.activate.templates import (
     RECOMMENDED,
+    TAGS,
     check_templates,
     depersonalise,
     personalised,
@@ -135,6 +136,34 @@ def uses_recommended(campaign: CampaignDef) -> bool:
 
 
 MANY = 20_000  # above this many people, read a whole table rather than an id list
+
+
+def used_tags(campaign: CampaignDef) -> list[str]:
+    """Tag names the campaign's templates read (``tags.NAME``)."""
+    names: set[str] = set()
+    for text in all_texts(campaign):
+        names |= uses(text).tags
+    return sorted(names)
+
+
+def tag_contexts(
+    engine: Engine, campaign: CampaignDef, people: Sequence[str]
+) -> dict[str, dict[str, str | None]]:
+    """Each person's ``tags`` for the templates: every tag they read, None where the person
+    has no value (a template must guard it as it guards any profile field)."""
+    names = used_tags(campaign)
+    if not people or not names:
+        return {}
+    tv = engine.table("tag_values")
+    tv = tv.filter(tv.tag.isin(names))
+    if len(people) <= MANY:
+        tv = tv.filter(tv.customer_id.isin(list(people)))
+    out = {p: dict.fromkeys(names) for p in people}
+    for r in tv.select("customer_id", "tag", "value").to_pyarrow().to_pylist():
+        got = out.get(r["customer_id"])
+        if got is not None:
+            got[r["tag"]] = r["value"]
+    return out
 
 
 def refusing(engine: Engine, campaign: CampaignDef, people: Sequence[str]) -> set[str]:
@@ -310,6 +339,7 @@ def run_campaign(
     refused = refusing(engine, campaign, to_send)
     recommended = recommended_lists(engine, campaign, to_send)
     with_recs = uses_recommended(campaign)
+    tags = tag_contexts(engine, campaign, to_send)
     decided_iso = now.isoformat()
     for i in range(n):
         if status[i] != "sent":
@@ -319,6 +349,8 @@ def run_campaign(
         ctx.update(offer=offer, campaign=campaign.name)
         if with_recs:
             ctx[RECOMMENDED] = recommended.get(cid[i], [])
+        if tags:
+            ctx[TAGS] = tags[cid[i]]
         at = send_at[i]
         subject, body = render[variant[i]]
         personal = cid[i] not in refused
@@ -722,6 +754,8 @@ def preview_campaign(
         )
         if uses_recommended(message):
             ctx[RECOMMENDED] = recommended_lists(engine, message, [cid]).get(cid, [])
+        if used_tags(message):
+            ctx[TAGS] = tag_contexts(engine, message, [cid])[cid]
         texts = {v: (sub, body) for v, sub, body in message_texts(message)}
         subject, body = texts[(chosen or "") if message.variants else ""]
         if refused:

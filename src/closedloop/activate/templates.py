@@ -1,14 +1,16 @@
 """Message content: Jinja2's sandbox with strict undefined, checked before anything is sent.
 
-A template may only read profile fields, the campaign's offer and ``recommended`` (the
-customer's next-best products from ``predict.recommend``, each with the fields in
-``predict.recommend.FIELDS``); an unknown name is a validation error (not a blank in a
-customer's message), and the sandbox stops templates from reaching Python internals.
+A template may only read profile fields, the person's tags as ``tags.NAME`` (or
+``tags['NAME']``: the tag catalogue's names, a value as text or None when the person has
+none), the campaign's offer and ``recommended`` (the customer's next-best products from
+``predict.recommend``, each with the fields in ``predict.recommend.FIELDS``); an unknown name
+or tag is a validation error (not a blank in a customer's message), and the sandbox stops
+templates from reaching Python internals.
 
 Personalised content: a person who refused personalisation (``activate.policy``) may still
 get marketing they consented to, but never content drawn from their profile. Their render
 context is *depersonalised* — every profile field outside ``NOT_PERSONAL`` (how we address
-them and their membership account) is None and ``recommended`` is empty — so nothing
+them and their membership account) is None, every tag None and ``recommended`` empty — so nothing
 personal can reach their message whatever the template says. A template that would then
 print a blank (a personal field used outside ``x or 'default'``, ``x|default(..)``, an
 ``if`` test or a ``for`` over ``recommended``) needs the campaign's ``fallback_template``:
@@ -17,7 +19,7 @@ validation says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -32,12 +34,13 @@ from closedloop.predict.recommend import FIELDS as RECOMMENDED_FIELDS
 
 ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 RECOMMENDED = "recommended"
-ALLOWED = set(PROFILES.columns) | {"offer", "campaign", RECOMMENDED}
+TAGS = "tags"
+ALLOWED = set(PROFILES.columns) | {"offer", "campaign", RECOMMENDED, TAGS}
 NOT_PERSONAL = frozenset(
     {"customer_id", "name", "email", "phone", "member_id", "timezone", "tier", "points"}
 )
 """Profile fields that address the person or state their account, not profile them."""
-PERSONAL = frozenset((set(PROFILES.columns) | {RECOMMENDED}) - NOT_PERSONAL)
+PERSONAL = frozenset((set(PROFILES.columns) | {RECOMMENDED, TAGS}) - NOT_PERSONAL)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class Uses:
     names: frozenset[str]
     bare_personal: frozenset[str]  # would print a blank for a person who refused personalisation
     bad_item_fields: frozenset[str]
+    tags: frozenset[str] = frozenset()  # tag names read as tags.NAME or tags['NAME']
+    dynamic_tags: bool = False  # tags[...] with a computed name: cannot be checked
 
 
 @lru_cache(maxsize=256)
@@ -67,9 +72,20 @@ def uses(text: str) -> Uses:
         key = gi.arg.value if isinstance(gi.arg, nodes.Const) else None
         if _is_item(gi.node, loop_vars) and isinstance(key, str) and key not in RECOMMENDED_FIELDS:
             bad.add(key)
+    tags: set[str] = set()
+    dynamic = False
+    for g in ast.find_all(nodes.Getattr):
+        if isinstance(g.node, nodes.Name) and g.node.name == TAGS:
+            tags.add(g.attr)
+    for gi in ast.find_all(nodes.Getitem):
+        if isinstance(gi.node, nodes.Name) and gi.node.name == TAGS:
+            if isinstance(gi.arg, nodes.Const) and isinstance(gi.arg.value, str):
+                tags.add(gi.arg.value)
+            else:
+                dynamic = True
     bare: set[str] = set()
     _bare(ast, None, bare)
-    return Uses(names, frozenset(bare & PERSONAL & names), frozenset(bad))
+    return Uses(names, frozenset(bare & PERSONAL & names), frozenset(bad), frozenset(tags), dynamic)
 
 
 def _is_item(node: nodes.Node, loop_vars: set[str]) -> bool:
@@ -106,6 +122,8 @@ def _bare(
         for kid in kids:
             if not isinstance(kid, nodes.Node):
                 continue
+            if isinstance(node, nodes.If | nodes.CondExpr) and field_name == "test":
+                continue  # a test is never printed, however deep the name sits in it
             guarded = (
                 (isinstance(node, nodes.Or) and field_name == "left")
                 or (isinstance(node, nodes.If | nodes.CondExpr) and field_name == "test")
@@ -126,15 +144,22 @@ def depersonalise(ctx: dict[str, Any]) -> dict[str, Any]:
     out = {k: (None if k in PERSONAL else v) for k, v in ctx.items()}
     if RECOMMENDED in ctx:
         out[RECOMMENDED] = []
+    if TAGS in ctx:
+        out[TAGS] = dict.fromkeys(ctx[TAGS])
     return out
 
 
-def check_templates(campaign: CampaignDef) -> list[Problem]:
+def check_templates(
+    campaign: CampaignDef, tag_names: Collection[str] | None = None
+) -> list[Problem]:
     """Every version of the message (the campaign's, each variant's and the fallback's subject
     and template): valid syntax, only known fields (and product fields of ``recommended``), an
     offer only if the campaign has one, no personal field at all in the fallback, and a
     fallback wherever a person who refused personalisation would otherwise get a blank — so
-    a missing field is a validation error, not a blank in a customer's message."""
+    a missing field is a validation error, not a blank in a customer's message.
+
+    ``tag_names``: the project's tag catalogue; with it, every ``tags.NAME`` must name one.
+    """
     versions = [("", "", campaign.subject, campaign.template)]
     versions += [
         (f"variant {v.name!r}: ", f"variants.{i}.", v.subject, v.template)
@@ -164,6 +189,14 @@ def check_templates(campaign: CampaignDef) -> list[Problem]:
                 known = ", ".join(RECOMMENDED_FIELDS)
                 msg = f"{label}unknown product field {name!r} of `recommended` in {key} ({known})"
                 problems.append(Problem(where, msg, key=place))
+            if used.dynamic_tags:
+                msg = f"{label}{key} reads tags[...] with a computed name: write tags.NAME"
+                problems.append(Problem(where, msg, key=place))
+            if tag_names is not None:
+                for name in sorted(used.tags - set(tag_names)):
+                    known = ", ".join(sorted(tag_names)) or "none"
+                    msg = f"{label}unknown tag {name!r} in {key} (tags in the catalogue: {known})"
+                    problems.append(Problem(where, msg, key=place))
             if "offer" in used.names and campaign.offer is None:
                 msg = f"{label}{key} uses `offer` but the campaign has none"
                 problems.append(Problem(where, msg, key=place))
