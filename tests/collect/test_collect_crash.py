@@ -13,6 +13,7 @@ import http.client
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -48,7 +49,24 @@ class Procs:
         self.collector: subprocess.Popen[bytes] | None = None
         self.loader: subprocess.Popen[bytes] | None = None
 
+    def port_free(self, seconds: float = 30) -> None:
+        """Wait until nothing listens on the port: the workers of a collector killed a moment
+        ago may still hold the listening socket on a busy machine (the restart would fail with
+        "address already in use")."""
+        deadline = time.monotonic() + seconds
+        while True:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+                try:
+                    s.bind(("127.0.0.1", self.port))
+                    return
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.05)
+
     def start_collector(self) -> None:
+        self.port_free()
         self.collector = subprocess.Popen(
             [
                 sys.executable,
