@@ -95,3 +95,26 @@ def test_a_rolled_back_table_is_not_remembered(engine: Engine) -> None:
         engine.replace("segment_membership", _membership(2))
         raise RuntimeError("half way")
     assert not engine.exists("segment_membership")
+
+
+def test_a_table_made_by_another_engine_between_look_and_create_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads' engines ensuring one table at once: the slower one's create finds it made
+    (CI caught a loader thread dying on 'Table with name "loads" already exists')."""
+    url = f"duckdb:///{tmp_path}/w.duckdb"
+    with Engine(url) as a, Engine(url) as b:
+        real = a.con.list_tables
+        raced = [False]
+
+        def look_then_lose_the_race(*args: Any, **kwargs: Any) -> Any:
+            seen = real(*args, **kwargs)
+            if not raced[0]:
+                raced[0] = True
+                b.replace("segment_membership", _membership(2))  # b wins between look and create
+            return seen
+
+        monkeypatch.setattr(a.con, "list_tables", look_then_lose_the_race)
+        a.append("segment_membership", _membership(1))
+        assert raced[0]
+        assert a.count("segment_membership") == 3

@@ -221,9 +221,18 @@ class Engine:
     # ---- writing -------------------------------------------------------------------------
     def ensure(self, spec: TableSpec) -> None:
         """Create the table empty, with its declared schema, if it does not exist."""
-        if not self.exists(spec.name):
+        if self.exists(spec.name):
+            return
+        try:
             self.con.create_table(spec.name, schema=spec.schema)
-            self._made(spec.name)
+        except Exception:
+            # Another connection (a thread with its own engine, another process) may have
+            # created it between our look and our create: that is the table we wanted.
+            self._names = None
+            if not self.exists(spec.name):
+                raise
+            return
+        self._made(spec.name)
 
     @contextmanager
     def temporary(self, data: pa.Table) -> Iterator[ir.Table]:
