@@ -24,6 +24,7 @@ from closedloop.identity.resolve import ResolveResult, resolve
 from closedloop.portrait.lookup import materialise
 from closedloop.portrait.refresh import RefreshResult, refresh
 from closedloop.portrait.traits import check_trait, trait_dtype
+from closedloop.segments.accounts import contact_segments, segment_batches
 from closedloop.segments.audience import (
     Fields,
     SegmentResult,
@@ -62,8 +63,12 @@ def project_fields(project: Project) -> Fields:
 
 
 def segment_order(project: Project) -> tuple[list[SegmentDef], list[Problem]]:
-    """Segments ordered so each comes after those it names with ``in_segment``; cycles are errors."""
-    deps = {n: segment_dependencies(s) & set(project.segments) for n, s in project.segments.items()}
+    """Segments ordered so each comes after those it names with ``in_segment`` (also inside an
+    account segment's ``contacts``); cycles are errors."""
+    deps = {
+        n: (segment_dependencies(s) | contact_segments(s)) & set(project.segments)
+        for n, s in project.segments.items()
+    }
     ordered: list[SegmentDef] = []
     done: set[str] = set()
     while len(done) < len(deps):
@@ -190,7 +195,8 @@ def build(
     report.tags = build_tags(engine, project.tags, clock, root=project.root)
     step("tags")
     fields = project_fields(project)
-    report.segments = evaluate_segments(engine, segment_order(project)[0], fields, clock)
+    for batch in segment_batches(segment_order(project)[0]):  # customers read by accounts first
+        report.segments |= evaluate_segments(engine, batch, fields, clock)
     record_tag_uses(engine, project, [f"segment:{n}" for n in report.segments], clock)
     step("segments")
     materialise(engine)  # the profile lookup's serving store, rewritten to match this build

@@ -330,12 +330,14 @@ ContactRole = Literal["decision_maker", "finance", "it", "user"]
 
 
 class ContactFilter(_Strict):
-    """Which contacts of an account count: by role, profile fields (all must hold), and what
-    they did (an event leaf evaluated on the contact's own events)."""
+    """Which contacts of an account count: by role, profile fields (all must hold), what
+    they did (an event leaf evaluated on the contact's own events), and ``in_segment``:
+    being a current member of that segment of customers (evaluated before this one)."""
 
     role: list[ContactRole] | None = Field(None, min_length=1)
     where: list[FieldCondition] = Field(default_factory=list)
     did: EventCondition | None = None
+    in_segment: str | None = Field(None, min_length=1)
 
     @field_validator("role", mode="before")
     @classmethod

@@ -6,7 +6,10 @@ a ``contacts`` leaf counts the account's contacts that have a role, match profil
 and did an event — "has a decision maker who requested a demo twice in 30 days" is
 ``{contacts: {role: decision_maker, did: {event: Demo Requested, count: {value: 2},
 within_days: 30}}}``; "at least three contacts in finance or IT" is ``{contacts: {role:
-[finance, it]}, count: {value: 3}}``. A contact's event counts are the customers' own
+[finance, it]}, count: {value: 3}}``; "no decision maker among the churn risks" is
+``{contacts: {role: decision_maker, in_segment: churn_risk}, count: {op: eq, value: 0}}``
+(``in_segment`` inside ``contacts`` names a segment of customers, read from its current
+stays, so it is evaluated first: :func:`contact_segments`, :func:`segment_batches`). A contact's event counts are the customers' own
 (``segments.derived.event_counts``), so the two kinds of segment read events the same way.
 ``in_segment`` names another account segment. Event and sequence leaves are refused here:
 an account does nothing itself; its contacts do. The other way round, a segment of customers
@@ -50,6 +53,7 @@ from closedloop.core.errors import Problem
 from closedloop.portrait.accounts import ACCOUNT_CONTACTS, ACCOUNTS
 from closedloop.portrait.tables import PROFILES
 from closedloop.segments.derived import event_counts
+from closedloop.segments.tables import SEGMENT_MEMBERSHIP
 
 TS = "timestamp('UTC', 6)"
 
@@ -98,6 +102,54 @@ def _check_field(
     return []
 
 
+def contact_segments(seg: SegmentDef) -> set[str]:
+    """The segments of customers whose members this (account) segment's contacts leaves read."""
+    return {
+        leaf.contacts.in_segment
+        for leaf in leaves(seg.where)
+        if isinstance(leaf, ContactsCondition) and leaf.contacts.in_segment is not None
+    }
+
+
+def segment_batches(ordered: Sequence[SegmentDef]) -> list[list[SegmentDef]]:
+    """``ordered`` (dependencies first) cut into runs that can each be evaluated at once.
+
+    A run evaluates its account segments before its segments of customers (customers may
+    read account stays with ``account_in_segment``). An account segment whose contacts must
+    be in a segment of customers of the current run therefore starts a new run: the
+    customers' stays are written before it reads them. Usually there is one run.
+    """
+    batches: list[list[SegmentDef]] = [[]]
+    for seg in ordered:
+        people = {s.name for s in batches[-1] if s.of != "accounts"}
+        if seg.of == "accounts" and contact_segments(seg) & people:
+            batches.append([])
+        batches[-1].append(seg)
+    return [b for b in batches if b]
+
+
+def _contact_segment_problem(
+    seg: SegmentDef, name: str, segments: Sequence[str], account_segments: Sequence[str] | None
+) -> str | None:
+    """What is wrong with ``contacts: {in_segment: name}`` in ``seg``; None if nothing."""
+    customers = [
+        s
+        for s in segments
+        if s != seg.name and (account_segments is None or s not in account_segments)
+    ]
+    if name == seg.name or (account_segments is not None and name in account_segments):
+        return (
+            f"contacts: in_segment {name!r} is a segment of accounts; a contact is a customer: "
+            "name a segment of customers (or use `in_segment` outside `contacts` for accounts)"
+        )
+    if name in segments:
+        return None
+    close = difflib.get_close_matches(name, customers, n=3)
+    hint = f" (did you mean {' or '.join(repr(x) for x in close)}?)" if close else ""
+    known = ", ".join(customers) or "none"
+    return f"contacts: in_segment {name!r} is not a segment of customers{hint} (known: {known})"
+
+
 def check_account_segment(
     seg: SegmentDef, segments: Sequence[str], account_segments: Sequence[str] | None = None
 ) -> list[Problem]:
@@ -126,6 +178,11 @@ def check_account_segment(
             for i, f in enumerate(c.contacts.where):
                 key = f"{path}.contacts.where.{i}"
                 problems.extend(_check_field(f, profiles, where, key, "profile"))
+            name = c.contacts.in_segment
+            if name is not None:
+                msg = _contact_segment_problem(seg, name, segments, account_segments)
+                if msg is not None:
+                    problems.append(Problem(where, msg, key=f"{path}.contacts.in_segment"))
         elif isinstance(c, SegmentRef):
             of = None  # what the named segment selects, when known
             if account_segments is not None and c.in_segment in segments:
@@ -164,6 +221,10 @@ def contact_counts(engine: Engine, leaf: ContactsCondition, as_of: datetime) -> 
         c = j.filter(compile_condition(AllOf(all=list(f.where)), j)).select(
             "account_id", "customer_id", "role"
         )
+    if f.in_segment is not None:
+        m = engine.table(SEGMENT_MEMBERSHIP.name)
+        m = m.filter((m.segment == f.in_segment) & m.exited_at.isnull())
+        c = c.semi_join(m.select("customer_id"), "customer_id")
     if f.did is not None:
         n = event_counts(engine, f.did, as_of)
         j = c.left_join(n, "customer_id").drop("customer_id_right")
@@ -207,6 +268,8 @@ def qualifying(seg: SegmentDef) -> dict[str, str]:
         elif isinstance(leaf, ContactsCondition):
             f = leaf.contacts
             label = "contacts" + (f" ({', '.join(f.role)})" if f.role else "")
+            if f.in_segment is not None:
+                label += f" in {f.in_segment}"
             if f.did is not None:
                 window = f" in {f.did.within_days}d" if f.did.within_days else ""
                 label += f" who did {f.did.event}{window}"

@@ -13,6 +13,8 @@ customer's membership can change only if something the condition reads changed f
   (since - D, as_of - D]), or past a sequence's ``within`` (an absent step's deadline);
 * for segments naming other segments (``in_segment``), the customers who entered or left
   those in this run — segments are evaluated in dependency order, so they are known.
+  An account segment whose contacts must be in a segment of customers is evaluated after
+  that segment's moves are written (``segments.accounts.segment_batches``).
 
 Everyone else's condition reads exactly what it read before, so their stays are left as
 they are. The condition's value for the customers evaluated is that of a full evaluation,
@@ -40,6 +42,7 @@ from closedloop.core.definitions import SegmentDef
 from closedloop.core.definitions.segments import account_target
 from closedloop.core.engine import Engine
 from closedloop.core.errors import DefinitionError
+from closedloop.segments.accounts import evaluate_account_segment, segment_batches
 from closedloop.segments.audience import (
     TS,
     Fields,
@@ -107,26 +110,44 @@ def evaluate_changed(
     one materialised table of its moves (stays closing and opening); the open stays
     counted once before, the moves once after, one write.
     """
-    as_of = clock.now()
-    now = ibis.literal(as_of).cast(TS)
     if not segs:
         return {}
     problems = kind_problems(segs)
     if problems:
         raise DefinitionError(problems)
     done: dict[str, SegmentResult] = {}
-    accounts = [s for s in segs if s.of == "accounts"]
-    if accounts:  # whole, first (customer segments may read their stays)
-        from closedloop.segments.accounts import evaluate_account_segment
+    moved: dict[str, ir.Table] = {}  # per segment of customers: who entered or left it
+    base = changed.select("customer_id")
+    for b, batch in enumerate(segment_batches(segs)):
+        done |= _evaluate_batch(engine, batch, fields, clock, base, moved, since, b)
+    return {s.name: done[s.name] for s in segs}
 
-        for s in accounts:
-            done[s.name] = SegmentResult(s.name, *evaluate_account_segment(engine, s, clock))
+
+def _evaluate_batch(
+    engine: Engine,
+    segs: Sequence[SegmentDef],
+    fields: Fields,
+    clock: Clock,
+    base: ir.Table,
+    moved: dict[str, ir.Table],
+    since: datetime,
+    batch: int,
+) -> dict[str, SegmentResult]:
+    """One run of ``segment_batches``: its account segments whole, then its segments of
+    customers for those in scope, their moves written at once (before the next run reads
+    them). ``moved`` gains this run's moves for the runs after it."""
+    as_of = clock.now()
+    now = ibis.literal(as_of).cast(TS)
+    done: dict[str, SegmentResult] = {}
+    accounts = [s for s in segs if s.of == "accounts"]
+    for s in accounts:  # whole, first (customer segments may read their stays)
+        done[s.name] = SegmentResult(s.name, *evaluate_account_segment(engine, s, clock))
     people = [s for s in segs if s.of != "accounts"]
+    if not people:
+        return done
     m = engine.table(MEMBERSHIP)
     open_all = m.filter(m.exited_at.isnull() & m.segment.isin([s.name for s in people]))
     sizes = _counts(open_all.group_by("segment").aggregate(n=open_all.count()))
-    base = changed.select("customer_id")
-    moved: dict[str, ir.Table] = {}
     current: dict[str, ir.Table] = {}
     tables: list[ir.Table] = []
     for i, seg in enumerate(people):
@@ -144,7 +165,7 @@ def evaluate_changed(
             exited_at=ibis.null(TS),
             kind=ibis.literal("in"),
         )
-        moves = engine.scratch(f"seg_moves_{i}", leaving.union(arriving, distinct=False))
+        moves = engine.scratch(f"seg_moves_{batch}_{i}", leaving.union(arriving, distinct=False))
         tables.append(moves)
         out = moves.filter(moves.kind == "out").select("customer_id")
         current[seg.name] = (
@@ -153,8 +174,6 @@ def evaluate_changed(
             .union(moves.filter(moves.kind == "in").select("customer_id"), distinct=False)
         )
         moved[seg.name] = moves.select("customer_id")
-    if not tables:
-        return {s.name: done[s.name] for s in segs}
     all_moves = _union(tables)
     counts = _counts(
         all_moves.group_by(["segment", "kind"]).aggregate(n=all_moves.count()), ("segment", "kind")
@@ -162,9 +181,9 @@ def evaluate_changed(
     for seg in people:
         n_in, n_out = counts.get((seg.name, "in"), 0), counts.get((seg.name, "out"), 0)
         done[seg.name] = SegmentResult(seg.name, sizes.get(seg.name, 0) - n_out + n_in, n_in, n_out)
-    if any(r.entered or r.exited for n, r in done.items() if n not in {a.name for a in accounts}):
+    if any(done[s.name].entered or done[s.name].exited for s in people):
         _write(engine, all_moves)
-    return {s.name: done[s.name] for s in segs}
+    return done
 
 
 def _counts(t: ir.Table, keys: tuple[str, ...] = ("segment",)) -> dict[Any, int]:
