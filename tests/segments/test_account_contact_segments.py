@@ -96,7 +96,7 @@ worlds = st.fixed_dictionaries(
 
 
 def _stay_rows(stays: dict[tuple[str, str], str]) -> pa.Table:
-    rows = []
+    rows: list[tuple[str, str, datetime, datetime | None]] = []
     day = timedelta(days=1)
     for (c, s), state in stays.items():
         if state in ("closed", "closed_open"):
