@@ -41,14 +41,31 @@ incremental run therefore refits it over every record — kept per message in
 that appeared, vanished or changed (score, evidence) since the last run is touched too. The
 scored pairs are few, so the region stays small.
 
+**Finding the new events without reading the whole log.** Every message a run reads is
+listed in ``identity_messages`` (with or without identifiers), and each run records a
+*watermark* in ``identity_runs``: the latest ``received_at`` it read. The next run takes as
+candidates only the events received since the watermark less ``WATERMARK_LAG`` (or with no
+``received_at``), minus those already listed — a scan the warehouse's min/max statistics
+trim to the newest part of the log. ``received_at`` is stamped when the collector accepts a
+message, not when the loader commits it, so an event can land late with an older stamp (a
+spool written behind a newer one, a long file import), or a message can be erased, or logged
+twice. The watermark is therefore only trusted after a check that the log holds exactly the
+listed messages plus the candidates: their counts and an XOR of 64-bit hashes of their ids
+(two scans of one column each, no join) must agree. If they do not, the run says so and
+finds its new events by the anti-join of the whole log against ``identity_messages``, which
+then decides as before between an incremental run, an erasure and a repeated id (full).
+Engines without a hash aggregate (Spark) always take the anti-join.
+
 The path taken and why are recorded in ``identity_runs``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import ibis
+import ibis.common.exceptions as ibis_errors
 import ibis.expr.types as ir
 
 from closedloop.core.definitions import IdentityConfig
@@ -58,6 +75,9 @@ from closedloop.core.ids import stable_hash64
 SEP = "\x1f"
 FULL = "full"
 INCREMENTAL = "incremental"
+# How far before the watermark candidates are still read: events stamped this much before
+# the latest one read but committed after it are found without the whole-log anti-join.
+WATERMARK_LAG = timedelta(minutes=15)
 
 
 @dataclass(frozen=True)
@@ -68,6 +88,7 @@ class Plan:
     why: str
     events: ir.Table  # the events this run reads identifiers from: all, or the new ones
     new_messages: int  # how many new events an incremental run reads (0 when full)
+    watermark: datetime | None = None  # the latest ``received_at`` read so far (None: unknown)
 
 
 def config_digest(config: IdentityConfig) -> str:
@@ -90,7 +111,90 @@ def last_run(engine: Engine) -> dict[str, object] | None:
 
 
 def full_plan(engine: Engine, why: str) -> Plan:
-    return Plan(FULL, why, engine.table("events"), 0)
+    events = engine.table("events")
+    # Read before the events: a later event stamped earlier only makes the next check fail.
+    mark = events.received_at.max().execute()
+    return Plan(FULL, why, events, 0, _instant(mark))
+
+
+def _instant(value: object) -> datetime | None:
+    """A timestamp read back from the warehouse as a ``datetime`` (None when missing)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value
+    stamp = getattr(value, "to_pydatetime", None)  # pandas.Timestamp
+    if stamp is None:
+        return None
+    out = stamp()
+    return out if isinstance(out, datetime) and out == out else None
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+@ibis.udf.scalar.builtin(name="hash", signature=(("string",), "uint64"))
+def _duckdb_hash(value: str) -> int:  # type: ignore[empty-body]
+    """DuckDB's 64-bit hash, taken as it is (UBIGINT)."""
+
+
+def _id_hash(engine: Engine, column: ir.StringValue) -> ir.IntegerValue:
+    """A 64-bit hash of each message id.
+
+    Portable form: ``column.hash()``. On DuckDB Ibis casts that hash through BIT to BIGINT,
+    which doubles the cost of the check (measured: 0.10 against 0.05 CPU-s over 2.2 million
+    ids); the XOR below takes DuckDB's unsigned hash as it is.
+    """
+    if engine.backend == "duckdb":
+        return _duckdb_hash(column)
+    return column.hash()
+
+
+def _signature(engine: Engine, t: ir.Table) -> ir.Table:
+    """(count, XOR of the 64-bit hashes of message ids) of ``t``: equal for equal id sets,
+    and different, but for a 2**-64 chance, when one holds an id the other lacks."""
+    return t.aggregate(n=t.count(), x=_id_hash(engine, t.message_id).bit_xor())
+
+
+def _by_watermark(engine: Engine, mark: datetime) -> tuple[Plan | None, str]:
+    """The plan from the events received since ``mark`` less the lag, if the check holds.
+
+    Returns (plan, "") when it does, (None, why not) when the whole log must be read.
+    """
+    events = engine.table("events")
+    seen = engine.table("identity_messages")
+    since = ibis.literal(mark - WATERMARK_LAG, type=events.received_at.type())
+    recent = events.filter(events.received_at.isnull() | (events.received_at >= since))
+    try:
+        log_sig, seen_sig = _signature(engine, events), _signature(engine, seen)
+        engine.con.compile(log_sig)
+    except (ibis_errors.OperationNotDefinedError, ibis_errors.UnsupportedOperationError):
+        return None, f"{engine.backend} has no hash aggregate for the watermark check"
+    # The candidates first: an event appended after them makes the log's side larger, and
+    # the run reads the whole log instead (never wrong, only slower).
+    recent = engine.scratch("id_recent_events", recent)
+    # Listed ones found by a semi-join of the list on the candidates, not an anti-join of
+    # the candidates on the list: an engine hashes the right side of a join (DuckDB always
+    # for anti and semi joins), and the candidates are the few.
+    listed = seen.semi_join(recent.select("message_id"), "message_id")
+    new = engine.scratch("id_new_events", recent.anti_join(listed, "message_id"))
+    cand = new.aggregate(
+        n=new.count(), x=_id_hash(engine, new.message_id).bit_xor(), top=new.received_at.max()
+    )
+    cand = cand.to_pyarrow().to_pylist()[0]
+    # One statement for both sides: the log and the list are read at the same moment.
+    both = log_sig.cross_join(seen_sig.rename(m="n", y="x")).to_pyarrow().to_pylist()[0]
+    n_new = int(cand["n"])
+    # XOR of nothing is null: 0 is its neutral value.
+    xor = int(both["y"] or 0) ^ int(cand["x"] or 0)
+    if int(both["n"]) != int(both["m"]) + n_new or int(both["x"] or 0) != xor:
+        return None, (
+            "the watermark check failed (an event logged late with an older stamp, an "
+            "erasure or a repeated id): new events by the whole log"
+        )
+    why = f"{n_new} new message(s) since the watermark"
+    return Plan(INCREMENTAL, why, new, n_new, _later(mark, _instant(cand["top"]))), ""
 
 
 def plan(engine: Engine, config: IdentityConfig, *, reason: str, allow: bool) -> Plan:
@@ -106,6 +210,12 @@ def plan(engine: Engine, config: IdentityConfig, *, reason: str, allow: bool) ->
         return full_plan(engine, "identity.yaml changed since the last run")
     if last["blocks_digest"] != blocks_digest(engine):
         return full_plan(engine, "identity_blocks changed since the last run")
+    mark = _instant(last.get("watermark"))
+    why_not = "no watermark recorded"
+    if mark is not None:
+        fast, why_not = _by_watermark(engine, mark)
+        if fast is not None:
+            return fast
     seen = engine.table("identity_messages")
     events = engine.table("events")
     # The new events themselves, copied once: every later step reads only these rows, and
@@ -126,7 +236,8 @@ def plan(engine: Engine, config: IdentityConfig, *, reason: str, allow: bool) ->
         # A message id logged twice (collect never does; a hand-made log can): a copy of a
         # resolved message would never count as new, so only a full run reads it.
         return full_plan(engine, "the event log holds a message id more than once")
-    return Plan(INCREMENTAL, f"{n_new} new message(s)", new, n_new)
+    top = _instant(new.received_at.max().execute()) if n_new else None
+    return Plan(INCREMENTAL, f"{n_new} new message(s) ({why_not})", new, n_new, _later(mark, top))
 
 
 def split_node(node: ir.StringValue) -> tuple[ir.StringValue, ir.StringValue]:

@@ -232,11 +232,16 @@ def _run(
 ) -> ResolveResult | None:
     """One run on the path ``p`` chose; None if an incremental run's region is not closed."""
     inc = p.path == INCREMENTAL
-    occ = engine.scratch("id_occ", identifier_occurrences(engine, config, p.events, few=inc))
-    # The messages this run resolved: those it found a raw identifier in (a message without
-    # any is read again next time, and again yields nothing).
-    seen = engine.scratch("id_seen", occ.select("message_id").distinct())
-    n_seen = int(seen.count().execute())
+    read = engine.scratch(
+        "id_occ",
+        identifier_occurrences(engine, config, p.events, few=inc, every_message=True),
+    )
+    # The messages this run read, with or without identifiers: the next run's watermark
+    # check counts every message of the log as read or new (incremental.py).
+    seen = engine.scratch("id_seen", read.select("message_id").distinct())
+    occ = read.filter(read.id_type.notnull())
+    # Those it found a raw identifier in (what ``ResolveResult.new_messages`` counts).
+    n_seen = int(occ.select("message_id").distinct().count().execute())
     mapping = _normalised_values(engine, occ, config)
 
     refused = mapping.filter(mapping.value.isnull())
@@ -548,6 +553,7 @@ def _record_run(
         "new_messages": read,
         "region_identifiers": region_size,
         "ran_at": now,
+        "watermark": p.watermark,
     }
     engine.append("identity_runs", pa.Table.from_pylist([row]))
 
@@ -844,10 +850,18 @@ def _atomic(engine: Engine) -> Iterator[None]:
 
 
 def _upgrade(engine: Engine) -> None:
-    """Bring a ledger written before splits existed to the current schema (action='merge').
+    """Bring tables written by earlier versions to the current schema: a ledger from before
+    splits (action='merge'), runs from before the watermark (null: none known).
 
-    The ledger is appended to, never rebuilt, so its history must survive schema growth.
+    The ledger and the runs are appended to, never rebuilt, so their history must survive
+    schema growth.
     """
+    if engine.exists("identity_runs"):
+        runs = engine.table("identity_runs")
+        if "watermark" not in runs.columns:
+            # Runs from before the watermark: the next run finds its new events by the
+            # whole log, and records one.
+            engine.replace("identity_runs", runs.mutate(watermark=ibis.null("timestamp('UTC', 6)")))
     if not engine.exists("merge_ledger"):
         return
     t = engine.table("merge_ledger")

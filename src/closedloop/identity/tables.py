@@ -234,8 +234,8 @@ IDENTITY_MESSAGES = declare(
     TableSpec(
         name="identity_messages",
         stage="identity",
-        description="Messages of the event log already resolved: the next run's new events "
-        "are those not listed here.",
+        description="Messages of the event log already read (with or without identifiers): "
+        "the next run's new events are those not listed here.",
         columns={"message_id": "string"},
         key=("message_id",),
         erasure=Erasure.DELETE_BY_MESSAGE,
@@ -275,6 +275,9 @@ IDENTITY_RUNS = declare(
             "new_messages": "int64",
             "region_identifiers": "int64",  # identifiers recomputed (all of them when full)
             "ran_at": TS,
+            # The latest ``received_at`` read so far: the next run's new events are looked
+            # for from there (checked, see incremental.py); null when unknown.
+            "watermark": TS,
         },
         key=("run_id",),
         erasure=Erasure.NONE,
