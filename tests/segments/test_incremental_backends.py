@@ -76,14 +76,13 @@ def _world(rng: random.Random) -> tuple[dict[str, Any], dict[str, Any], set[str]
     return first, second, changed
 
 
-@pytest.mark.postgres
-@pytest.mark.parametrize("seed", range(3))
-def test_incremental_segments_equal_full_on_postgres(postgres_url: str, seed: int) -> None:  # noqa: F811
+def check_random_changes(url: str, seed: int) -> None:
+    """Incremental == full on the engine at ``url`` after test_incremental's random changes."""
     rng = random.Random(seed)
     first, second, changed = _world(rng)
     segs = _segments()
     t1 = T0 + timedelta(hours=[1, 5, 26][seed % 3])
-    with Engine(postgres_url) as engine:
+    with Engine(url) as engine:
         engine.replace(
             SEGMENT_MEMBERSHIP.name, SEGMENT_MEMBERSHIP.schema.to_pyarrow().empty_table()
         )
@@ -103,15 +102,16 @@ def test_incremental_segments_equal_full_on_postgres(postgres_url: str, seed: in
     assert any(r.entered or r.exited for r in full.values())  # something moved
 
 
-@pytest.mark.postgres
-def test_account_chain_incremental_equals_full_on_postgres(postgres_url: str) -> None:  # noqa: F811
+def check_account_chain(url: str) -> None:
+    """The contacts-segment chain (customers → accounts → customers → accounts) on ``url``:
+    right members, and incremental == full."""
     rng = random.Random(7)
     ids = [f"c{i:02d}" for i in range(16)]
     first = {c: rng.randint(0, 3) for c in ids}
     second = first | {c: rng.randint(0, 3) for c in rng.sample(ids, 6)}
     moved = {c for c in ids if first[c] != second[c]}
     t1 = chain.NOW + timedelta(hours=1)
-    with Engine(postgres_url) as engine:
+    with Engine(url) as engine:
         for name, spec in (
             (SEGMENT_MEMBERSHIP.name, SEGMENT_MEMBERSHIP),
             (ACCOUNT_MEMBERSHIP.name, ACCOUNT_MEMBERSHIP),
@@ -142,3 +142,14 @@ def test_account_chain_incremental_equals_full_on_postgres(postgres_url: str) ->
             chain._open(engine, ACCOUNT_MEMBERSHIP.name, "account_id").get("buying_accounts", set())
             == buying
         )
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("seed", range(3))
+def test_incremental_segments_equal_full_on_postgres(postgres_url: str, seed: int) -> None:  # noqa: F811
+    check_random_changes(postgres_url, seed)
+
+
+@pytest.mark.postgres
+def test_account_chain_incremental_equals_full_on_postgres(postgres_url: str) -> None:  # noqa: F811
+    check_account_chain(postgres_url)
