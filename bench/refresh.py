@@ -15,6 +15,10 @@ warehouse). On a loaded event log it:
    ``unequal`` counts the differing rows per table and column.
 
 Identity resolution is timed separately (it is the identity stage's, run in both cases).
+Then a clock-only refresh a day later, and a live-like refresh (``live_refresh``: five new
+events, refreshed seconds later). ``--cache DIR`` measures a copy of a warehouse
+``bench/portrait.py`` cached instead of generating one. CPU seconds per step of the
+refreshes are in ``*_steps_cpu_s``; ``load_average`` is ``uptime``'s at start and end.
 The last line printed is one JSON object with every figure.
 """
 
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +37,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import ibis
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import Project, load_project
@@ -111,6 +119,7 @@ def measure_refresh(
         lambda: refresh(engine, project.traits, Clock(as_of), tz)
     )
     assert inc.mode == "incremental", inc
+    fig["incremental_steps_cpu_s"] = inc.steps
     fig["recomputed_customers"] = inc.recomputed
     fig["customers"] = inc.customers
     fig["recomputed_share"] = round(inc.recomputed / max(inc.customers, 1), 4)
@@ -131,7 +140,49 @@ def measure_refresh(
         lambda: refresh(engine, project.traits, Clock(as_of + timedelta(days=1)), tz)
     )
     fig["clock_only_recomputed"] = idle.recomputed
+    fig.update(live_refresh(engine, project, held, as_of + timedelta(days=1)))
     fig["events"] = int(engine.table("events").count().execute())
+    return fig
+
+
+def live_refresh(
+    engine: Engine, project: Project, like: pa.Table, since: datetime, n: int = 5
+) -> dict[str, Any]:
+    """A live refresh's portrait part: ``n`` new events (copies of the first of ``like``
+    under new message ids, two seconds after ``since``), refreshed five seconds after it.
+
+    What ``closedloop serve`` does after each load pass; its cost must not grow with the
+    warehouse. Identity is resolved first (timed apart, the identity stage's).
+    """
+    few = like.slice(0, n)
+    ids = pc.binary_join_element_wise(few["message_id"], pa.scalar("-live"), "")
+    at = pa.array([since + timedelta(seconds=2)] * few.num_rows, few.schema.field("timestamp").type)
+    few = few.set_column(few.schema.get_field_index("message_id"), "message_id", ids)
+    few = few.set_column(few.schema.get_field_index("timestamp"), "timestamp", at)
+    engine.append("events", few)
+    clock = Clock(since + timedelta(seconds=5))
+    resolve(engine, project.identity, clock)
+    r, wall, cpu = timed(lambda: refresh(engine, project.traits, clock, project.config.timezone))
+    changed = -1 if r.changed is None else int(r.changed.count().execute())
+    return {
+        "live_s": wall,
+        "live_cpu_s": cpu,
+        "live_recomputed": r.recomputed,
+        "live_rows_rewritten": changed,
+        "live_steps_cpu_s": r.steps,
+    }
+
+
+def run_cached(src: Path, share: float, root: Path) -> dict[str, Any]:
+    """``measure_refresh`` on a copy of a warehouse ``bench/portrait.py`` cached (its
+    directory holds ``READY`` with the reference time, and the project in ``p``)."""
+    reference = datetime.fromisoformat((src / "READY").read_text())
+    shutil.copytree(src / "p", root / "p")
+    project = load_project(root / "p")
+    fig: dict[str, Any] = {"cache": str(src)}
+    with Engine(project.engine_url) as engine:
+        fig.update(measure_refresh(engine, project, reference, share))
+    fig["machine"] = f"{platform.machine()}, {platform.python_version()}, ibis {ibis.__version__}"
     return fig
 
 
@@ -153,9 +204,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--persons", type=int, default=100_000)
     ap.add_argument("--share", type=float, default=0.01)
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        help="a warehouse bench/portrait.py prepared (e.g. /tmp/closedloop-bench/"
+        "portrait-100000): measured on a copy of it instead of generating one",
+    )
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        fig = run(args.persons, args.share, Path(tmp))
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(dir=args.cache.parent if args.cache else None) as tmp:
+        if args.cache:
+            fig = run_cached(args.cache, args.share, Path(tmp))
+        else:
+            fig = run(args.persons, args.share, Path(tmp))
+    fig["load_average"] = [round(x, 2) for x in (*load, *os.getloadavg())]
     for k, v in fig.items():
         print(f"{k:>28}: {v}")
     print(json.dumps(fig, default=str))

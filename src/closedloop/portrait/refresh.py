@@ -20,15 +20,20 @@ or blocked without any event moving) — it shows on the customer's next event, 
 ``--full``.
 
 What depends on the clock or on everyone — age, recency, lifecycle, RFM ranks, and the
-referral network — is then recomputed for all customers from the stored per-customer rows
-(one row per customer, no events), so "no order in 30 days" becomes true on a scheduled
-refresh with no new events at all.
+referral network — is then recomputed for all customers on a narrow table (the customer id
+and the six stored columns it reads, no events), so "no order in 30 days" becomes true on a
+scheduled refresh with no new events at all; only the rows where those values moved are
+rewritten beside the affected customers' (``RefreshResult.changed``).
 
-Writes are whole-table swaps (``Engine.replace``), but for the snapshot, which gains the new
-events' rows and loses the pairs no longer attributed in one transaction: a crash leaves
-each table as it was or as new, never half-written; the snapshot and the run record are
-written last, so after a crash the next refresh sees the same changes again and redoes them
-(recomputing is idempotent). A snapshot written before it kept the facts means a full build.
+Writes: on engines that delete rows (``temp_tables``), the profile rows and trait rows that
+change are deleted and inserted in one transaction each (every profile's ``computed_at``
+set to the clock in the profiles one); elsewhere (Spark) whole-table swaps
+(``Engine.replace``). The snapshot gains the new events' rows and loses the pairs no longer
+attributed in one transaction. A crash leaves each table as it was or as new, never
+half-written; the snapshot and the run record are written last, so after a crash the next
+refresh sees the same changes again and redoes them (recomputing is idempotent, and rows
+already rewritten compare equal). A snapshot written before it kept the facts means a full
+build.
 """
 
 from __future__ import annotations
@@ -448,7 +453,8 @@ def _write_profiles(
     refresh seconds after the last one that is a handful of rows, so the write no longer
     grows with the warehouse (a whole-table swap was a third of a refresh at 100,000
     persons); a new day moves recency for every buyer and rewrites most rows, as it must.
-    The rows go in one transaction (delete, then insert): readers see old or new.
+    The rows go in one transaction (delete, then insert, then every row's ``computed_at``
+    set to the clock): readers see old or new.
     """
     cols = ["customer_id", *FINISH_INPUTS]
     narrow = keep.select(*cols).union(fresh.select(*cols), distinct=False)
@@ -477,7 +483,24 @@ def _write_profiles(
     with _atomic(engine):
         engine.delete_keys(PROFILES.name, drop)
         engine.con.insert(PROFILES.name, rows)
+        _stamp(engine, PROFILES.name, as_of)
     return drop
+
+
+def _stamp(engine: Engine, name: str, as_of: datetime) -> None:
+    """Set every row's ``computed_at`` to the refresh's clock: rows not rewritten are
+    current as of it too, and readers rely on one clock for all profiles (the lookup store
+    keeps it once). One narrow column; the statement is built with sqlglot (Ibis has no
+    UPDATE) from the declared table name and a timestamp, never from user text."""
+    import sqlglot as sg
+    import sqlglot.expressions as sge
+
+    stamp = sg.cast(sge.Literal.string(as_of.astimezone(UTC).isoformat()), "TIMESTAMPTZ")
+    stmt = sge.Update(
+        this=sge.table_(name, quoted=True),
+        expressions=[sge.EQ(this=sg.column("computed_at", quoted=True), expression=stamp)],
+    )
+    engine.con.raw_sql(stmt.sql(engine.con.dialect))
 
 
 class _Steps:

@@ -7,9 +7,12 @@ row can change without its customer being "affected". So the customers the later
 must recompute are
 
 * the portrait's affected customers (their traits and attributed events changed), and
-* those whose profile row differs from the one the last live refresh saw — found by a
-  digest of each row (every column but ``computed_at``) kept in ``live_digests``;
-  customers new or gone differ too.
+* those whose profile row the portrait rewrote or deleted (``RefreshResult.changed``: the
+  rows whose clock- or population-dependent values moved). Where the portrait cannot say
+  (an engine that rewrites the whole table), those whose profile row differs from the one
+  the last live refresh saw — found by a digest of each row (every column but
+  ``computed_at``) kept in ``live_digests``; customers new or gone differ too. Hashing
+  every profile row was most of a live refresh's portrait step at 100,000 persons.
 
 The lookup store also follows identifiers: a digest of each customer's identifiers (type,
 value, quarantine) is kept beside it, so an identifier quarantined or moved without any
@@ -40,11 +43,6 @@ from closedloop.portrait.refresh import RefreshResult
 from closedloop.portrait.tables import PORTRAIT_RUNS, PROFILES
 from closedloop.serving.tables import LIVE_DIGESTS, LIVE_STATE
 
-# Where ``portrait.refresh`` keeps its affected customers for the rest of its connection's
-# life (``Engine.scratch("refresh_affected", ...)``). Read only after an incremental refresh
-# in this same connection; if it is missing, everything is recomputed.
-PORTRAIT_AFFECTED = "_scratch_refresh_affected"
-
 
 @dataclass(frozen=True)
 class Changes:
@@ -68,11 +66,16 @@ def definitions_digest(project: Project) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def digests(engine: Engine) -> ir.Table:
-    """(customer_id, profile, identity): this moment's digests, one row per customer."""
+def digests(engine: Engine, profiles: bool = True) -> ir.Table:
+    """(customer_id, profile, identity): this moment's digests, one row per customer.
+
+    ``profiles=False`` leaves the profile digest null (the portrait said which rows it
+    rewrote): a later refresh that needs it finds every row differing and recomputes all.
+    """
     p = engine.table(PROFILES.name)
     cols = [c for c in p.columns if c != "computed_at"]
-    prof = p.select("customer_id", profile=ibis.struct({c: p[c] for c in cols}).hash())
+    digest = ibis.struct({c: p[c] for c in cols}).hash() if profiles else ibis.null("int64")
+    prof = p.select("customer_id", profile=digest)
     m = engine.table("identity_map")
     m = m.filter(m.customer_id.notnull())
     row = ibis.struct({"t": m.id_type, "v": m.id_value, "q": m.quarantined}).hash()
@@ -118,9 +121,9 @@ def find_changes(
         return None
     if state["portrait_run"] != runs[1]:  # not the refresh before this portrait run
         return None
-    if not engine.exists(PORTRAIT_AFFECTED):
+    if portrait.affected is None:
         return None
-    affected = engine.con.table(PORTRAIT_AFFECTED).select("customer_id")
+    affected = portrait.affected.select("customer_id")
     old = engine.table(LIVE_DIGESTS.name)
     old = old.select(old_id=old.customer_id, old_profile=old.profile, old_identity=old.identity)
     j = now.outer_join(old, now.customer_id == old.old_id)
@@ -129,7 +132,10 @@ def find_changes(
     def differs(a: ir.Value, b: ir.Value) -> ir.BooleanValue:
         return (a != b).fill_null(True) & (a.notnull() | b.notnull())
 
-    profile = j.filter(differs(j.profile, j.old_profile)).select(customer_id=who)
+    if portrait.changed is not None:
+        profile = portrait.changed.select("customer_id")
+    else:
+        profile = j.filter(differs(j.profile, j.old_profile)).select(customer_id=who)
     identity = j.filter(differs(j.identity, j.old_identity)).select(customer_id=who)
     customers = engine.scratch("live_changed", affected.union(profile).distinct())
     served = engine.scratch("live_served", customers.union(identity).distinct())

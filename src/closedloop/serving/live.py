@@ -107,7 +107,8 @@ def refresh_all(
     portrait = refresh(engine, project.traits, clock, tz, accounts=project.accounts)
     now = changes = None
     if portrait.customers >= incremental_from and engine.can("row_hash"):
-        now = engine.scratch("live_digests_now", digests(engine))
+        rows = portrait.changed is None  # else the portrait says which rows it rewrote
+        now = engine.scratch("live_digests_now", digests(engine, profiles=rows))
         changes = find_changes(engine, project, portrait, as_of, now)
     marks.append(time.perf_counter())
     fields = project_fields(project)
