@@ -74,7 +74,9 @@ def region(stated: ir.StringValue, city: ir.StringValue) -> ir.StringValue:
 
 def top_list(e: ir.Table, value: ir.StringValue, name: str, n: int = TOP_N) -> ir.Table:
     """Per customer, the ``n`` most frequent non-empty values of ``value``, comma-separated."""
-    t = e.select("customer_id", v=value.strip().nullif(""))
+    # Rows without a value are dropped before the text is trimmed (most events carry no
+    # category or style; trimming every row cost more than the counting).
+    t = e.filter(value.notnull()).select("customer_id", v=value.strip().nullif(""))
     t = t.filter(t.v.notnull())
     counts = t.group_by("customer_id", "v").aggregate(k=t.count())
     rank = ibis.row_number().over(
@@ -157,26 +159,40 @@ def active_times(e: ir.Table, tz: ir.Table, offsets: ir.Table, duckdb: bool = Fa
     t = j.select("customer_id", hour=hour, dow=dow)
     # One pass over the events into (hour, weekday) cells; hours and weekdays add those up.
     cells = t.group_by("customer_id", "hour", "dow").aggregate(k=t.count())
-    hours = cells.group_by("customer_id", "hour").aggregate(k=cells.k.sum())
+    hours = cells.group_by("customer_id", "hour").aggregate(k=cells.k.sum().cast("int64"))
+    # The top hour and weekday are plain maxima of one number per row that orders by count,
+    # then by the earlier hour or day (``_top_key``), not a ranking window per customer:
+    # the two windows cost as much as the rest of this function. Each histogram cell is the
+    # maximum of ``k`` or 0 over the customer's hours (one row per hour): a maximum stays a
+    # 64-bit integer where DuckDB adds integers up in 128 bits, and 24 filtered aggregates
+    # cost more than plain ones.
     hist = hours.group_by("customer_id").aggregate(
-        **{f"h{h}": hours.k.sum(where=hours.hour == h).fill_null(0) for h in range(24)}
+        _top=_top_key(hours.k, hours.hour, 24).max(),
+        **{f"h{h}": ibis.ifelse(hours.hour == h, hours.k, 0).max() for h in range(24)},
     )
-    text = functools.reduce(
-        lambda a, b: a.concat(",", b), [hist[f"h{h}"].cast("string") for h in range(24)]
-    )
-    hist = hist.select("customer_id", active_hours=text)
-    rank = ibis.row_number().over(
-        group_by=hours.customer_id, order_by=[ibis.desc(hours.k), hours.hour]
-    )
-    top_hour = hours.mutate(r=rank).filter(lambda x: x.r == 0)
-    top_hour = top_hour.select("customer_id", active_hour=top_hour.hour)
-    days = cells.group_by("customer_id", "dow").aggregate(k=cells.k.sum())
-    rank = ibis.row_number().over(group_by=days.customer_id, order_by=[ibis.desc(days.k), days.dow])
-    top_day = days.mutate(r=rank).filter(lambda x: x.r == 0)
-    weekday = ibis.cases(*[(top_day.dow == i, d) for i, d in enumerate(WEEKDAYS)])
-    top_day = top_day.select("customer_id", active_weekday=weekday)
-    out = hist.join(top_hour, "customer_id").join(top_day, "customer_id")
+    text = ibis.literal(",").join([hist[f"h{h}"].cast("string") for h in range(24)])
+    hist = hist.select("customer_id", active_hours=text, active_hour=_top_slot(hist._top, 24))
+    days = cells.group_by("customer_id", "dow").aggregate(k=cells.k.sum().cast("int64"))
+    days = days.group_by("customer_id").aggregate(_top=_top_key(days.k, days.dow, 7).max())
+    dow_top = _top_slot(days._top, 7)
+    weekday = ibis.cases(*[(dow_top == i, d) for i, d in enumerate(WEEKDAYS)])
+    top_day = days.select("customer_id", active_weekday=weekday)
+    out = hist.join(top_day, "customer_id")
     return out.select("customer_id", "active_hours", "active_hour", "active_weekday")
+
+
+def _top_key(k: ir.IntegerValue, slot: ir.IntegerValue, slots: int) -> ir.IntegerValue:
+    """A number whose maximum picks the largest count ``k``, ties to the smallest ``slot``.
+
+    ``slot`` is in 0..slots-1: ``k * slots + (slots - 1 - slot)`` orders by ``k`` first
+    (the slot part is below ``slots``), then by the earlier slot; ``_top_slot`` decodes it.
+    """
+    return k.cast("int64") * slots + (slots - 1 - slot.cast("int64"))
+
+
+def _top_slot(key: ir.IntegerValue, slots: int) -> ir.IntegerValue:
+    """The slot of a ``_top_key`` (keys are never negative: counts are at least 1)."""
+    return (slots - 1 - key % slots).cast("int32")
 
 
 def named_member(props: ir.JSONValue) -> ir.StringValue:
