@@ -10,7 +10,8 @@ customer's membership can change only if something the condition reads changed f
 * for segments with event or sequence leaves, the customers with an event the clock moved
   across one of the segment's edges since then (``tags.incremental.crossed``): into view
   (timestamp in (since, as_of]), out of a look-back window of D days (in
-  (since - D, as_of - D]), or past a sequence's ``within`` (an absent step's deadline);
+  (since - D, as_of - D]), or past a sequence's ``within`` (an absent step's deadline) —
+  found once for the edges of all segments, one scan of the events, not one per segment;
 * for segments naming other segments (``in_segment``), the customers who entered or left
   those in this run — segments are evaluated in dependency order, so they are known.
   An account segment whose contacts must be in a segment of customers is evaluated after
@@ -57,25 +58,13 @@ MEMBERSHIP = "segment_membership"
 STAY = ["segment", "customer_id", "entered_at"]
 
 
-def scope(
-    engine: Engine,
-    seg: SegmentDef,
-    changed: ir.Table,
-    moved: dict[str, ir.Table],
-    since: datetime,
-    as_of: datetime,
-) -> ir.Table | None:
-    """The customers whose membership of ``seg`` may differ from the last run; None: anyone."""
-    parts = [changed]
+def event_windows(seg: SegmentDef) -> list[timedelta] | None:
+    """The windows the clock moves ``seg``'s event and sequence leaves across; None: it has
+    none (the clock alone never moves its members)."""
     windows: list[timedelta] = []
     events = False
     for leaf in leaves(seg.where):
-        if isinstance(leaf, SegmentRef):
-            if account_target(leaf) is not None:
-                return None  # account memberships: not followed customer by customer
-            if leaf.in_segment in moved:
-                parts.append(moved[leaf.in_segment])
-        elif isinstance(leaf, EventCondition):
+        if isinstance(leaf, EventCondition):
             events = True
             if leaf.within_days:
                 windows.append(timedelta(days=leaf.within_days))
@@ -84,8 +73,31 @@ def scope(
             windows.append(leaf.within)
             if leaf.within_days:
                 windows.append(timedelta(days=leaf.within_days))
-    if events:
-        parts.append(crossed(engine, since, as_of, windows))
+    return windows if events else None
+
+
+def scope(
+    seg: SegmentDef,
+    changed: ir.Table,
+    moved: dict[str, ir.Table],
+    clock_moved: ir.Table | None,
+) -> ir.Table | None:
+    """The customers whose membership of ``seg`` may differ from the last run; None: anyone.
+
+    ``clock_moved``: customers with an event the clock moved across an edge of any
+    segment's windows (``crossed``, found once for all segments: one scan of the events
+    instead of one per segment). For a segment with narrower windows that is more customers
+    than needed, never fewer, and each is evaluated exactly.
+    """
+    parts = [changed]
+    for leaf in leaves(seg.where):
+        if isinstance(leaf, SegmentRef):
+            if account_target(leaf) is not None:
+                return None  # account memberships: not followed customer by customer
+            if leaf.in_segment in moved:
+                parts.append(moved[leaf.in_segment])
+    if clock_moved is not None and event_windows(seg) is not None:
+        parts.append(clock_moved)
     out = parts[0]
     for p in parts[1:]:
         out = out.union(p)
@@ -118,8 +130,13 @@ def evaluate_changed(
     done: dict[str, SegmentResult] = {}
     moved: dict[str, ir.Table] = {}  # per segment of customers: who entered or left it
     base = changed.select("customer_id")
+    found = [event_windows(s) for s in segs if s.of != "accounts"]
+    windows = [w for ws in found if ws is not None for w in ws]
+    clock_moved = None
+    if any(ws is not None for ws in found):
+        clock_moved = engine.scratch("seg_crossed", crossed(engine, since, clock.now(), windows))
     for b, batch in enumerate(segment_batches(segs)):
-        done |= _evaluate_batch(engine, batch, fields, clock, base, moved, since, b)
+        done |= _evaluate_batch(engine, batch, fields, clock, base, moved, clock_moved, b)
     return {s.name: done[s.name] for s in segs}
 
 
@@ -130,7 +147,7 @@ def _evaluate_batch(
     clock: Clock,
     base: ir.Table,
     moved: dict[str, ir.Table],
-    since: datetime,
+    clock_moved: ir.Table | None,
     batch: int,
 ) -> dict[str, SegmentResult]:
     """One run of ``segment_batches``: its account segments whole, then its segments of
@@ -151,7 +168,7 @@ def _evaluate_batch(
     current: dict[str, ir.Table] = {}
     tables: list[ir.Table] = []
     for i, seg in enumerate(people):
-        todo = scope(engine, seg, base, moved, since, as_of)
+        todo = scope(seg, base, moved, clock_moved)
         now_in = members_expr(engine, seg, fields, as_of, current, todo)
         mine = open_all.filter(open_all.segment == seg.name)
         before = only(mine, todo)
