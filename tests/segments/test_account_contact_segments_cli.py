@@ -59,3 +59,9 @@ def test_segment_size_counts_accounts_by_their_contacts_segment(tmp_path: Path) 
     assert r.exit_code == 0, r.output
     assert int(r.output.split(":")[1].split()[0]) == len(want), r.output
     assert " accounts" in r.output
+    r = runner.invoke(
+        app,
+        ["segment", "preview", "accounts_with_lapsed", "-p", str(p), "--as-of", AS_OF],
+        env={"COLUMNS": "300"},
+    )
+    assert r.exit_code == 0 and "contacts in lapsed_buyers" in r.output, r.output
