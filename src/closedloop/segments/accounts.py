@@ -9,8 +9,9 @@ within_days: 30}}}``; "at least three contacts in finance or IT" is ``{contacts:
 [finance, it]}, count: {value: 3}}``; "no decision maker among the churn risks" is
 ``{contacts: {role: decision_maker, in_segment: churn_risk}, count: {op: eq, value: 0}}``
 (``in_segment`` inside ``contacts`` names a segment of customers, read from its current
-stays, so it is evaluated first: :func:`contact_segments`, :func:`segment_batches`). A contact's event counts are the customers' own
-(``segments.derived.event_counts``), so the two kinds of segment read events the same way.
+stays, so it is evaluated first: :func:`contact_segments`, :func:`segment_batches`). A
+contact's event counts are the customers' own (``segments.derived.event_counts``), so the
+two kinds of segment read events the same way.
 ``in_segment`` names another account segment. Event and sequence leaves are refused here:
 an account does nothing itself; its contacts do. The other way round, a segment of customers
 reads this one with ``account_in_segment: NAME`` — customers who are contacts of a member
