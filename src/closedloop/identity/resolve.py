@@ -479,21 +479,20 @@ def _run(
     with _atomic(engine):
         w = _Writer(engine, region_t)
         with engine.temporary(customers) as c:
-            w.put("customers", c, lambda t: t.semi_join(region_ids, "customer_id"))
+            w.put("customers", c, w.keys(region_ids))
         if len(aliases):
             _write_aliases(engine, w, aliases)
         if len(ledger):
             engine.append("merge_ledger", pa.Table.from_pandas(ledger, preserve_index=False))
         with engine.temporary(identity_map) as im:
-            w.put("identity_map", im, w.inside(("id_type", "id_value")))
+            w.put("identity_map", im, w.region_keys())
         if len(changes):
             engine.append("identity_changes", pa.Table.from_pandas(changes, preserve_index=False))
-        w.put("identity_edges", pairs_out, w.inside(("a_type", "a_value"), ("b_type", "b_value")))
-        w.put(
-            "identity_dropped_links",
-            dropped_out,
-            w.inside(("a_type", "a_value"), ("b_type", "b_value")),
-        )
+        pair_keys = w.inside(("a_type", "a_value"), ("b_type", "b_value"))
+        if region_t is not None:
+            pair_keys = w.keys(_old_pair_keys(engine, pairs_out, region_t, mc is not None))
+        w.put("identity_edges", pairs_out, pair_keys)
+        w.put("identity_dropped_links", dropped_out, pair_keys)
         if region_t is None:
             engine.replace(
                 "identifier_issues", refused_counts.union(quarantined_issues, distinct=False)
@@ -511,10 +510,10 @@ def _run(
         w.put(
             "event_customers",
             _event_customers(engine, node_occ, config),
-            lambda t: t.semi_join(node_occ, "message_id"),
+            w.keys(node_occ.select("message_id").distinct()),
         )
-        w.put("identity_suspects", suspect, w.inside(("id_type", "id_value")))
-        w.put("identity_clusters", clusters, w.inside(("id_type", "id_value")))
+        w.put("identity_suspects", suspect, w.region_keys())
+        w.put("identity_clusters", clusters, w.region_keys())
         occ_rows = new_occ.select("message_id", "id_type", id_value="value", ts="ts")
         if region_t is None:
             engine.replace("identity_occurrences", occ_rows)
@@ -599,6 +598,26 @@ class _Writer:
             for more in parts[1:]:
                 out = out.union(more, distinct=False)
             return out
+
+        return rows
+
+    def keys(self, keys: ir.Table) -> Callable[[ir.Table], ir.Table]:
+        """The rows to replace named by their keys, without reading the table.
+
+        Why: picking a table's region rows by a join reads the whole table once, and the
+        delete reads it again; keys the run already holds (the region's identifiers, its
+        customers, its messages) cost neither. A key with no row deletes nothing.
+        """
+        return lambda _table: keys
+
+    def region_keys(self) -> Callable[[ir.Table], ir.Table]:
+        """Keys (id_type, id_value) of the region's identifiers, for tables keyed by them."""
+        region_t = self.region
+
+        def rows(t: ir.Table) -> ir.Table:
+            if region_t is None:
+                return t
+            return region_t.select("id_type", "id_value")
 
         return rows
 
@@ -699,6 +718,30 @@ def _issues(
         .union(engine.conform("identifier_issues", old_q), distinct=False)
         .union(engine.conform("identifier_issues", quarantined_issues), distinct=False)
     )
+
+
+def _old_pair_keys(
+    engine: Engine, pairs_out: ir.Table, region_t: ir.Table, scored: bool
+) -> ir.Table:
+    """Keys of every row of ``identity_edges`` (and ``identity_dropped_links``) with an end
+    in the region, from what the run holds rather than from a join over the whole table.
+
+    Why they are all here: an old message pair with an end in the region has its messages
+    among the region's (every message of a region identifier is read whole, and nothing was
+    erased: that run is full), so the run's own pairs hold it; a dropped link is one of
+    those pairs. Only an old scored pair can vanish (a refit), so those — few, and only
+    when matching is configured — are read from the table.
+    """
+    cols = ["a_type", "a_value", "b_type", "b_value"]
+    keys = pairs_out.select(*cols)
+    if not scored:
+        return engine.scratch("id_pair_keys", keys)
+    e = engine.table("identity_edges")
+    e = e.filter(e.kind == "probabilistic")
+    old = e.semi_join(region_t, on_region(e, region_t, "a_type", "a_value")).union(
+        e.semi_join(region_t, on_region(e, region_t, "b_type", "b_value")), distinct=False
+    )
+    return engine.scratch("id_pair_keys", keys.union(old.select(*cols), distinct=False))
 
 
 def _touching(pairs: ir.Table, region_t: ir.Table) -> ir.Table:
