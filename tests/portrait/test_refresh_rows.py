@@ -53,6 +53,7 @@ def view(mid: str, days: float, **who: Any) -> dict[str, Any]:
 BUYERS = [order(f"b{i}", -i - 1, 10.0 * (i + 1), user_id=f"U{i}") for i in range(6)]
 
 
+@pytest.mark.slow  # three resolutions and two builds on a busy machine (~30 s)
 def test_a_merge_moves_old_events_to_the_surviving_customer() -> None:
     # Anonymous browsing and an order, then a login ties the anonymous id to member U0: the
     # anonymous customer's old events move to U0's customer, whose portrait must count them.
@@ -67,6 +68,7 @@ def test_a_merge_moves_old_events_to_the_surviving_customer() -> None:
     assert incremental_equals_full(CONFIG, first, second, NOW - DAY, NOW) >= 2
 
 
+@pytest.mark.slow  # three resolutions and two builds on a busy machine (~25 s)
 def test_a_split_moves_events_out() -> None:
     # Anonymous id y is first seen with U1 only (its events are U1's); then with U2 as well:
     # it may link to one strong identifier only, so its anonymous-only events leave U1.

@@ -471,15 +471,12 @@ def _write_profiles(
     for c in derived:
         moved |= ~j[c].identical_to(j[f"old_{c}"])
     moved_ids = j.filter(moved).select("customer_id")
-    rewrite = engine.scratch(
-        "refresh_rewrite",
-        affected.select("customer_id").union(moved_ids, distinct=True),
-    )
-    rows = _base_columns(keep.semi_join(moved_ids, "customer_id")).union(fresh, distinct=False)
+    gone = old.select("customer_id").anti_join(now, "customer_id")
+    drop = affected.select("customer_id").union(moved_ids, distinct=True)
+    drop = engine.scratch("refresh_drop", drop.union(gone, distinct=True))
+    rows = _base_columns(keep.semi_join(drop, "customer_id")).union(fresh, distinct=False)
     rows = rows.join(now, "customer_id")
     rows = engine.scratch("refresh_rows", engine.conform(PROFILES.name, rows))
-    gone = old.select("customer_id").anti_join(now, "customer_id")
-    drop = engine.scratch("refresh_drop", rewrite.union(gone, distinct=True))
     with _atomic(engine):
         engine.delete_keys(PROFILES.name, drop)
         engine.con.insert(PROFILES.name, rows)
