@@ -173,11 +173,15 @@ def _by_watermark(engine: Engine, mark: datetime) -> tuple[Plan | None, str]:
         return None, f"{engine.backend} has no hash aggregate for the watermark check"
     # The candidates first: an event appended after them makes the log's side larger, and
     # the run reads the whole log instead (never wrong, only slower).
-    recent = engine.scratch("id_recent_events", recent)
-    # Listed ones found by a semi-join of the list on the candidates, not an anti-join of
-    # the candidates on the list: an engine hashes the right side of a join (DuckDB always
-    # for anti and semi joins), and the candidates are the few.
-    listed = seen.semi_join(recent.select("message_id"), "message_id")
+    n_recent = int(recent.count().execute())
+    listed: ir.Table = seen
+    if n_recent * 4 <= int(seen.count().execute()):
+        # The listed candidates found by a semi-join of the list on the candidates, not an
+        # anti-join of the candidates on the list: an engine hashes the right side of a
+        # join (DuckDB always for anti and semi joins), and the candidates are the few.
+        # (When they are many — a bulk load stamped at one instant — hashing the list is
+        # the cheaper way.)
+        listed = seen.semi_join(recent.select("message_id"), "message_id")
     new = engine.scratch("id_new_events", recent.anti_join(listed, "message_id"))
     cand = new.aggregate(
         n=new.count(), x=_id_hash(engine, new.message_id).bit_xor(), top=new.received_at.max()
