@@ -118,3 +118,19 @@ def test_a_table_made_by_another_engine_between_look_and_create_is_taken(
         a.append("segment_membership", _membership(1))
         assert raced[0]
         assert a.count("segment_membership") == 3
+
+
+def test_duckdb_is_limited_to_half_the_memory_unless_the_url_says(tmp_path: Path) -> None:
+    from closedloop.core.engine import default_duckdb_memory_mb
+
+    def limit_mib(engine: Engine) -> float:
+        text = engine.con.raw_sql("SELECT current_setting('memory_limit')").fetchone()[0]
+        number, unit = text.split()
+        return float(number) * {"MiB": 1, "GiB": 1024}[unit]
+
+    half = default_duckdb_memory_mb()
+    assert half > 0
+    with Engine(f"duckdb:///{tmp_path}/a.duckdb") as a:
+        assert abs(limit_mib(a) - half) / half < 0.01  # DuckDB shows one decimal of GiB
+    with Engine(f"duckdb:///{tmp_path}/b.duckdb?memory_limit=1500MiB") as b:
+        assert 1400 < limit_mib(b) <= 1500  # one decimal of GiB shown
