@@ -174,3 +174,27 @@ def test_relationships(engine: Engine) -> None:
     assert got["D"] == (1, 2, 2)  # first B,E; second A,C
     assert got["E"] == (0, 2, 2)  # first D,A; second B,C
     assert p["A"]["shares"] == 1 and p["E"]["shares"] == 1
+
+
+def test_active_hour_and_weekday_ties_go_to_the_earlier(engine: Engine) -> None:
+    # The top hour and weekday come from the maximum of one key per row (count first, then
+    # the earlier slot), not from a ranking window: ties must still pick the earlier one.
+    utc = {"timezone": "UTC"}
+    mon21 = datetime(2026, 11, 16, 21, 0, tzinfo=UTC)  # Monday 21:00
+    wed04 = datetime(2026, 11, 18, 4, 0, tzinfo=UTC)  # Wednesday 04:00
+    fri21 = datetime(2026, 11, 13, 21, 30, tzinfo=UTC)  # Friday 21:30
+    msgs = [
+        ev("T", "Product Viewed", mon21, context=utc),
+        ev("T", "Product Viewed", wed04, context=utc),
+        ev("K", "Product Viewed", wed04, context=utc),
+        ev("K", "Product Viewed", mon21, context=utc),
+        ev("K", "Product Viewed", fri21, context=utc),
+        ev("K", "Product Viewed", wed04 - timedelta(days=7), context=utc),
+    ]
+    p = build(engine, msgs)
+    # T: hours 21 and 4 once each, Monday and Wednesday once each.
+    assert (p["T"]["active_hour"], p["T"]["active_weekday"]) == (4, "Monday")
+    # K: hour 21 and hour 4 twice each -> 4; Wednesday twice beats Monday and Friday.
+    assert (p["K"]["active_hour"], p["K"]["active_weekday"]) == (4, "Wednesday")
+    k = [int(x) for x in p["K"]["active_hours"].split(",")]
+    assert k[4] == 2 and k[21] == 2 and sum(k) == 4
