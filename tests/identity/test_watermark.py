@@ -177,6 +177,21 @@ def test_a_run_that_fails_after_reading_leaves_the_watermark_where_it_was(
     assert twins.resolve() == ("incremental", "1 new message(s) since the watermark")
 
 
+def test_events_without_a_received_time_are_always_candidates(twins: Twins) -> None:
+    """A log written without ``received_at`` (hand-made, an old import): no watermark is
+    known, and such events are read by the check's candidates, never missed."""
+    twins.add(FIRST, None)  # type: ignore[arg-type]
+    assert twins.resolve()[0] == "full"
+    assert twins.inc.table("identity_runs").to_pyarrow()["watermark"][0].as_py() is None
+    twins.add([{"message_id": "d", "user_id": "M1", "anonymous_id": "ck3"}], None)  # type: ignore[arg-type]
+    assert twins.resolve() == ("incremental", "1 new message(s) (no watermark recorded)")
+    twins.add([{"message_id": "e", "user_id": "M2", "anonymous_id": "ck3"}], T0)
+    assert twins.resolve() == ("incremental", "1 new message(s) (no watermark recorded)")
+    # From the first stamped event on, a watermark; unstamped events are still candidates.
+    twins.add([{"message_id": "f", "user_id": "M5", "anonymous_id": "ck1"}], None)  # type: ignore[arg-type]
+    assert twins.resolve() == ("incremental", "1 new message(s) since the watermark")
+
+
 def test_runs_recorded_before_the_watermark_are_upgraded(twins: Twins) -> None:
     twins.add(FIRST, T0)
     twins.resolve()

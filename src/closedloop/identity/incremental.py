@@ -119,7 +119,7 @@ def full_plan(engine: Engine, why: str) -> Plan:
 
 def _instant(value: object) -> datetime | None:
     """A timestamp read back from the warehouse as a ``datetime`` (None when missing)."""
-    if value is None:
+    if value is None or value != value:  # NaN, and pandas' NaT (a datetime): none read
         return None
     if isinstance(value, datetime):
         return value
