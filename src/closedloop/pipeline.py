@@ -24,12 +24,11 @@ from closedloop.identity.resolve import ResolveResult, resolve
 from closedloop.portrait.lookup import materialise
 from closedloop.portrait.refresh import RefreshResult, refresh
 from closedloop.portrait.traits import check_trait, trait_dtype
-from closedloop.segments.accounts import contact_segments, segment_batches
+from closedloop.segments.accounts import contact_segments, evaluate_in_batches
 from closedloop.segments.audience import (
     Fields,
     SegmentResult,
     check_segment,
-    evaluate_segments,
     segment_dependencies,
 )
 from closedloop.tags.build import build_tags
@@ -195,8 +194,7 @@ def build(
     report.tags = build_tags(engine, project.tags, clock, root=project.root)
     step("tags")
     fields = project_fields(project)
-    for batch in segment_batches(segment_order(project)[0]):  # customers read by accounts first
-        report.segments |= evaluate_segments(engine, batch, fields, clock)
+    report.segments |= evaluate_in_batches(engine, segment_order(project)[0], fields, clock)
     record_tag_uses(engine, project, [f"segment:{n}" for n in report.segments], clock)
     step("segments")
     materialise(engine)  # the profile lookup's serving store, rewritten to match this build

@@ -30,6 +30,7 @@ from closedloop.segments.accounts import (
     account_members_expr,
     check_account_segment,
     contact_segments,
+    evaluate_in_batches,
     segment_batches,
 )
 from closedloop.segments.audience import Fields, evaluate_segments
@@ -270,8 +271,25 @@ def _world(engine: Engine, orders: dict[str, int]) -> None:
 
 
 def _evaluate(engine: Engine, at: datetime) -> None:
-    for batch in segment_batches(CHAIN):
-        evaluate_segments(engine, batch, CHAIN_FIELDS, Clock(at))
+    evaluate_in_batches(engine, CHAIN, CHAIN_FIELDS, Clock(at))  # as a build and a live refresh
+
+
+def test_all_at_once_reads_last_runs_stays_in_batches_this_runs() -> None:
+    """Why builds and live refreshes evaluate run by run: at once, an account segment reads
+    its contacts' segment as it was before this evaluation (empty here)."""
+    orders = {f"c{i:02d}": 3 for i in range(8)}  # everyone buys: every account has 2 buyers
+    buyers, buying, _ = _expected(orders)
+    assert buying
+    for batched in (False, True):
+        with Engine("duckdb://") as engine:
+            _world(engine, orders)
+            if batched:
+                _evaluate(engine, NOW)
+            else:
+                evaluate_segments(engine, CHAIN, CHAIN_FIELDS, Clock(NOW))
+            accounts = _open(engine, "account_membership", "account_id")
+            assert _open(engine, SEGMENT_MEMBERSHIP.name, "customer_id")["buyers"] == buyers
+            assert accounts.get("buying_accounts", set()) == (buying if batched else set())
 
 
 def _open(engine: Engine, table: str, key: str) -> dict[str, set[str]]:

@@ -53,6 +53,7 @@ from closedloop.core.engine import Engine
 from closedloop.core.errors import Problem
 from closedloop.portrait.accounts import ACCOUNT_CONTACTS, ACCOUNTS
 from closedloop.portrait.tables import PROFILES
+from closedloop.segments.audience import Fields, SegmentResult, evaluate_segments
 from closedloop.segments.derived import event_counts
 from closedloop.segments.tables import SEGMENT_MEMBERSHIP
 
@@ -127,6 +128,21 @@ def segment_batches(ordered: Sequence[SegmentDef]) -> list[list[SegmentDef]]:
             batches.append([])
         batches[-1].append(seg)
     return [b for b in batches if b]
+
+
+def evaluate_in_batches(
+    engine: Engine, ordered: Sequence[SegmentDef], fields: Fields, clock: Clock | None = None
+) -> dict[str, SegmentResult]:
+    """Every segment of ``ordered`` evaluated whole, run by run (``segment_batches``).
+
+    Why one function: a build and the live refresh must both write the stays of customers'
+    segments before an account segment reads them through ``contacts: {in_segment: ...}``;
+    evaluating all at once reads last run's stays (one refresh late).
+    """
+    results: dict[str, SegmentResult] = {}
+    for batch in segment_batches(ordered):
+        results |= evaluate_segments(engine, batch, fields, clock)
+    return results
 
 
 def _contact_segment_problem(

@@ -42,7 +42,7 @@ from closedloop.pipeline import project_fields, segment_order
 from closedloop.portrait.lookup import materialise, update_store
 from closedloop.portrait.refresh import refresh
 from closedloop.portrait.tables import PORTRAIT_RUNS, PROFILES
-from closedloop.segments.audience import evaluate_segments
+from closedloop.segments.accounts import evaluate_in_batches
 from closedloop.segments.incremental import evaluate_changed
 from closedloop.serving.changes import digests, find_changes, save_state
 from closedloop.serving.tables import LIVE_REFRESHES
@@ -116,7 +116,7 @@ def refresh_all(
     if changes is None:
         build_tags(engine, project.tags, clock, root=project.root)
         marks.append(time.perf_counter())
-        results = evaluate_segments(engine, ordered, fields, clock)
+        results = evaluate_in_batches(engine, ordered, fields, clock)  # as a build does
     else:
         tagged = refresh_tags(
             engine,
