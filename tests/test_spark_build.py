@@ -35,6 +35,7 @@ VOLATILE: dict[str, tuple[str, ...]] = {
     "loads": ("load_id", "started_at", "finished_at"),
     "portrait_runs": ("finished_at", "seconds"),
     "tag_runs": ("inputs_at",),  # the latest event's received_at
+    "identity_runs": ("watermark",),  # the latest received_at the run read
 }
 # Tables only one engine writes, by design.
 ENGINE_ONLY = {
