@@ -26,8 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import ibis
+import ibis.expr.types as ir
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -51,64 +55,89 @@ def _pairs(counts: pd.Series) -> float:
     return float((c * (c - 1) / 2).sum())
 
 
+def _pair_count(t: ir.Table, keys: list[str]) -> float:
+    """Pairs of rows of ``t`` that agree on ``keys``: the sum of n·(n−1)/2 over its groups."""
+    g = t.group_by(keys).aggregate(n=t.count().cast("float64"))
+    return float((g.n * (g.n - 1) / 2).sum().fill_null(0.0).execute())
+
+
 def identity_accuracy(engine: Engine, truth_dir: Path) -> IdentityAccuracy:
-    truth = pd.read_parquet(
+    """Score ``identity_map`` against the truth, inside the warehouse.
+
+    Why in the warehouse: at 1,000,000 persons (7.6M identifiers) the same counts in pandas
+    peaked at 18.8 GB; here only the same-person evidence edges (two integer columns) leave
+    the engine, for scipy's connected components.
+    """
+    truth_file = pq.read_table(
         truth_dir / "identifiers.parquet", columns=["person_id", "id_type", "value", "junk"]
     )
-    truth = truth[~truth["junk"]]
-    owners = truth.groupby(["id_type", "value"])["person_id"].nunique()
-    single = owners[owners == 1].index
-    truth = truth.set_index(["id_type", "value"]).loc[single].reset_index()
-    truth = truth.drop_duplicates(["id_type", "value"])
-
-    imap = engine.table("identity_map").select("id_type", "id_value", "customer_id").to_pandas()
-    imap = imap.rename(columns={"id_value": "value"})
-    j = truth.merge(imap, on=["id_type", "value"], how="inner")
-    if j.empty:
-        return IdentityAccuracy(0, 0, 0, 0.0, 0.0, 0.0, 0.0)
-    together = _pairs(j.groupby("customer_id").size())
-    truly = _pairs(j.groupby("person_id").size())
-    both = _pairs(j.groupby(["customer_id", "person_id"]).size())
-    precision = both / together if together else 1.0
-    recall = both / truly if truly else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    per_person = j.groupby("person_id")["customer_id"].nunique()
-    persons_per_customer = j.groupby("customer_id")["person_id"].nunique()
-    one_customer = per_person[per_person == 1].index
-    home = j[j["person_id"].isin(one_customer)].drop_duplicates("person_id")
-    exact = home["customer_id"].map(persons_per_customer).eq(1).sum()
-    linkable = _linkable_recall(engine, j)
+    with engine.temporary(truth_file) as raw:
+        t = raw.filter(~raw.junk)
+        owners = t.group_by(["id_type", "value"]).aggregate(
+            owners=t.person_id.nunique(), person_id=t.person_id.max()
+        )
+        single = owners.filter(owners.owners == 1).select("id_type", "value", "person_id")
+        m = engine.table("identity_map")
+        imap = m.select("id_type", "customer_id", value=m.id_value)
+        joined = single.join(imap, ["id_type", "value"])
+        j = engine.scratch(
+            "accuracy_truth",
+            joined.select(
+                "id_type",
+                "value",
+                "person_id",
+                "customer_id",
+                node=ibis.row_number().over(order_by=["id_type", "value"]),
+            ),
+        )
+        n = int(j.count().execute())
+        if n == 0:
+            return IdentityAccuracy(0, 0, 0, 0.0, 0.0, 0.0, 0.0)
+        together = _pair_count(j, ["customer_id"])
+        truly = _pair_count(j, ["person_id"])
+        both = _pair_count(j, ["customer_id", "person_id"])
+        precision = both / together if together else 1.0
+        recall = both / truly if truly else 1.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_person = j.group_by("person_id").aggregate(
+            customers=j.customer_id.nunique(), home=j.customer_id.max()
+        )
+        per_customer = j.group_by("customer_id").aggregate(persons=j.person_id.nunique())
+        settled = per_person.filter(per_person.customers == 1)
+        exact_q = settled.join(per_customer, settled.home == per_customer.customer_id)
+        exact = int(exact_q.filter(exact_q.persons == 1).count().execute())
+        persons = int(per_person.count().execute())
+        customers = int(per_customer.count().execute())
+        linkable = _linkable_recall(engine, j, n)
     return IdentityAccuracy(
         linkable_recall=linkable,
-        identifiers=len(j),
-        persons=int(j["person_id"].nunique()),
-        customers=int(j["customer_id"].nunique()),
+        identifiers=n,
+        persons=persons,
+        customers=customers,
         precision=precision,
         recall=recall,
         f1=f1,
-        exact_persons=float(exact) / max(1, int(j["person_id"].nunique())),
+        exact_persons=exact / max(1, persons),
     )
 
 
-def _linkable_recall(engine: Engine, j: pd.DataFrame) -> float:
+def _linkable_recall(engine: Engine, j: ir.Table, n: int) -> float:
     """Recall over pairs joined by some same-person chain of message evidence."""
     e = engine.table("identity_edges")
-    e = e.filter(e.kind == "message").select("a_type", "a_value", "b_type", "b_value")
-    edges = e.to_pandas()
-    key = j["id_type"] + ":" + j["value"]
-    person = dict(zip(key, j["person_id"], strict=True))
-    a = (edges["a_type"] + ":" + edges["a_value"]).map(person)
-    b = (edges["b_type"] + ":" + edges["b_value"]).map(person)
-    same = edges[a.notna() & (a == b)]
-    nodes = {k: i for i, k in enumerate(key)}
-    src = (same["a_type"] + ":" + same["a_value"]).map(nodes).to_numpy()
-    dst = (same["b_type"] + ":" + same["b_value"]).map(nodes).to_numpy()
-    n = len(nodes)
+    e = e.filter(e.kind == "message")
+    a = j.select(a_type=j.id_type, a_value=j.value, a_person=j.person_id, src=j.node)
+    b = j.select(b_type=j.id_type, b_value=j.value, b_person=j.person_id, dst=j.node)
+    same = e.join(a, ["a_type", "a_value"]).join(b, ["b_type", "b_value"])
+    same = same.filter(same.a_person == same.b_person).select("src", "dst").to_pyarrow()
+    src = same.column("src").to_numpy().astype(np.int64)  # Ibis's row_number counts from 0
+    dst = same.column("dst").to_numpy().astype(np.int64)
     graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
     _, comp = connected_components(graph, directed=False)
-    jj = j.assign(evidence=comp[key.map(nodes).to_numpy()])
-    linkable = _pairs(jj.groupby(["person_id", "evidence"]).size())
-    found = _pairs(jj.groupby(["person_id", "evidence", "customer_id"]).size())
+    evidence = pa.table({"node": pa.array(np.arange(n)), "evidence": pa.array(comp)})
+    with engine.temporary(evidence) as ev:
+        jj = j.join(ev, "node")
+        linkable = _pair_count(jj, ["person_id", "evidence"])
+        found = _pair_count(jj, ["person_id", "evidence", "customer_id"])
     return found / linkable if linkable else 1.0
 
 
