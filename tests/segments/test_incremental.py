@@ -102,19 +102,18 @@ def _stays(engine: Engine) -> pa.Table:
     return m.order_by(["segment", "customer_id", "entered_at"]).to_pyarrow()
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_incremental_equals_full_after_random_changes(seed: int) -> None:
-    rng = random.Random(seed)
+def random_changes(
+    rng: random.Random, at: datetime
+) -> tuple[dict[str, Any], dict[str, Any], set[str]]:
+    """Two states of a warehouse and the customers changed between: profiles rewritten,
+    customers gone and new, tags changed, events added (at ``at``), erased and moved (a
+    merge)."""
     ids = [f"c{i}" for i in range(40)]
-    first = {
+    first: dict[str, Any] = {
         "profiles": _profiles(rng, ids),
         "events": _events(rng, ids, 150, 0, T0),
         "bands": {c: rng.choice(["gold", "grey"]) for c in rng.sample(ids, 25)},
     }
-    segs = _segments()
-    t1 = T0 + timedelta(hours=[1, 5, 26][seed % 3])
-    # Changes: profiles rewritten, customers gone and new, tags changed, events added,
-    # erased and moved (a merge).
     profiles = {p["customer_id"]: p for p in first["profiles"]}
     changed = set(rng.sample(ids, 4))
     for c in changed:
@@ -138,9 +137,17 @@ def test_incremental_equals_full_after_random_changes(seed: int) -> None:
             e = e | {"user_id": rng.choice(alive)}
             changed.add(e["user_id"])
         events.append(e)
-    added = _events(rng, alive, 10, 1000, t1)
+    added = _events(rng, alive, 10, 1000, at)
     changed |= {e["user_id"] for e in added} | gone | {"n1", "n2"}
     second = {"profiles": [profiles[c] for c in alive], "events": events + added, "bands": bands}
+    return first, second, changed
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_incremental_equals_full_after_random_changes(seed: int) -> None:
+    segs = _segments()
+    t1 = T0 + timedelta(hours=[1, 5, 26][seed % 3])
+    first, second, changed = random_changes(random.Random(seed), t1)
 
     results = []
     for incremental in (True, False):

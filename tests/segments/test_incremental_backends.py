@@ -23,10 +23,9 @@ from tests.segments.test_incremental import (
     FIELDS,
     T0,
     _bands,
-    _events,
-    _profiles,
     _segments,
     _stays,
+    random_changes,
 )
 from tests.tags.helpers import set_profiles
 from tests.tags.test_incremental_backends import typed_events
@@ -39,49 +38,11 @@ def _state(engine: Engine, s: dict[str, Any], at: Any) -> None:
     _bands(engine, s["bands"], at)
 
 
-def _world(rng: random.Random) -> tuple[dict[str, Any], dict[str, Any], set[str]]:
-    """Two states of a warehouse and the customers changed between (as test_incremental)."""
-    ids = [f"c{i}" for i in range(40)]
-    first: dict[str, Any] = {
-        "profiles": _profiles(rng, ids),
-        "events": _events(rng, ids, 150, 0, T0),
-        "bands": {c: rng.choice(["gold", "grey"]) for c in rng.sample(ids, 25)},
-    }
-    profiles = {p["customer_id"]: p for p in first["profiles"]}
-    changed = set(rng.sample(ids, 4))
-    for c in changed:
-        profiles[c] = _profiles(rng, [c])[0]
-    gone = set(rng.sample(sorted(set(ids) - changed), 3))
-    for c in gone:
-        del profiles[c]
-    for p in _profiles(rng, ["n1", "n2"]):
-        profiles[p["customer_id"]] = p
-    alive = sorted(profiles)
-    bands = {c: v for c, v in first["bands"].items() if c not in gone}
-    for c in rng.sample(alive, 4):
-        changed.add(c)
-        bands[c] = rng.choice(["gold", "grey"])
-    events = []
-    for e in first["events"]:
-        if e["user_id"] in gone or rng.random() < 0.04:
-            changed.add(e["user_id"])
-            if rng.random() < 0.5:
-                continue
-            e = e | {"user_id": rng.choice(alive)}
-            changed.add(e["user_id"])
-        events.append(e)
-    added = _events(rng, alive, 10, 1000, T0 + timedelta(hours=5))
-    changed |= {e["user_id"] for e in added} | gone | {"n1", "n2"}
-    second = {"profiles": [profiles[c] for c in alive], "events": events + added, "bands": bands}
-    return first, second, changed
-
-
 def check_random_changes(url: str, seed: int) -> None:
     """Incremental == full on the engine at ``url`` after test_incremental's random changes."""
-    rng = random.Random(seed)
-    first, second, changed = _world(rng)
     segs = _segments()
     t1 = T0 + timedelta(hours=[1, 5, 26][seed % 3])
+    first, second, changed = random_changes(random.Random(seed), t1)
     with Engine(url) as engine:
         engine.replace(
             SEGMENT_MEMBERSHIP.name, SEGMENT_MEMBERSHIP.schema.to_pyarrow().empty_table()
