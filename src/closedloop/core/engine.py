@@ -88,13 +88,10 @@ class Engine:
         else:
             self.con = ibis.connect(url)
         self.backend = self.con.name
-        limit = default_duckdb_memory_mb()
-        if (
-            self.backend == "duckdb"
-            and limit
-            and "memory_limit" not in parse_qs(urlparse(url).query)
-        ):
-            self.con.raw_sql(f"SET memory_limit = '{limit}MiB'")
+        if self.backend == "duckdb" and "memory_limit" not in parse_qs(urlparse(url).query):
+            limit = default_duckdb_memory_mb()
+            if limit:
+                self.con.raw_sql(f"SET memory_limit = '{limit}MiB'")
         self.capabilities = CAPABILITIES.get(self.backend, frozenset())
         self._watch_rollbacks()
 
@@ -249,7 +246,7 @@ class Engine:
         except Exception:
             # Another connection (a thread with its own engine, another process) may have
             # created it between our look and our create: that is the table we wanted.
-            self._names = None
+            self.forget(spec.name)
             if not self.exists(spec.name):
                 raise
             return
@@ -372,8 +369,7 @@ class Engine:
         try:
             yield
         except BaseException:
-            self.con.raw_sql("ROLLBACK")
-            self.forget()
+            self.con.raw_sql("ROLLBACK")  # the engine forgets its catalogue (_watch_rollbacks)
             raise
         self.con.raw_sql("COMMIT")
 
