@@ -38,8 +38,7 @@ each table is rewritten whole (``_Writer``). The result is the full run's, row f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -476,7 +475,7 @@ def _run(
 
     # Every table of the resolution changes together or not at all: a crash half way
     # leaves the previous, consistent resolution (and no half-written ledger) in place.
-    with _atomic(engine):
+    with engine.transaction():
         w = _Writer(engine, region_t)
         with engine.temporary(customers) as c:
             w.put("customers", c, w.keys(region_ids))
@@ -564,7 +563,7 @@ def _nothing_new(engine: Engine, config: IdentityConfig, now: datetime, p: Plan)
     """
     n_previous = int(engine.table("identity_map").count().execute())
     run_id = format(stable_hash64("resolve", now.isoformat(), str(n_previous)), "016x")
-    with _atomic(engine):
+    with engine.transaction():
         _record_run(engine, config, p, run_id, 0, 0, now)
     none = pd.DataFrame({"customer_id": pd.Series([], dtype=str)})
     return _result(engine, pd.DataFrame(), none, run_id, p, 0)
@@ -875,21 +874,6 @@ def _changes(
             change = "changed"
         rows.append((c, run_id, change, now))
     return pd.DataFrame(rows, columns=cols)
-
-
-@contextmanager
-def _atomic(engine: Engine) -> Iterator[None]:
-    """One transaction around the writes where the engine declares ``transactions``."""
-    if not engine.can("transactions"):
-        yield
-        return
-    engine.con.raw_sql("BEGIN TRANSACTION")
-    try:
-        yield
-    except BaseException:
-        engine.con.raw_sql("ROLLBACK")
-        raise
-    engine.con.raw_sql("COMMIT")
 
 
 def _upgrade(engine: Engine) -> None:

@@ -41,8 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -245,7 +243,7 @@ def _record(
         engine.append(name, snapshot)
     elif engine.can("temp_tables"):
         new = engine.scratch("refresh_seen_new", engine.conform(name, snapshot))
-        with _atomic(engine):
+        with engine.transaction():
             engine.delete_keys(name, gone)
             engine.con.insert(name, new)
     else:
@@ -407,7 +405,7 @@ def refresh(
         rows = None
         if values is not None:
             rows = engine.scratch("refresh_traits", engine.conform(COMPUTED_TRAITS.name, values))
-        with _atomic(engine):
+        with engine.transaction():
             engine.delete_keys(COMPUTED_TRAITS.name, drop)
             if rows is not None:
                 engine.con.insert(COMPUTED_TRAITS.name, rows)
@@ -477,7 +475,7 @@ def _write_profiles(
     rows = _base_columns(keep.semi_join(drop, "customer_id")).union(fresh, distinct=False)
     rows = rows.join(now, "customer_id")
     rows = engine.scratch("refresh_rows", engine.conform(PROFILES.name, rows))
-    with _atomic(engine):
+    with engine.transaction():
         engine.delete_keys(PROFILES.name, drop)
         engine.con.insert(PROFILES.name, rows)
         _stamp(engine, PROFILES.name, as_of)
@@ -511,21 +509,6 @@ class _Steps:
         at = time.process_time()
         self.times[name] = round(self.times.get(name, 0.0) + at - self._at, 3)
         self._at = at
-
-
-@contextmanager
-def _atomic(engine: Engine) -> Iterator[None]:
-    """One transaction around the writes where the engine declares ``transactions``."""
-    if not engine.can("transactions"):
-        yield
-        return
-    engine.con.raw_sql("BEGIN TRANSACTION")
-    try:
-        yield
-    except BaseException:
-        engine.con.raw_sql("ROLLBACK")
-        raise
-    engine.con.raw_sql("COMMIT")
 
 
 def _seen_columns(t: ir.Table) -> ir.Table:
