@@ -128,15 +128,11 @@ def find_changes(
     old = old.select(old_id=old.customer_id, old_profile=old.profile, old_identity=old.identity)
     j = now.outer_join(old, now.customer_id == old.old_id)
     who = j.customer_id.fill_null(j.old_id)
-
-    def differs(a: ir.Value, b: ir.Value) -> ir.BooleanValue:
-        return (a != b).fill_null(True) & (a.notnull() | b.notnull())
-
     if portrait.changed is not None:
         profile = portrait.changed.select("customer_id")
     else:
-        profile = j.filter(differs(j.profile, j.old_profile)).select(customer_id=who)
-    identity = j.filter(differs(j.identity, j.old_identity)).select(customer_id=who)
+        profile = j.filter(~j.profile.identical_to(j.old_profile)).select(customer_id=who)
+    identity = j.filter(~j.identity.identical_to(j.old_identity)).select(customer_id=who)
     customers = engine.scratch("live_changed", affected.union(profile).distinct())
     served = engine.scratch("live_served", customers.union(identity).distinct())
     return Changes(since.astimezone(UTC), customers, served, runs[1].isoformat())
