@@ -21,7 +21,7 @@ event moving is seen as well.
 This is only sound when the tags, segments and store are those the last live refresh left,
 at the clock it recorded, after the portrait run it followed. ``live_state`` says which
 refresh that was; anything else — the first refresh, a build or a crashed refresh between
-the two, changed definitions, a full portrait build, an engine that cannot hash rows — and
+the two, changed definitions, a full portrait build — and
 :func:`find_changes` answers None: the refresh recomputes everything, then records the
 state the next one starts from (:func:`save_state`, written last).
 """
@@ -42,6 +42,7 @@ from closedloop.core.engine import Engine
 from closedloop.portrait.refresh import RefreshResult
 from closedloop.portrait.tables import PORTRAIT_RUNS, PROFILES
 from closedloop.serving.tables import LIVE_DIGESTS, LIVE_STATE
+from closedloop.tags.incremental import row_digest
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,11 @@ def digests(engine: Engine, profiles: bool = True) -> ir.Table:
     """
     p = engine.table(PROFILES.name)
     cols = [c for c in p.columns if c != "computed_at"]
-    digest = ibis.struct({c: p[c] for c in cols}).hash() if profiles else ibis.null("int64")
+    digest = row_digest(engine, {c: p[c] for c in cols}) if profiles else ibis.null("int64")
     prof = p.select("customer_id", profile=digest)
     m = engine.table("identity_map")
     m = m.filter(m.customer_id.notnull())
-    row = ibis.struct({"t": m.id_type, "v": m.id_value, "q": m.quarantined}).hash()
+    row = row_digest(engine, {"t": m.id_type, "v": m.id_value, "q": m.quarantined})
     ids = m.group_by("customer_id").aggregate(identity=row.bit_xor())
     j = prof.outer_join(ids, prof.customer_id == ids.customer_id)
     return j.select(
@@ -110,7 +111,7 @@ def find_changes(
 
     ``now``: this moment's ``digests`` (materialised by the caller, saved by ``save_state``).
     """
-    if not engine.can("row_hash") or portrait.mode != "incremental":
+    if portrait.mode != "incremental":
         return None
     state = _state(engine)
     if state is None or state["definitions"] != definitions_digest(project):

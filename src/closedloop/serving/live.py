@@ -106,7 +106,7 @@ def refresh_all(
     marks.append(time.perf_counter())
     portrait = refresh(engine, project.traits, clock, tz, accounts=project.accounts)
     now = changes = None
-    if portrait.customers >= incremental_from and engine.can("row_hash"):
+    if portrait.customers >= incremental_from:
         rows = portrait.changed is None  # else the portrait says which rows it rewrote
         now = engine.scratch("live_digests_now", digests(engine, profiles=rows))
         changes = find_changes(engine, project, portrait, as_of, now)
