@@ -347,6 +347,35 @@ def prepare(persons: int, cache: Path) -> tuple[Path, float | None]:
     return root / "p", round(time.perf_counter() - t, 1)
 
 
+def bench_project(project: Any) -> tuple[Any, list[SegmentDef], Fields]:
+    """``project`` (a ``Project``) with the benchmark's 50 tags and 20 segments (checked),
+    its segments in run order, and the fields their conditions read.
+
+    ``bench/refresh.py`` builds the same definitions for its whole-chain figures.
+    """
+    tags = dict(project.tags)
+    extra = [t for t in synthetic_tags() if t["name"] not in tags]
+    while len(tags) + len(extra) > TAGS:  # the template grows: drop percentile buckets first
+        drop = next(t for t in reversed(extra) if t["name"].startswith("pct_"))
+        extra.remove(drop)
+    for raw in extra:
+        tags[raw["name"]] = TagDef.model_validate(raw)
+    from closedloop.portrait.tables import PROFILES
+
+    problems = [p for t in tags.values() for p in check_tag(t, set(PROFILES.columns))]
+    assert not problems, problems
+    segs = dict(project.segments)
+    for raw in synthetic_segments():
+        segs[raw["name"]] = SegmentDef.model_validate(raw)
+    project = project.model_copy(update={"tags": tags, "segments": segs})
+    ordered, problems = segment_order(project)
+    base = project_fields(project)
+    fields = Fields(tags=tuple(tags), traits=base.traits, segments=tuple(segs))
+    problems += [p for s in ordered for p in check_segment(s, fields)]
+    assert not problems, problems
+    return project, ordered, fields
+
+
 def run(persons: int, cache: Path, work: Path, refresh_share: float = 0.0) -> dict[str, Any]:
     fig: dict[str, Any] = {"persons": persons}
     src, prepared = prepare(persons, cache)
