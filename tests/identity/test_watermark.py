@@ -87,19 +87,49 @@ def twins() -> Any:
 
 
 T0 = START + timedelta(days=10)
+WITHIN_LAG = "since the watermark less the lag (some stamped at or before it)"
 
 
 def test_new_events_are_found_by_the_watermark(twins: Twins) -> None:
     twins.add(FIRST, T0)
     assert twins.resolve()[0] == "full"
-    twins.add([{"message_id": "d", "user_id": "M1", "traits": {"email": "li@x.com"}}], T0)
+    d = {"message_id": "d", "user_id": "M1", "traits": {"email": "li@x.com"}}
+    twins.add([d], T0 + timedelta(minutes=1))
     assert twins.resolve() == ("incremental", "1 new message(s) since the watermark")
     assert customer_of(twins.inc, "member_id", "M1") == customer_of(twins.inc, "email", "li@x.com")
     # The watermark moves on with the events read.
     twins.add([{"message_id": "e", "user_id": "M9"}], T0 + timedelta(hours=2))
     assert twins.resolve() == ("incremental", "1 new message(s) since the watermark")
     runs = twins.inc.table("identity_runs").order_by("seq").to_pyarrow().to_pylist()
-    assert [r["watermark"] for r in runs] == [T0, T0, T0 + timedelta(hours=2)]
+    assert [r["watermark"] for r in runs] == [
+        T0,
+        T0 + timedelta(minutes=1),
+        T0 + timedelta(hours=2),
+    ]
+    # Stamped exactly at the watermark: not after it, so found within the lag.
+    twins.add(
+        [{"message_id": "f", "user_id": "M9", "anonymous_id": "ck2"}], T0 + timedelta(hours=2)
+    )
+    assert twins.resolve() == ("incremental", f"1 new message(s) {WITHIN_LAG}")
+
+
+def test_after_a_bulk_load_minutes_ago_only_the_events_after_it_are_read(twins: Twins) -> None:
+    """A history loaded in bulk just before (an import, a freshly built warehouse) lies
+    within the lag: the next runs still take only the events stamped after the watermark as
+    candidates, and the check holds without reading the bulk again."""
+    bulk = [
+        {"message_id": f"h{i}", "user_id": f"M{i}", "anonymous_id": f"ck{i}"} for i in range(40)
+    ]
+    twins.add(bulk, T0)
+    twins.resolve()
+    for k in range(1, 4):
+        at = T0 + timedelta(minutes=k)
+        twins.add(
+            [{"message_id": f"n{k}", "user_id": f"M{k}", "traits": {"email": f"{k}@x.com"}}], at
+        )
+        assert twins.resolve() == ("incremental", "1 new message(s) since the watermark")
+        new = twins.inc.con.table("_scratch_id_new_events")
+        assert new.to_pyarrow()["message_id"].to_pylist() == [f"n{k}"]
 
 
 def test_a_late_event_with_an_older_stamp_is_found_by_the_whole_log(twins: Twins) -> None:
@@ -112,9 +142,18 @@ def test_a_late_event_with_an_older_stamp_is_found_by_the_whole_log(twins: Twins
     assert path == "incremental"
     assert why.startswith("1 new message(s) (the watermark check failed")
     assert customer_of(twins.inc, "member_id", "M2") == customer_of(twins.inc, "email", "li@x.com")
-    # Within the lag it is found by the watermark itself.
+    # Within the lag it is found by the watermark less the lag, not by the whole log.
     twins.add([{"message_id": "y", "user_id": "M4"}], T0 - WATERMARK_LAG + timedelta(minutes=1))
-    assert twins.resolve() == ("incremental", "1 new message(s) since the watermark")
+    assert twins.resolve() == ("incremental", f"1 new message(s) {WITHIN_LAG}")
+    # A late one and a new one together: both found within the lag.
+    twins.add([{"message_id": "x", "user_id": "M5"}], T0 + timedelta(1))
+    twins.add(
+        [{"message_id": "w", "user_id": "M6", "anonymous_id": "ck5"}], T0 - timedelta(minutes=1)
+    )
+    assert twins.resolve() == ("incremental", f"2 new message(s) {WITHIN_LAG}")
+    assert customer_of(twins.inc, "member_id", "M6") == customer_of(
+        twins.inc, "anonymous_id", "ck5"
+    )
 
 
 def test_a_message_id_logged_again_makes_the_run_full(twins: Twins) -> None:
@@ -205,7 +244,9 @@ def test_runs_recorded_before_the_watermark_are_upgraded(twins: Twins) -> None:
     assert twins.resolve() == ("incremental", "1 new message(s) since the watermark")
 
 
-stamp = st.integers(-3, 3).map(lambda h: T0 + timedelta(hours=h))
+# Ten minutes apart over four hours: stamps after the watermark, at it, within the lag
+# before it and beyond the lag all occur.
+stamp = st.integers(-12, 12).map(lambda k: T0 + k * timedelta(minutes=10))
 
 
 @pytest.mark.slow  # ~60 CPU-s: two resolutions per batch, per example

@@ -44,17 +44,22 @@ scored pairs are few, so the region stays small.
 **Finding the new events without reading the whole log.** Every message a run reads is
 listed in ``identity_messages`` (with or without identifiers), and each run records a
 *watermark* in ``identity_runs``: the latest ``received_at`` it read. The next run takes as
-candidates only the events received since the watermark less ``WATERMARK_LAG`` (or with no
-``received_at``), minus those already listed — a scan the warehouse's min/max statistics
-trim to the newest part of the log. ``received_at`` is stamped when the collector accepts a
-message, not when the loader commits it, so an event can land late with an older stamp (a
-spool written behind a newer one, a long file import), or a message can be erased, or logged
+candidates only the events received after the watermark (or with no ``received_at``), minus
+those already listed — a scan the warehouse's min/max statistics trim to the newest part of
+the log. ``received_at`` is stamped when the collector accepts a message, not when the
+loader commits it, so an event can land late with an older stamp (a spool written behind a
+newer one, concurrent loaders, a long file import), or a message can be erased, or logged
 twice. The watermark is therefore only trusted after a check that the log holds exactly the
 listed messages plus the candidates: their counts and an XOR of 64-bit hashes of their ids
-(two scans of one column each, no join) must agree. If they do not, the run says so and
-finds its new events by the anti-join of the whole log against ``identity_messages``, which
-then decides as before between an incremental run, an erasure and a repeated id (full).
-Engines without a hash aggregate (Spark) always take the anti-join.
+(two scans of one column each, no join) must agree. If the log holds more, the candidates
+are taken again from ``WATERMARK_LAG`` before the watermark, and checked again. (Not from
+there at once: a history loaded in bulk minutes before — after every import, in every
+freshly built warehouse — lies wholly within the lag, and every refresh of the next quarter
+of an hour would then pay an anti-join as large as the log.) If neither agrees, the run says
+so and finds its new events by the anti-join of the whole log against
+``identity_messages``, which then decides as before between an incremental run, an erasure
+and a repeated id (full). Engines without a hash aggregate (Spark) always take the
+anti-join.
 
 The path taken and why are recorded in ``identity_runs``.
 """
@@ -158,47 +163,72 @@ def _signature(engine: Engine, t: ir.Table) -> ir.Table:
 
 
 def _by_watermark(engine: Engine, mark: datetime) -> tuple[Plan | None, str]:
-    """The plan from the events received since ``mark`` less the lag, if the check holds.
+    """The plan from the events received after ``mark``, or since ``mark`` less the lag,
+    whichever first passes the check.
 
-    Returns (plan, "") when it does, (None, why not) when the whole log must be read.
+    Returns (plan, "") when one does, (None, why not) when the whole log must be read.
+
+    Why two steps: the events read before were loaded in bulk minutes ago as often as not
+    (after every import, and always in a freshly built warehouse), and then they all lie
+    within the lag: taking them as candidates costs an anti-join as large as the whole log,
+    for every refresh of the next quarter of an hour. The events stamped *after* the
+    watermark are almost always exactly the new ones; the check says when they are not (an
+    event committed late with an older stamp), and only then is the lag read.
     """
     events = engine.table("events")
     seen = engine.table("identity_messages")
-    since = ibis.literal(mark - WATERMARK_LAG, type=events.received_at.type())
-    recent = events.filter(events.received_at.isnull() | (events.received_at >= since))
     try:
         log_sig, seen_sig = _signature(engine, events), _signature(engine, seen)
         engine.con.compile(log_sig)
     except (ibis_errors.OperationNotDefinedError, ibis_errors.UnsupportedOperationError):
         return None, f"{engine.backend} has no hash aggregate for the watermark check"
-    # The candidates first: an event appended after them makes the log's side larger, and
-    # the run reads the whole log instead (never wrong, only slower).
-    n_recent = int(recent.count().execute())
-    listed: ir.Table = seen
-    if n_recent * 4 <= int(seen.count().execute()):
-        # The listed candidates found by a semi-join of the list on the candidates, not an
-        # anti-join of the candidates on the list: an engine hashes the right side of a
-        # join (DuckDB always for anti and semi joins), and the candidates are the few.
-        # (When they are many — a bulk load stamped at one instant — hashing the list is
-        # the cheaper way.)
-        listed = seen.semi_join(recent.select("message_id"), "message_id")
-    new = engine.scratch("id_new_events", recent.anti_join(listed, "message_id"))
-    cand = new.aggregate(
-        n=new.count(), x=_id_hash(engine, new.message_id).bit_xor(), top=new.received_at.max()
+    stamp = events.received_at
+    after = ibis.literal(mark, type=stamp.type())
+    since = ibis.literal(mark - WATERMARK_LAG, type=stamp.type())
+    steps = (
+        (stamp > after, "since the watermark"),
+        (stamp >= since, "since the watermark less the lag (some stamped at or before it)"),
     )
-    cand = cand.to_pyarrow().to_pylist()[0]
-    # One statement for both sides: the log and the list are read at the same moment.
-    both = log_sig.cross_join(seen_sig.rename(m="n", y="x")).to_pyarrow().to_pylist()[0]
-    n_new = int(cand["n"])
-    # XOR of nothing is null: 0 is its neutral value.
-    xor = int(both["y"] or 0) ^ int(cand["x"] or 0)
-    if int(both["n"]) != int(both["m"]) + n_new or int(both["x"] or 0) != xor:
-        return None, (
-            "the watermark check failed (an event logged late with an older stamp, an "
-            "erasure or a repeated id): new events by the whole log"
+    n_seen: int | None = None
+    both: dict[str, int | None] | None = None
+    for after_mark, which in steps:
+        recent = events.filter(stamp.isnull() | after_mark)
+        # The candidates first: an event appended after them makes the log's side larger,
+        # and the run reads the whole log instead (never wrong, only slower).
+        n_recent = int(recent.count().execute())
+        if n_seen is None:
+            n_seen = int(seen.count().execute())
+        listed: ir.Table = seen
+        if n_recent * 4 <= n_seen:
+            # The listed candidates found by a semi-join of the list on the candidates, not
+            # an anti-join of the candidates on the list: an engine hashes the right side of
+            # a join (DuckDB always for anti and semi joins), and the candidates are the
+            # few. (When they are many — a bulk load stamped at one instant — hashing the
+            # list is the cheaper way.)
+            listed = seen.semi_join(recent.select("message_id"), "message_id")
+        new = engine.scratch("id_new_events", recent.anti_join(listed, "message_id"))
+        cand = new.aggregate(
+            n=new.count(), x=_id_hash(engine, new.message_id).bit_xor(), top=new.received_at.max()
         )
-    why = f"{n_new} new message(s) since the watermark"
-    return Plan(INCREMENTAL, why, new, n_new, _later(mark, _instant(cand["top"]))), ""
+        got = cand.to_pyarrow().to_pylist()[0]
+        if both is None:
+            # One statement for both sides: the log and the list are read at one moment.
+            both = log_sig.cross_join(seen_sig.rename(m="n", y="x")).to_pyarrow().to_pylist()[0]
+        n_new = int(got["n"])
+        # XOR of nothing is null: 0 is its neutral value.
+        xor = int(both["y"] or 0) ^ int(got["x"] or 0)
+        n_log, n_listed = int(both["n"] or 0), int(both["m"] or 0)
+        if n_log == n_listed + n_new and int(both["x"] or 0) == xor:
+            why = f"{n_new} new message(s) {which}"
+            return Plan(INCREMENTAL, why, new, n_new, _later(mark, _instant(got["top"]))), ""
+        if n_log < n_listed + n_new:
+            # More listed and new than logged (an erasure, a repeated id): reading further
+            # back only adds candidates, so it cannot make the sides agree.
+            break
+    return None, (
+        "the watermark check failed (an event logged late with an older stamp, an "
+        "erasure or a repeated id): new events by the whole log"
+    )
 
 
 def plan(engine: Engine, config: IdentityConfig, *, reason: str, allow: bool) -> Plan:
