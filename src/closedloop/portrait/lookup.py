@@ -13,8 +13,9 @@ A live refresh (``closedloop serve``) does not rewrite the file: :func:`update_s
 replaces, in one SQLite transaction, only the rows of the customers whose profile or
 identifiers changed (``serving.changes`` finds them), and the aliases. It does so only when
 the store is the one the previous refresh left (its ``stamp``, the portrait run it matches)
-and every profile shares one ``computed_at`` (kept once in ``meta``, so unchanged rows need
-no rewrite); otherwise the file is written whole. A crash in the middle rolls back: the
+and the latest portrait run's clock is known (kept once in ``meta`` as every profile's
+``computed_at`` when later than the row's own, so unchanged rows need no rewrite);
+otherwise the file is written whole. A crash in the middle rolls back: the
 store is old or new, never half.
 
 Why it cannot go stale: the store records a fingerprint of the warehouse tables it copied
@@ -36,6 +37,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import ibis
 import ibis.expr.datatypes as dt
 
 from closedloop.core.definitions import IdentityConfig
@@ -123,10 +125,39 @@ def stamp(engine: Engine) -> str:
     return "" if row is None or row[0] is None else row[0].astimezone(UTC).isoformat()
 
 
+def profiles_clock(engine: Engine) -> datetime | None:
+    """The clock every profile is current as of: the latest portrait run's (None: no run).
+
+    A refresh rewrites only the rows that change, each with its clock in ``computed_at``;
+    the rows it leaves are current as of its clock too, which only its run record says
+    (stamping every row was a whole-table write per refresh). So a profile's
+    ``computed_at`` as shown is the later of its own and this (``shown_computed_at``).
+    """
+    if not engine.exists("portrait_runs"):
+        return None
+    runs = engine.table("portrait_runs")
+    rows = runs.order_by(ibis.desc(runs.finished_at)).limit(1).select("as_of")
+    found = rows.to_pyarrow().to_pylist()
+    at = found[0]["as_of"] if found else None
+    return at.astimezone(UTC) if isinstance(at, datetime) else None
+
+
+def shown_computed_at(own: datetime | None, clock: datetime | None) -> datetime | None:
+    """A profile's ``computed_at`` as readers see it: its row's, or the latest run's clock
+    when later (the row was current then too, see ``profiles_clock``)."""
+    if own is None or clock is None:
+        return own if clock is None else clock
+    return max(own, clock)
+
+
 def _computed_at(engine: Engine) -> str:
-    """Every profile's ``computed_at`` in microseconds, when they all share one ('' if not)."""
+    """The ``computed_at`` the store keeps once (microseconds): the latest portrait run's
+    clock, or without runs the one every profile shares ('' if they do not share one)."""
     if "computed_at" not in engine.table("profiles").columns:
         return ""
+    clock = profiles_clock(engine)
+    if clock is not None:
+        return str((clock - EPOCH) // timedelta(microseconds=1))
     n, us = engine.con.con.execute(
         "SELECT count(DISTINCT computed_at), max(epoch_us(computed_at)) FROM profiles"
     ).fetchone()
@@ -221,7 +252,7 @@ def update_store(
     ``previous``: the ``stamp`` the store must carry — the portrait run of the refresh that
     last wrote it, whose state ``customers`` were found against. None (nothing written)
     when the store is not that one, is of another version or shape, when the profiles do
-    not share one ``computed_at``, or when so many changed that a whole write is cheaper:
+    have no run clock (nor one shared ``computed_at``), or when so many changed that a whole write is cheaper:
     then call :func:`materialise`.
     """
     path = path or serving_path(engine)
@@ -324,12 +355,12 @@ def _copy(
 def _decode(
     doc: str, columns: list[tuple[str, str]], computed_at: int | None = None
 ) -> dict[str, Any]:
-    """A stored row; ``computed_at`` (microseconds), when the store keeps it in ``meta``,
-    is every row's (rows a live refresh did not rewrite keep an older one in the doc)."""
+    """A stored row; ``computed_at`` (microseconds), when the store keeps it in ``meta``, is
+    the latest run's clock, shown when later than the row's own (``shown_computed_at``)."""
     row: dict[str, Any] = {}
     for (name, kind), v in zip(columns, json.loads(doc), strict=True):
         if name == "computed_at" and computed_at is not None:
-            v = computed_at
+            v = computed_at if v is None else max(int(v), computed_at)
         if v is not None and kind == "timestamp":
             v = EPOCH + timedelta(microseconds=v)
         elif v is not None and kind == "naive_timestamp":
@@ -529,9 +560,22 @@ class ProfileLookup:
             row = self._db.execute(
                 "SELECT doc FROM profiles WHERE customer_id = ?", (cid,)
             ).fetchone()
-            return None if row is None else _decode(row[0], self._columns, self._computed_at)
+            if row is None:
+                return None
+            clock = self._computed_at
+            if clock is None:  # a subclass's attach may not have read it: from meta
+                kept = self._db.execute("SELECT value FROM meta WHERE key = 'computed_at'")
+                value = kept.fetchone()
+                clock = int(value[0]) if value is not None and value[0] else None
+            return _decode(row[0], self._columns, clock)
         if not self.engine.exists("profiles"):
             return None
         p = self.engine.table("profiles")
         rows: list[dict[str, Any]] = p.filter(p.customer_id == cid).to_pyarrow().to_pylist()
-        return rows[0] if rows else None
+        if not rows:
+            return None
+        if "computed_at" in rows[0]:
+            rows[0]["computed_at"] = shown_computed_at(
+                rows[0]["computed_at"], profiles_clock(self.engine)
+            )
+        return rows[0]

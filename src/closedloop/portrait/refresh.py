@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -67,6 +68,7 @@ from closedloop.portrait.extras import RELATION_EVENTS, RELATIONSHIP_COLUMNS, ne
 from closedloop.portrait.tables import (
     COMPUTED_TRAITS,
     FACT_COLUMNS,
+    PORTRAIT_MARKS,
     PORTRAIT_RUNS,
     PORTRAIT_SEEN,
     PROFILES,
@@ -105,12 +107,27 @@ class RefreshResult:
     # connection, valid until its next refresh (None after a full build: everyone):
     affected: ir.Table | None = None  # per-customer portrait and traits recomputed
     changed: ir.Table | None = None  # profile rows rewritten or deleted (None: all rewritten)
+    # How the attribution diff was found: 'shortcut' (from the candidates, checked), or why
+    # the whole snapshot was compared ('' after a full build). Also in ``portrait_marks``.
+    diff: str = ""
+
+
+@dataclass(frozen=True)
+class Marks:
+    """What a run left for the next one's shortcut (``portrait_marks``)."""
+
+    identity_seq: int  # the identity run event_customers was read after
+    received: datetime | None  # that run's watermark (latest received_at it read)
+    pairs: int  # the snapshot's (message, customer) pairs after the run
+    pairs_xor: int  # XOR of their 64-bit hashes (unsigned)
 
 
 @dataclass(frozen=True)
 class LastRun:
     as_of: datetime
     traits_digest: str
+    customers: int = -1  # profile rows the run left (-1: unknown)
+    marks: Marks | None = None  # None: the next refresh compares the whole snapshot
 
 
 def traits_digest(traits: dict[str, TraitDef]) -> str:
@@ -137,7 +154,27 @@ def last_run(engine: Engine) -> LastRun | None:
     if not rows:
         return None
     as_of = rows[0]["as_of"]
-    return LastRun(as_of.astimezone(UTC), str(rows[0]["traits_digest"]))
+    customers = rows[0]["customers"]
+    return LastRun(
+        as_of.astimezone(UTC),
+        str(rows[0]["traits_digest"]),
+        -1 if customers is None else int(customers),
+        _marks(engine, rows[0]["finished_at"]),
+    )
+
+
+def _marks(engine: Engine, finished_at: datetime) -> Marks | None:
+    """The marks written with the run that finished at ``finished_at`` (None: none)."""
+    if not engine.exists(PORTRAIT_MARKS.name):
+        return None
+    t = engine.table(PORTRAIT_MARKS.name)
+    at = ibis.literal(finished_at).cast(TS)
+    rows = t.filter(t.finished_at == at).limit(1).to_pyarrow().to_pylist()
+    if not rows or None in (rows[0]["identity_seq"], rows[0]["pairs"], rows[0]["pairs_xor"]):
+        return None
+    r = rows[0]
+    received = r["received"].astimezone(UTC) if r["received"] is not None else None
+    return Marks(int(r["identity_seq"]), received, int(r["pairs"]), int(r["pairs_xor"]) % 2**64)
 
 
 def attribution_changes(engine: Engine) -> tuple[ir.Table, ir.Table]:
@@ -155,7 +192,11 @@ def attribution_diff(engine: Engine) -> ir.Table:
     persons. Materialise it when both sides are read.
     """
     ec = engine.table("event_customers").select("message_id", "customer_id")
-    seen = engine.table(PORTRAIT_SEEN.name)
+    return _diff(ec, engine.table(PORTRAIT_SEEN.name))
+
+
+def _diff(ec: ir.Table, seen: ir.Table) -> ir.Table:
+    """``attribution_diff`` of two (message_id, customer_id) relations: now and the snapshot."""
     seen = seen.select(seen_message_id=seen.message_id, seen_customer_id=seen.customer_id)
     j = ec.outer_join(seen, ec.message_id == seen.seen_message_id)
     differs = j.customer_id.isnull() | j.seen_customer_id.isnull()
@@ -165,6 +206,111 @@ def attribution_diff(engine: Engine) -> ir.Table:
         customer_id=j.customer_id,
         seen_customer_id=j.seen_customer_id,
     )
+
+
+@ibis.udf.scalar.builtin(name="hash", signature=(("string", "string"), "uint64"))
+def _pair_hash(message_id: str, customer_id: str) -> int:  # type: ignore[empty-body]
+    """DuckDB's 64-bit hash of a (message, customer) pair, taken as it is (UBIGINT)."""
+
+
+def _signature(t: ir.Table) -> ir.Table:
+    """(n, x): the count of ``t``'s (message_id, customer_id) pairs and the XOR of their
+    hashes — equal for equal sets of pairs (message ids are keys: no pair twice), and
+    different, but for a 2**-64 chance, when one holds a pair the other lacks."""
+    return t.aggregate(n=t.count(), x=_pair_hash(t.message_id, t.customer_id).bit_xor())
+
+
+def _sig(row: dict[str, object], n: str = "n", x: str = "x") -> tuple[int, int]:
+    xor = row[x]
+    return int(str(row[n])), 0 if xor is None else int(str(xor))  # XOR of nothing: null
+
+
+def _identity_now(engine: Engine) -> tuple[int, datetime | None] | None:
+    """(seq, watermark) of the latest identity run: read before ``event_customers``, so
+    every later change to it comes from a later run. None: no run recorded."""
+    if not engine.exists("identity_runs"):
+        return None
+    runs = engine.table("identity_runs")
+    if "watermark" not in runs.columns:
+        return None
+    rows = runs.order_by(ibis.desc(runs.seq)).limit(1).to_pyarrow().to_pylist()
+    if not rows or rows[0]["seq"] is None:
+        return None
+    mark = rows[0]["watermark"]
+    return int(rows[0]["seq"]), None if mark is None else mark.astimezone(UTC)
+
+
+def _identity_changed(engine: Engine, since_seq: int) -> ir.Table | None:
+    """Customers identity recorded as changed (merged, split, grown...) by runs after
+    ``since_seq``, materialised; None when identity keeps no such record."""
+    if not engine.exists("identity_changes"):
+        return None
+    runs = engine.table("identity_runs")
+    later = runs.filter(runs.seq > since_seq).select("run_id")
+    ch = engine.table("identity_changes")
+    return engine.scratch(
+        "refresh_id_changed", ch.semi_join(later, "run_id").select("customer_id").distinct()
+    )
+
+
+@dataclass(frozen=True)
+class _Shortcut:
+    """The attribution diff found without the whole snapshot (``_shortcut_diff``)."""
+
+    diff: ir.Table
+    pairs: tuple[int, int]  # the signature of event_customers: the snapshot's after the run
+    recent: ir.BooleanValue  # the events the new messages were looked for in
+    identity_changed: int  # customers identity changed since the last run
+
+
+def _shortcut_diff(engine: Engine, last: LastRun, marks: Marks) -> tuple[_Shortcut | None, str]:
+    """The attribution diff from the messages that can have changed, if the check holds.
+
+    Candidates: events stamped after the last run's clock or received since the identity
+    watermark it had read (or never stamped), and every event, now or in the snapshot, of
+    a customer identity changed since (a merge or split moves old events). The shortcut
+    trusts that nothing else changed only after checking it: event_customers less the
+    candidates' pairs must have the count and hash-XOR of the snapshot less theirs (the
+    snapshot's own are kept in ``portrait_marks``; one scan of one table, no join). A late
+    event with an old stamp, an erasure, or anything else outside the candidates fails
+    the check: then (None, why) and the caller compares the whole snapshot.
+    """
+    changed = _identity_changed(engine, marks.identity_seq)
+    if changed is None:
+        return None, "identity records no changes"
+    ec = engine.table("event_customers").select("message_id", "customer_id")
+    seen = engine.table(PORTRAIT_SEEN.name)
+    events = engine.table("events")
+    recent = events.received_at.isnull() | (
+        events.timestamp > ibis.literal(last.as_of, type=events.timestamp.type())
+    )
+    if marks.received is not None:
+        recent |= events.received_at >= ibis.literal(marks.received, type=events.received_at.type())
+    cand = events.filter(recent).select("message_id")
+    cand = cand.union(ec.semi_join(changed, "customer_id").select("message_id"))
+    cand = cand.union(seen.semi_join(changed, "customer_id").select("message_id"))
+    cand = engine.scratch("refresh_candidates", cand.distinct())
+    n_cand = int(cand.count().execute())
+    if n_cand * 4 > marks.pairs:
+        return None, f"{n_cand} candidate messages: the whole snapshot is compared"
+    now_m = engine.scratch("refresh_now_m", ec.semi_join(cand, "message_id"))
+    seen_m = engine.scratch(
+        "refresh_seen_m", seen.select("message_id", "customer_id").semi_join(cand, "message_id")
+    )
+    # One statement: the whole of event_customers and the candidates' pairs on both sides.
+    a, b = _signature(now_m), _signature(seen_m).rename(sn="n", sx="x")
+    both = _signature(ec).rename(en="n", ex="x").cross_join(a).cross_join(b)
+    row = both.to_pyarrow().to_pylist()[0]
+    n_e, x_e = _sig(row, "en", "ex")
+    n_em, x_em = _sig(row)
+    n_sm, x_sm = _sig(row, "sn", "sx")
+    if n_e - n_em != marks.pairs - n_sm or x_e ^ x_em != marks.pairs_xor ^ x_sm:
+        return None, (
+            "the check failed (a late event with an old stamp, an erasure, or a change "
+            "identity did not record): the whole snapshot is compared"
+        )
+    n_changed = int(changed.count().execute())
+    return _Shortcut(_diff(now_m, seen_m), (n_e, x_e), recent, n_changed), ""
 
 
 def _sides(diff: ir.Table) -> tuple[ir.Table, ir.Table]:
@@ -225,35 +371,44 @@ def _record(
     steps: _Steps | None = None,
     affected: ir.Table | None = None,
     changed: ir.Table | None = None,
+    marks: Marks | None = None,
+    how: str = "",
 ) -> RefreshResult:
     """Write the snapshot and the run record (last: they make the next refresh incremental).
 
     A full build gives the whole ``snapshot`` (the attributed events with their facts). A
     refresh gives only the new rows, and ``gone``, the pairs no longer attributed (None when
-    there are none): the snapshot loses those rows and gains the new ones, in one
-    transaction where the engine has them, rewritten whole where it cannot delete (Spark).
-    Copying the whole snapshot again was an eighth of a refresh at 100,000 persons. A crash
-    after the snapshot and before the run record is harmless: the profiles of those
+    there are none): the snapshot loses those rows and gains the new ones, rewritten whole
+    where the engine cannot delete (Spark). Copying the whole snapshot again was an eighth
+    of a refresh at 100,000 persons. ``marks`` (the snapshot's signature after the write,
+    and the identity run read) go in the same transaction as the run record and, on a
+    refresh, the snapshot's rows: a shortcut is only ever taken from marks that describe
+    the snapshot. A full build drops every mark before it replaces the snapshot, so a crash
+    in between leaves the next refresh comparing the whole snapshot. A crash after the
+    snapshot and before the run record is harmless otherwise: the profiles of those
     customers were written already, and the clock part is redone from the old run's clock.
     """
     name = PORTRAIT_SEEN.name
+    deletes = engine.can("temp_tables")
+    new: ir.Table | None = None
     if mode == "full":
+        if deletes and engine.exists(PORTRAIT_MARKS.name):
+            marks_t = engine.table(PORTRAIT_MARKS.name)
+            engine.delete_keys(PORTRAIT_MARKS.name, marks_t.select("finished_at"))
         engine.replace(name, snapshot)
-    elif gone is None:
+    elif gone is None and not deletes:
         engine.append(name, snapshot)
-    elif engine.can("temp_tables"):
+    elif deletes:
         new = engine.scratch("refresh_seen_new", engine.conform(name, snapshot))
-        with engine.transaction():
-            engine.delete_keys(name, gone)
-            engine.con.insert(name, new)
     else:
         seen = engine.table(name)
         kept = seen.anti_join(gone, ["message_id", "customer_id"])
         engine.replace(name, _seen_columns(kept).union(_seen_columns(snapshot)))
     customers = engine.count(PROFILES.name)
     seconds = time.perf_counter() - started
+    finished = datetime.now(UTC)
     row = {
-        "finished_at": [datetime.now(UTC)],
+        "finished_at": [finished],
         "as_of": [as_of],
         "mode": [mode],
         "customers": [customers],
@@ -261,14 +416,53 @@ def _record(
         "traits_digest": [digest],
         "seconds": [seconds],
     }
-    engine.append(PORTRAIT_RUNS.name, pa.table(row))
+    with engine.transaction():
+        if new is not None:
+            if gone is not None:
+                engine.delete_keys(name, gone)
+            engine.con.insert(name, new)
+        engine.append(PORTRAIT_RUNS.name, pa.table(row))
+        if marks is not None and deletes:
+            x = marks.pairs_xor - 2**64 if marks.pairs_xor >= 2**63 else marks.pairs_xor
+            mark = {
+                "finished_at": [finished],
+                "identity_seq": [marks.identity_seq],
+                "received": [marks.received],
+                "pairs": [marks.pairs],
+                "pairs_xor": [x],
+                "diff": [how],
+            }
+            engine.append(PORTRAIT_MARKS.name, pa.table(mark))
     n_traits = engine.count(COMPUTED_TRAITS.name)
     if steps is not None:
         steps.lap("record")
     times = steps.times if steps is not None else {}
     return RefreshResult(
-        mode, customers, recomputed, n_traits, seconds, times, affected=affected, changed=changed
+        mode,
+        customers,
+        recomputed,
+        n_traits,
+        seconds,
+        times,
+        affected=affected,
+        changed=changed,
+        diff=how,
     )
+
+
+def _marks_now(
+    engine: Engine, identity: tuple[int, datetime | None] | None, pairs: tuple[int, int] | None
+) -> Marks | None:
+    """The marks to record: the identity run read before event_customers, and the
+    signature of event_customers as read (the snapshot's once the run is written)."""
+    if identity is None or pairs is None:
+        return None
+    return Marks(identity[0], identity[1], pairs[0], pairs[1])
+
+
+def _shortcuts(engine: Engine) -> bool:
+    """Whether the engine has what the shortcuts need: deletes and DuckDB's hash."""
+    return engine.backend == "duckdb" and engine.can("temp_tables")
 
 
 def full_build(
@@ -282,10 +476,15 @@ def full_build(
     started = time.perf_counter()
     clock = clock or Clock()
     as_of = clock.now()
+    identity = _identity_now(engine) if _shortcuts(engine) else None
     facts = parse_facts(engine)
     n = build_profiles(engine, clock, default_tz, accounts, facts=facts)
     build_traits(engine, traits, clock)
-    return _record(engine, as_of, "full", n, traits_digest(traits), started, facts)
+    pairs = None
+    if identity is not None:
+        pairs = _sig(_signature(facts).to_pyarrow().to_pylist()[0])
+    marks = _marks_now(engine, identity, pairs)
+    return _record(engine, as_of, "full", n, traits_digest(traits), started, facts, marks=marks)
 
 
 def refresh(
@@ -313,8 +512,29 @@ def refresh(
     steps = _Steps()
     windows = {t.window_days for t in traits.values() if t.window_days}
     duckdb = engine.backend == "duckdb"
+    identity = _identity_now(engine) if _shortcuts(engine) else None
     # The attribution diff, once: it finds affected customers and then updates the snapshot.
-    added, gone = _sides(engine.scratch("refresh_diff", attribution_diff(engine)))
+    # From the candidates when the last run left marks and the check holds; else whole.
+    short: _Shortcut | None = None
+    if not _shortcuts(engine):
+        how = f"{engine.backend}: no shortcut (it needs deletes and DuckDB's hash)"
+    elif identity is None:
+        how = "identity has recorded no run"
+    elif last.marks is None:
+        how = "the last run left no marks"
+    else:
+        short, how = _shortcut_diff(engine, last, last.marks)
+    how = "shortcut" if short is not None else how
+    if short is not None:
+        diff = engine.scratch("refresh_diff", short.diff)
+        pairs: tuple[int, int] | None = short.pairs
+    else:
+        diff = engine.scratch("refresh_diff", attribution_diff(engine))
+        pairs = None
+        if identity is not None:
+            ec = engine.table("event_customers")
+            pairs = _sig(_signature(ec).to_pyarrow().to_pylist()[0])
+    added, gone = _sides(diff)
     any_gone = int(gone.count().execute()) > 0
     affected = engine.scratch(
         "refresh_affected",
@@ -324,11 +544,33 @@ def refresh(
     customers = engine.table("customers").select("customer_id")
 
     steps.lap("diff")
-    # Only the events new to the snapshot are parsed; the affected customers' other events
-    # are read back from it, facts and all (the snapshot's pairs still attributed).
+    # Only the events new to the snapshot are parsed (looked for among the candidates first
+    # when the shortcut found them); an event moved by a merge or split keeps its facts
+    # from the snapshot under its new customer. The affected customers' other events are
+    # read back from the snapshot, facts and all (its pairs still attributed).
     log = engine.table("events")
-    new = engine.scratch("refresh_new", event_facts(log.join(added, "message_id"), duckdb))
     seen = engine.table(PORTRAIT_SEEN.name)
+    fresh_ids = diff.filter(diff.seen_customer_id.isnull() & diff.customer_id.notnull())
+    fresh_ids = fresh_ids.select("message_id", "customer_id")
+    parsed = None
+    if short is not None:
+        parsed = engine.scratch(
+            "refresh_parsed",
+            event_facts(log.filter(short.recent).join(fresh_ids, "message_id"), duckdb),
+        )
+        if int(parsed.count().execute()) != int(fresh_ids.count().execute()):
+            parsed = None  # a new message outside the recent events: from the whole log
+    if parsed is None:
+        parsed = engine.scratch(
+            "refresh_parsed", event_facts(log.join(fresh_ids, "message_id"), duckdb)
+        )
+    moved_ids = diff.filter(diff.seen_customer_id.notnull() & diff.customer_id.notnull())
+    moved = seen.drop("customer_id").join(
+        moved_ids.select("message_id", "customer_id"), "message_id"
+    )
+    new = engine.scratch(
+        "refresh_new", _seen_columns(parsed).union(_seen_columns(moved), distinct=False)
+    )
     pair = ["message_id", "customer_id"]
     still = seen.semi_join(affected, "customer_id")
     if any_gone:
@@ -353,24 +595,38 @@ def refresh(
         )
         fresh = engine.scratch("refresh_fresh", _base_columns(fresh))
     steps.lap("affected_portrait")
-    # The network reads everyone's relation events: from the snapshot and the new ones,
-    # sender, kind and named member already parsed.
-    rel = list(RELATION_EVENTS)
-    rseen = seen.filter(seen.event.isin(rel))
-    if any_gone:
-        rseen = rseen.anti_join(gone, pair)
-    rnew = new.filter(new.event.isin(rel))
-    related = rseen.select("customer_id", "event", "member", "timestamp").union(
-        rnew.select("customer_id", "event", "member", "timestamp")
-    )
-    related = related.filter(related.timestamp <= as_of)
-    net = engine.scratch("refresh_net", network(related, engine.table("identity_map")))
+
+    def network_now() -> ir.Table:
+        """Everyone's network, from the relation events of the snapshot and the new ones,
+        sender, kind and named member already parsed."""
+        rel = list(RELATION_EVENTS)
+        rseen = seen.filter(seen.event.isin(rel))
+        if any_gone:
+            rseen = rseen.anti_join(gone, pair)
+        rnew = new.filter(new.event.isin(rel))
+        related = rseen.select("customer_id", "event", "member", "timestamp").union(
+            rnew.select("customer_id", "event", "member", "timestamp")
+        )
+        related = related.filter(related.timestamp <= as_of)
+        return engine.scratch("refresh_net", network(related, engine.table("identity_map")))
+
+    # The network stands when no relation event came, went, moved or came into view and
+    # identity changed nobody (a named member may have become a customer): known only
+    # from the shortcut. Otherwise it is recomputed for everyone.
+    net: ir.Table | None = None
+    if (
+        short is None
+        or short.identity_changed
+        or _relations_moved(seen, new, gone, last.as_of, as_of)
+    ):
+        net = network_now()
     steps.lap("network")
     old = engine.table(PROFILES.name)
     keep = old.anti_join(affected, "customer_id").semi_join(customers, "customer_id")
     if engine.can("temp_tables"):
-        changed = _write_profiles(engine, as_of, fresh, keep, net, affected)
+        changed = _write_profiles(engine, as_of, last, fresh, keep, net, affected, network_now)
     else:  # no deletes (Spark): the whole table, swapped in one step
+        net = network_now() if net is None else net
         base = _base_columns(keep).union(fresh, distinct=False)
         base = base.left_join(net, "customer_id").drop("customer_id_right")
         base = engine.scratch("portrait_base", fill_relationships(base))  # read twice
@@ -427,38 +683,78 @@ def refresh(
         steps=steps,
         affected=affected,
         changed=changed,
+        marks=_marks_now(engine, identity, pairs),
+        how=how,
     )
+
+
+def _relations_moved(
+    seen: ir.Table, new: ir.Table, gone: ir.Table, since: datetime, as_of: datetime
+) -> bool:
+    """Whether a relation event is among the new or moved events, the pairs gone, or the
+    snapshot's events the clock brought into view (stamped after the last clock)."""
+    rel = list(RELATION_EVENTS)
+    lo, hi = ibis.literal(since).cast(TS), ibis.literal(as_of).cast(TS)
+    into_view = seen.event.isin(rel) & (seen.timestamp > lo) & (seen.timestamp <= hi)
+    hits = [
+        new.filter(new.event.isin(rel)).count(),
+        seen.semi_join(gone.select("message_id"), "message_id")
+        .filter(lambda t: t.event.isin(rel))
+        .count(),
+        seen.filter(into_view).count(),
+    ]
+    return any(int(h.execute()) for h in hits)
 
 
 # The stored columns ``finish`` reads (beside the customer id).
 FINISH_INPUTS = ("birthday", "last_order_at", "first_order_at", "orders", "revenue", "member_id")
+# Profile columns that depend on everyone or on the clock (``finish``, the network).
+DERIVED = tuple(c for c in (*FINISH_COLUMNS, *RELATIONSHIP_COLUMNS) if c != "computed_at")
 
 
 def _write_profiles(
     engine: Engine,
     as_of: datetime,
+    last: LastRun,
     fresh: ir.Table,
     keep: ir.Table,
-    net: ir.Table,
+    net: ir.Table | None,
     affected: ir.Table,
+    network_now: Callable[[], ir.Table],
 ) -> ir.Table:
     """Rewrite only the profile rows that change; returns their customer ids (and the gone).
 
-    What depends on everyone or on the clock (RFM ranks, recency, age, lifecycle, the
-    referral network) is recomputed for all customers on a narrow table — the customer id
-    and the six stored columns ``finish`` reads — and compared with the stored values: a
-    row is rewritten when its customer is affected or any of those values moved. On a live
-    refresh seconds after the last one that is a handful of rows, so the write no longer
-    grows with the warehouse (a whole-table swap was a third of a refresh at 100,000
-    persons); a new day moves recency for every buyer and rewrites most rows, as it must.
-    The rows go in one transaction (delete, then insert, then every row's ``computed_at``
-    set to the clock): readers see old or new.
+    The shortcut (``_standing_rows``): on the clock date of the last run, with the network
+    standing (``net`` None) and nothing that ``finish`` reads moved for any affected
+    customer, nobody's age, recency, lifecycle or RFM rank can have moved — only the
+    affected rows are rewritten, their derived columns read back from their stored rows.
+
+    Otherwise what depends on everyone or on the clock (RFM ranks, recency, age,
+    lifecycle, the referral network) is recomputed for all customers on a narrow table —
+    the customer id and the six stored columns ``finish`` reads — and compared with the
+    stored values: a row is rewritten when its customer is affected or any of those values
+    moved. A new day moves recency for every buyer and rewrites most rows, as it must.
+
+    Either way the rows go in one transaction (delete, then insert): readers see old or
+    new. Rows rewritten carry the clock in ``computed_at``; the others keep the clock of
+    the run that wrote them, and the latest run's clock (``portrait_runs.as_of``) says
+    when all of them were last known current (``lookup.computed_at`` reads it) — stamping
+    every row each refresh was a whole-table write.
     """
+    if net is None:
+        standing = _standing_rows(engine, as_of, last, fresh, affected)
+        if standing is not None:
+            rows, drop = standing
+            with engine.transaction():
+                engine.delete_keys(PROFILES.name, drop)
+                engine.con.insert(PROFILES.name, rows)
+            return drop
+        net = network_now()
     cols = ["customer_id", *FINISH_INPUTS]
     narrow = keep.select(*cols).union(fresh.select(*cols), distinct=False)
     narrow = narrow.left_join(net, "customer_id").drop("customer_id_right")
     narrow = engine.scratch("refresh_narrow", fill_relationships(narrow))  # read twice
-    derived = [c for c in (*FINISH_COLUMNS, *RELATIONSHIP_COLUMNS) if c != "computed_at"]
+    derived = list(DERIVED)
     now = engine.scratch(
         "refresh_derived", finish(narrow, as_of).select("customer_id", *derived, "computed_at")
     )
@@ -478,24 +774,51 @@ def _write_profiles(
     with engine.transaction():
         engine.delete_keys(PROFILES.name, drop)
         engine.con.insert(PROFILES.name, rows)
-        _stamp(engine, PROFILES.name, as_of)
     return drop
 
 
-def _stamp(engine: Engine, name: str, as_of: datetime) -> None:
-    """Set every row's ``computed_at`` to the refresh's clock: rows not rewritten are
-    current as of it too, and readers rely on one clock for all profiles (the lookup store
-    keeps it once). One narrow column; the statement is built with sqlglot (Ibis has no
-    UPDATE) from the declared table name and a timestamp, never from user text."""
-    import sqlglot as sg
-    import sqlglot.expressions as sge
+def _standing_rows(
+    engine: Engine, as_of: datetime, last: LastRun, fresh: ir.Table, affected: ir.Table
+) -> tuple[ir.Table, ir.Table] | None:
+    """(rows to insert, customer ids to delete) when no derived value can have moved for
+    anyone; None when one may have.
 
-    stamp = sg.cast(sge.Literal.string(as_of.astimezone(UTC).isoformat()), "TIMESTAMPTZ")
-    stmt = sge.Update(
-        this=sge.table_(name, quoted=True),
-        expressions=[sge.EQ(this=sg.column("computed_at", quoted=True), expression=stamp)],
+    ``finish`` reads only the clock's date and six stored columns, and ranks buyers among
+    all buyers; so its values stand for everyone when the date is the last run's, every
+    affected customer has a stored row whose six columns equal the fresh ones, and no
+    buyer came or went (the profile count is the one the last run left — an erasure
+    deletes rows behind the refresh's back — and no customer gone held an order).
+    """
+    if last.customers < 0 or last.as_of.astimezone(as_of.tzinfo or UTC).date() != as_of.date():
+        return None
+    if engine.count(PROFILES.name) != last.customers:
+        return None
+    old = engine.table(PROFILES.name)
+    gone = engine.scratch(
+        "refresh_gone",
+        old.select("customer_id", "orders").anti_join(engine.table("customers"), "customer_id"),
     )
-    engine.con.raw_sql(stmt.sql(engine.con.dialect))
+    if int(gone.filter(gone.orders.fill_null(0) > 0).count().execute()):
+        return None
+    stored = old.semi_join(affected, "customer_id")
+    stored = stored.select(
+        old_id=stored.customer_id,
+        **{f"old_{c}": stored[c] for c in (*FINISH_INPUTS, *DERIVED)},
+    )
+    j = fresh.left_join(stored, fresh.customer_id == stored.old_id)
+    differs = j.old_id.isnull()
+    for c in FINISH_INPUTS:
+        differs |= ~j[c].identical_to(j[f"old_{c}"])
+    if int(j.filter(differs).count().execute()):
+        return None
+    rows = j.select(
+        *fresh.columns,
+        **{c: j[f"old_{c}"] for c in DERIVED},
+        computed_at=ibis.literal(as_of).cast(TS),
+    )
+    rows = engine.scratch("refresh_rows", engine.conform(PROFILES.name, rows))
+    drop = affected.select("customer_id").union(gone.select("customer_id"), distinct=True)
+    return rows, engine.scratch("refresh_drop", drop)
 
 
 class _Steps:

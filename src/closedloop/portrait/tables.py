@@ -152,3 +152,24 @@ PORTRAIT_RUNS = declare(
         erasure=Erasure.NONE,
     )
 )
+
+PORTRAIT_MARKS = declare(
+    TableSpec(
+        name="portrait_marks",
+        stage="portrait",
+        description="Beside a portrait run (same finished_at): what its next refresh needs to "
+        "find changed attributions without comparing the whole snapshot — the identity run "
+        "and watermark it had read up to, and the count and XOR of 64-bit hashes of the "
+        "snapshot's (message, customer) pairs, the check the shortcut must pass.",
+        columns={
+            "finished_at": TS,  # the run's (portrait_runs.finished_at)
+            "identity_seq": "int64",  # identity_runs.seq read before event_customers
+            "received": TS,  # identity_runs.watermark then (null: unknown)
+            "pairs": "int64",
+            "pairs_xor": "int64",  # the unsigned XOR, stored as the same 64 bits signed
+            "diff": "string",  # how this run found its diff: 'shortcut', or why not
+        },
+        key=("finished_at",),
+        erasure=Erasure.NONE,
+    )
+)
