@@ -65,10 +65,11 @@ from closedloop.identity.incremental import (
     plan,
     region,
     region_occurrences,
+    split_node,
 )
 from closedloop.identity.matching import probabilistic_pairs, record_rows
 from closedloop.identity.normalise import BlockList, normalise_many
-from closedloop.identity.quality import suspects
+from closedloop.identity.quality import named_messages, suspects
 from closedloop.identity.rules import Link, Rules, refine
 
 SEP = "\x1f"
@@ -271,11 +272,17 @@ def _run(
                 engine.conform("identity_records", new_rows), distinct=False
             )
 
+    n_rows = int(new_rows.count().execute()) if new_rows is not None else 0
+    if inc and not n_rows and engine.can("transactions"):
+        done = _counts_only(engine, config, now, p, new_occ, seen, refused_counts, n_seen)
+        if done is not None:
+            return done
+
     region_t: ir.Table | None = None
     scored: ir.Table | None = None
     if inc:
         touched = new_occ.select("node")
-        if mc is not None and new_rows is not None and int(new_rows.count().execute()):
+        if mc is not None and n_rows:
             # The model is refitted over every record; identifiers whose scored pair
             # appeared, vanished or changed are touched too.
             scored, _model = probabilistic_pairs(engine, config, new_occ, rows)
@@ -527,6 +534,138 @@ def _run(
         _record_run(engine, config, p, run_id, len(frame), n_seen, now)
 
     return _result(engine, ledger, changes, run_id, p, n_seen)
+
+
+COUNTS_ONLY = "; counts only: no identifier, link or name new"
+
+
+def _counts_only(
+    engine: Engine,
+    config: IdentityConfig,
+    now: datetime,
+    p: Plan,
+    new_occ: ir.Table,
+    seen: ir.Table,
+    refused_counts: ir.Table,
+    n_seen: int,
+) -> ResolveResult | None:
+    """An incremental run whose new events only repeat what is known; None if they do not.
+
+    Why: most events a live server loads are known customers doing things (orders, page
+    views) with identifiers already seen together. Such events change no cluster, link,
+    verdict or customer — only the counters of the identifiers and links they repeat — yet
+    the region path reads every message of the clusters they touch back from
+    ``identity_occurrences``, a scan of the whole table.
+
+    The new events are of that kind, and the result is the full run's, exactly when:
+
+    * every identifier in them is in ``identity_map``, not quarantined, and first seen no
+      later than their timestamps (so ``first_seen``, which windowed limits and customers'
+      ``created_at`` read, stays);
+    * every pair of identifiers seen in one of them is a ``used`` message link of
+      ``identity_edges`` (so no link appears, and none blocked "up to" a time is freed);
+    * none of them carries a name (matching's records and the name counts of quarantine
+      and ``identity_suspects`` stay) — the caller has checked matching's records;
+    * no link was dropped by a rule in the clusters they touch: rules pick links strongest
+      (most messages) first, so more messages could change a choice made there. (Where no
+      link was dropped, the cluster breaks no rule, whatever order links are taken in.)
+
+    Then: the identifiers' ``messages`` and ``last_seen`` and the links' ``messages``,
+    ``message_id`` (the least) and ``last_ts`` move; the new messages get their customer
+    (``event_customers``), occurrences and listing; refused values their counts. Nothing
+    else changes — no customer, so nothing in ``identity_changes``.
+    """
+    imap = engine.table("identity_map")
+    got = new_occ.group_by(id_type="id_type", id_value="value").aggregate(
+        first=new_occ.ts.min(), last=new_occ.ts.max(), n=new_occ.count()
+    )
+    got = engine.scratch("id_counts_nodes", got)
+    n_nodes = int(got.count().execute())
+    old = imap.join(got, ["id_type", "id_value"])
+    ok = old.filter(~old.quarantined & (old.first >= old.first_seen))
+    nodes = engine.scratch(
+        "id_counts_map",
+        ok.select(
+            "id_type",
+            "id_value",
+            "customer_id",
+            "quarantined",
+            "first_seen",
+            last_seen=_latest(ok.last_seen, ok.last),
+            messages=ok.messages + ok.n,
+        ),
+    )
+    if int(nodes.count().execute()) != n_nodes:
+        return None
+    pairs = _message_pairs(engine, new_occ)
+    a_type, a_value = split_node(pairs.a)
+    b_type, b_value = split_node(pairs.b)
+    pairs = engine.scratch(
+        "id_counts_pairs",
+        pairs.select(
+            a_type=a_type,
+            a_value=a_value,
+            b_type=b_type,
+            b_value=b_value,
+            n="messages",
+            first_id="message_id",
+            last="last_ts",
+        ),
+    )
+    n_pairs = int(pairs.count().execute())
+    edge_keys = ["a_type", "a_value", "b_type", "b_value"]
+    edges: ir.Table | None = None
+    if n_pairs:
+        e = engine.table("identity_edges")
+        e = e.filter((e.kind == "message") & (e.status == "used"))
+        j = e.join(pairs, edge_keys)
+        edges = engine.scratch(
+            "id_counts_edges",
+            j.mutate(
+                messages=j.messages + j.n,
+                message_id=ibis.ifelse(j.first_id < j.message_id, j.first_id, j.message_id),
+                last_ts=_latest(j.last_ts, j.last),
+            ).select(*e.columns),
+        )
+        if int(edges.count().execute()) != n_pairs:
+            return None
+    if config.matching is None and int(
+        named_messages(engine, config, seen.select("message_id")).count().execute()
+    ):
+        return None
+    if not Rules.of(config).empty and int(engine.table("identity_dropped_links").count().execute()):
+        cl = engine.table("identity_clusters")
+        hit = cl.semi_join(got, ["id_type", "id_value"]).select("cluster").distinct()
+        members = cl.semi_join(hit, "cluster")
+        d = engine.table("identity_dropped_links")
+        on = [d.a_type == members.id_type, d.a_value == members.id_value]
+        if int(d.semi_join(members, on).count().execute()):
+            return None
+
+    n_previous = int(imap.count().execute())
+    run_id = format(stable_hash64("resolve", now.isoformat(), str(n_previous)), "016x")
+    counted = Plan(p.path, p.why + COUNTS_ONLY, p.events, p.new_messages, p.watermark)
+    touched = got.select(
+        node=got.id_type + ibis.literal(SEP) + got.id_value, id_type="id_type", id_value="id_value"
+    )
+    with engine.transaction():
+        w = _Writer(engine, touched)
+        w.put("identity_map", nodes, w.region_keys())
+        if edges is not None:
+            w.put("identity_edges", edges, w.keys(pairs.select(*edge_keys)))
+        _swap_issues(engine, refused_counts, refused_counts.limit(0), w)
+        engine.append("event_customers", _event_customers(engine, new_occ, config))
+        occ_rows = new_occ.select("message_id", "id_type", id_value="value", ts="ts")
+        engine.append("identity_occurrences", occ_rows)
+        engine.append("identity_messages", seen)
+        _record_run(engine, config, counted, run_id, n_nodes, n_seen, now)
+    none = pd.DataFrame({"customer_id": pd.Series([], dtype=str)})
+    return _result(engine, pd.DataFrame(), none, run_id, counted, n_seen)
+
+
+def _latest(a: ir.TimestampValue, b: ir.TimestampValue) -> ir.TimestampValue:
+    """The later of two instants, either of which may be null (null only if both are)."""
+    return ibis.cases((a.isnull(), b), (b.isnull(), a), (b > a, b), else_=a)
 
 
 def _record_run(
