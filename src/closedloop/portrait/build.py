@@ -31,6 +31,7 @@ from closedloop.portrait.extras import (
     named_member,
     network,
     region,
+    top_counted_one,
     top_list,
 )
 from closedloop.portrait.lifecycle import ladder_stage, lifecycle_stage, rfm_group, score
@@ -219,21 +220,22 @@ def _behaviour(facts: ir.Table) -> ir.Table:
 
 
 def most_frequent(
-    events: ir.Table, column: str, name: str, where: ir.BooleanValue | None = None
+    events: ir.Table,
+    column: str,
+    name: str,
+    where: ir.BooleanValue | None = None,
+    duckdb: bool = False,
 ) -> ir.Table:
     """Per customer, the most frequent non-null value of ``column``; ties go to the smallest.
 
     SQL's ``mode()`` breaks ties as each engine likes, so the same data would give another
     "preferred channel" on PostgreSQL than on DuckDB; counting and ranking explicitly does not.
+    ``duckdb``: the engine is DuckDB (a grouped pass instead of a window: ``top_counted``).
     """
     e = events if where is None else events.filter(where)
     e = e.filter(e[column].notnull())
     counts = e.group_by("customer_id", column).aggregate(n=e.count())
-    rank = ibis.row_number().over(
-        group_by=counts.customer_id, order_by=[ibis.desc(counts.n), counts[column]]
-    )
-    top = counts.mutate(rank=rank).filter(lambda t: t.rank == 0)
-    return top.select("customer_id", **{name: top[column]})
+    return top_counted_one(counts, column, "n", name, duckdb)
 
 
 def _age(birthday: ir.DateValue, as_of: datetime) -> ir.IntegerValue:
@@ -298,7 +300,8 @@ def base_expr(
         f = engine.scratch("portrait_facts", event_facts(ev, engine.backend == "duckdb"))
     b = _behaviour(f)
     t = cust.left_join(b, "customer_id").drop("customer_id_right")
-    zone = most_frequent(f, "tz", "timezone")
+    duckdb = engine.backend == "duckdb"
+    zone = most_frequent(f, "tz", "timezone", duckdb=duckdb)
     # Everyone with events has a zone for active times: the stated one if valid, else default.
     tz = b.select("customer_id").left_join(zone, "customer_id")
     tz = tz.select(
@@ -306,15 +309,15 @@ def base_expr(
         tz=ibis.ifelse(tz.timezone.isin(zones), tz.timezone, ibis.literal(default_tz)),
     )
     parts = [
-        most_frequent(f, "channel", "preferred_channel"),
-        most_frequent(f, "source", "preferred_touchpoint"),
-        most_frequent(f, "category", "top_category", f.event == ORDER_EVENT),
-        top_list(f, f.category, "top_categories"),
-        top_list(f, f.style, "top_styles"),
-        _latest_traits(f, engine.backend == "duckdb"),
+        most_frequent(f, "channel", "preferred_channel", duckdb=duckdb),
+        most_frequent(f, "source", "preferred_touchpoint", duckdb=duckdb),
+        most_frequent(f, "category", "top_category", f.event == ORDER_EVENT, duckdb),
+        top_list(f, f.category, "top_categories", duckdb=duckdb),
+        top_list(f, f.style, "top_styles", duckdb=duckdb),
+        _latest_traits(f, duckdb),
         contacts,
         zone,
-        active_times(f, tz, offsets, engine.backend == "duckdb"),
+        active_times(f, tz, offsets, duckdb),
     ]
     if with_relationships:
         parts.append(network(f, engine.table("identity_map")))

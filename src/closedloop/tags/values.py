@@ -11,12 +11,13 @@ import itertools
 from datetime import datetime
 
 import ibis
+import ibis.expr.datatypes as dt
 import ibis.expr.types as ir
 
 from closedloop.core.conditions import compile_condition
 from closedloop.core.definitions.tags import BucketRange, RfmPart, TagDef, TagType
 from closedloop.core.engine import Engine
-from closedloop.portrait.extras import join_ranked
+from closedloop.portrait.extras import top_counted
 
 TS = "timestamp('UTC', 6)"
 
@@ -197,6 +198,20 @@ def matching_events(
     return j.select(ec.customer_id, e.timestamp, e.message_id, e.v)
 
 
+# An event's place in time: its timestamp, then its message id (unique: no two are equal).
+EVENT_KEY = dt.Struct({"t": dt.Timestamp(timezone="UTC", scale=6), "m": dt.string})
+
+
+@ibis.udf.agg.builtin(name="arg_min")
+def _value_at_min(arg: dt.string, key: EVENT_KEY) -> dt.string:  # type: ignore[valid-type]
+    """DuckDB's ``arg_min(arg, key)``: ``arg`` of the row with the smallest ``key``."""
+
+
+@ibis.udf.agg.builtin(name="arg_max")
+def _value_at_max(arg: dt.string, key: EVENT_KEY) -> dt.string:  # type: ignore[valid-type]
+    """DuckDB's ``arg_max(arg, key)``: ``arg`` of the row with the largest ``key``."""
+
+
 def first_last_values(
     engine: Engine,
     tag: TagDef,
@@ -213,6 +228,12 @@ def first_last_values(
     """
     e = matching_events(engine, tag, now, shared, customers)
     first = tag.type is TagType.FIRST
+    if engine.backend == "duckdb":
+        # One grouped pass: the value at the smallest (largest) (time, message id), the same
+        # event as below without the edge join and the second grouping.
+        key = ibis.struct({"t": e.timestamp, "m": e.message_id})
+        pick = _value_at_min if first else _value_at_max
+        return e.group_by("customer_id").aggregate(value=pick(e.v, key))
     edge = e.group_by("customer_id").aggregate(at=e.timestamp.min() if first else e.timestamp.max())
     edge = edge.rename(edge_customer="customer_id")
     j = e.join(edge, [e.customer_id == edge.edge_customer, e.timestamp == edge.at])
@@ -230,11 +251,7 @@ def top_n_values(
     """The N most frequent values, most frequent first, comma-separated; ties by value."""
     e = matching_events(engine, tag, now, shared, customers)
     counts = e.group_by("customer_id", "v").aggregate(n=e.count())
-    rank = ibis.row_number().over(
-        group_by=counts.customer_id, order_by=[ibis.desc(counts.n), counts.v]
-    )
-    top = counts.mutate(rank=rank).filter(lambda t: t.rank < tag.n)
-    return join_ranked(top, top.v, top.rank, tag.n, "value")
+    return top_counted(counts, "v", "n", tag.n, "value", engine.backend == "duckdb")
 
 
 def rfm_values(engine: Engine, tag: TagDef, customers: ir.Table | None = None) -> ir.Table:
