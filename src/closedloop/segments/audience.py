@@ -44,7 +44,7 @@ from closedloop.core.engine import Engine
 from closedloop.core.errors import DefinitionError, Problem
 from closedloop.portrait.tables import PROFILES
 from closedloop.segments import tables as _tables  # noqa: F401  (declares segment_membership)
-from closedloop.segments.derived import with_derived
+from closedloop.segments.derived import leaf_events, with_derived
 from closedloop.tags.values import only
 
 TS = "timestamp('UTC', 6)"
@@ -227,14 +227,16 @@ def members_expr(
     as_of: datetime,
     members: Mapping[str, ir.Table] | None = None,
     customers: ir.Table | None = None,
+    events: ir.Table | None = None,
 ) -> ir.Table:
     """The customers in ``seg`` as of ``as_of``: one ``customer_id`` column.
 
     ``members`` may give other segments' members as evaluated in this run (``in_segment``
     reads them instead of ``segment_membership``). ``customers``: only these are evaluated.
+    ``events``: the events its event leaves read, shared with other segments (``leaf_events``).
     """
     audience = audience_table(engine, fields, fields_used(seg.where), customers)
-    t = with_derived(engine, audience, seg.where, as_of, members, customers)
+    t = with_derived(engine, audience, seg.where, as_of, members, customers, events)
     return t.filter(compile_condition(seg.where, t)).select("customer_id")
 
 
@@ -275,8 +277,9 @@ def evaluate_segments(
         return {s.name: done[s.name] for s in segs}
     names = [s.name for s in segs]
     current: dict[str, ir.Table] = {}
+    events = leaf_events(engine, [s.where for s in segs], as_of)
     for i, seg in enumerate(segs):
-        expr = members_expr(engine, seg, fields, as_of, current)
+        expr = members_expr(engine, seg, fields, as_of, current, events=events)
         current[seg.name] = engine.scratch(f"seg_current_{i}", expr)
     parts = [
         t.select(segment=ibis.literal(n), customer_id=t.customer_id) for n, t in current.items()
