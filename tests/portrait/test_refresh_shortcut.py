@@ -61,10 +61,10 @@ def stamped(spec: list[dict[str, Any]], received: datetime) -> pa.Table:
 
 def test_new_events_take_the_shortcut_and_two_refreshes_in_one_second_agree() -> None:
     with built(rows([*BUYERS, *VIEWERS])) as e:
-        r = step(e, rows([view("n1", 0, user_id="W1")]), NOW + 2 * SEC)
+        r = step(e, stamped([view("n1", 0, user_id="W1")], NOW + SEC), NOW + 2 * SEC)
         assert (r.mode, r.diff, r.recomputed) == ("incremental", "shortcut", 1)
         # Another event, refreshed at the very same clock: still found, nothing rolls.
-        r = step(e, rows([order("n2", 0, 5.0, user_id="W2")]), NOW + 2 * SEC)
+        r = step(e, stamped([order("n2", 0, 5.0, user_id="W2")], NOW + 2 * SEC), NOW + 2 * SEC)
         assert (r.diff, r.recomputed) == ("shortcut", 1)
         assert profiles_clock(e) == NOW + 2 * SEC
         equals_full(e, NOW + 2 * SEC)
@@ -85,20 +85,30 @@ def test_a_late_event_with_an_old_stamp_fails_the_check() -> None:
 
 
 def test_a_load_stamped_at_one_instant() -> None:
-    # Everything received at one instant, the later events too: the instant of the
-    # watermark holds them all, so candidates are the whole log and it is compared whole.
+    # Everything received at one instant, a later event too: candidates are received after
+    # the watermark, so it is not one; the check sees it.
     t0 = NOW - 3 * timedelta(days=1)
     with built(stamped([*BUYERS, *VIEWERS], t0)) as e:
         r = step(e, stamped([order("x1", -1, 8.0, user_id="W5")], t0), NOW + SEC)
-        assert "candidate messages" in r.diff, r.diff
+        assert r.diff.startswith("the check failed") and r.recomputed == 1
         equals_full(e, NOW + SEC)
-    # A few events received at the watermark's very instant, stamped long ago: found.
+        # A bulk load received at one later instant, a third of the log: so many
+        # candidates that comparing the whole snapshot is the cheaper way.
+        bulk = [view(f"y{i}", -1, user_id=f"W{i % 7}") for i in range(12)]
+        r = step(e, stamped(bulk, NOW), NOW + 2 * SEC)
+        assert "candidate messages" in r.diff, r.diff
+        equals_full(e, NOW + 2 * SEC)
+    # An event received at the watermark's very instant, stamped long ago: not a candidate
+    # (those are received after it), so only the check sees it; one a moment later is.
     first = rows([*BUYERS, *VIEWERS])
     top = max(first.column("received_at").to_pylist())
     with built(first) as e:
         r = step(e, stamped([order("x2", -30, 8.0, user_id="W6")], top), NOW + SEC)
-        assert r.diff == "shortcut" and r.recomputed == 1
+        assert r.diff.startswith("the check failed") and r.recomputed == 1
         equals_full(e, NOW + SEC)
+        r = step(e, stamped([order("x3", -30, 9.0, user_id="W7")], top + SEC), NOW + 2 * SEC)
+        assert r.diff == "shortcut" and r.recomputed == 1
+        equals_full(e, NOW + 2 * SEC)
 
 
 def test_an_erased_message_fails_the_check() -> None:

@@ -10,30 +10,48 @@ it touches:
   or out of a trait's window (timestamp between the last clock and now, minus the window);
 * customers without a profile yet.
 
+Finding the attribution changes without the whole snapshot (``_shortcut_diff``): the
+candidates are the events stamped after the last clock or received after the identity
+watermark the last run had read, and every event of a customer identity recorded as
+changed since (``identity_changes``: merges and splits move old events). Only those pairs
+are compared — after a check that nothing else changed: event_customers less the
+candidates' pairs must have the count and hash-XOR the snapshot less theirs has (the
+snapshot's signature is kept in ``portrait_marks``, written with the run record). A late
+event with an old stamp, an erasure, a change identity did not record, or a bulk load
+stamped at one instant (too many candidates) means the whole comparison, and
+``RefreshResult.diff`` (and the marks row) says why. The check reads one table whole —
+a hash per pair, a tenth of the outer join it replaces.
+
 The snapshot (``portrait_seen``) keeps, beside each event's customer, the facts the portrait
 reads from it with the JSON parsed (``build.event_facts``): a refresh parses only the events
-new to it and reads the affected customers' other events back from it, so their portrait
-is re-aggregated from stored facts and the JSON of old events is never parsed again.
+new to it (an event a merge moved keeps its facts under its new customer) and reads the
+affected customers' other events back from it, so their portrait is re-aggregated from
+stored facts and the JSON of old events is never parsed again.
 
 Not seen by the comparison: a change to the identity map alone (an identifier quarantined
 or blocked without any event moving) — it shows on the customer's next event, or with
 ``--full``.
 
 What depends on the clock or on everyone — age, recency, lifecycle, RFM ranks, and the
-referral network — is then recomputed for all customers on a narrow table (the customer id
-and the six stored columns it reads, no events), so "no order in 30 days" becomes true on a
-scheduled refresh with no new events at all; only the rows where those values moved are
-rewritten beside the affected customers' (``RefreshResult.changed``).
+referral network — stands as stored when it cannot have moved: the network when no
+relation event came, went, moved or came into view and identity changed nobody; the rest
+on the last run's clock date when nothing ``finish`` reads moved for an affected customer
+and no buyer came or went (a live refresh seconds after the last). Otherwise it is
+recomputed for all customers on a narrow table (the customer id and the six stored columns
+it reads, no events), so "no order in 30 days" becomes true on a scheduled refresh with no
+new events at all; only the rows where those values moved are rewritten beside the
+affected customers' (``RefreshResult.changed``).
 
 Writes: on engines that delete rows (``temp_tables``), the profile rows and trait rows that
-change are deleted and inserted in one transaction each (every profile's ``computed_at``
-set to the clock in the profiles one); elsewhere (Spark) whole-table swaps
-(``Engine.replace``). The snapshot gains the new events' rows and loses the pairs no longer
-attributed in one transaction. A crash leaves each table as it was or as new, never
-half-written; the snapshot and the run record are written last, so after a crash the next
-refresh sees the same changes again and redoes them (recomputing is idempotent, and rows
-already rewritten compare equal). A snapshot written before it kept the facts means a full
-build.
+change are deleted and inserted in one transaction each (rows rewritten carry the clock in
+``computed_at``; the latest run's clock says when all were current, see
+``lookup.profiles_clock``); elsewhere (Spark) whole-table swaps (``Engine.replace``). The
+snapshot gains the new events' rows and loses the pairs no longer attributed in the
+transaction that appends the run record and its marks. A crash leaves each table as it was
+or as new, never half-written; the snapshot and the run record are written last, so after
+a crash the next refresh sees the same changes again and redoes them (recomputing is
+idempotent, and rows already rewritten compare equal). A full build drops the marks before
+it replaces the snapshot. A snapshot written before it kept the facts means a full build.
 """
 
 from __future__ import annotations
@@ -259,14 +277,14 @@ class _Shortcut:
 
     diff: ir.Table
     pairs: tuple[int, int]  # the signature of event_customers: the snapshot's after the run
-    recent: ir.BooleanValue  # the events the new messages were looked for in
+    recent: ir.Table  # the events the new messages were looked for in
     identity_changed: int  # customers identity changed since the last run
 
 
 def _shortcut_diff(engine: Engine, last: LastRun, marks: Marks) -> tuple[_Shortcut | None, str]:
     """The attribution diff from the messages that can have changed, if the check holds.
 
-    Candidates: events stamped after the last run's clock or received since the identity
+    Candidates: events stamped after the last run's clock or received after the identity
     watermark it had read (or never stamped), and every event, now or in the snapshot, of
     a customer identity changed since (a merge or split moves old events). The shortcut
     trusts that nothing else changed only after checking it: event_customers less the
@@ -280,15 +298,12 @@ def _shortcut_diff(engine: Engine, last: LastRun, marks: Marks) -> tuple[_Shortc
         return None, "identity records no changes"
     ec = engine.table("event_customers").select("message_id", "customer_id")
     seen = engine.table(PORTRAIT_SEEN.name)
-    events = engine.table("events")
-    recent = events.received_at.isnull() | (
-        events.timestamp > ibis.literal(last.as_of, type=events.timestamp.type())
-    )
-    if marks.received is not None:
-        recent |= events.received_at >= ibis.literal(marks.received, type=events.received_at.type())
-    cand = events.filter(recent).select("message_id")
-    cand = cand.union(ec.semi_join(changed, "customer_id").select("message_id"))
-    cand = cand.union(seen.semi_join(changed, "customer_id").select("message_id"))
+    recent = _recent_events(engine, last.as_of, marks.received)
+    cand = recent.select("message_id")
+    n_changed = int(changed.count().execute())
+    if n_changed:
+        cand = cand.union(ec.semi_join(changed, "customer_id").select("message_id"))
+        cand = cand.union(seen.semi_join(changed, "customer_id").select("message_id"))
     cand = engine.scratch("refresh_candidates", cand.distinct())
     n_cand = int(cand.count().execute())
     if n_cand * 4 > marks.pairs:
@@ -309,8 +324,31 @@ def _shortcut_diff(engine: Engine, last: LastRun, marks: Marks) -> tuple[_Shortc
             "the check failed (a late event with an old stamp, an erasure, or a change "
             "identity did not record): the whole snapshot is compared"
         )
-    n_changed = int(changed.count().execute())
     return _Shortcut(_diff(now_m, seen_m), (n_e, x_e), recent, n_changed), ""
+
+
+def _recent_events(engine: Engine, since: datetime, received: datetime | None) -> ir.Table:
+    """The log's events stamped after ``since`` or received after ``received`` (or never
+    stamped received): the new messages' rows, all columns.
+
+    Three disjoint filters of one or two columns each, added up: an engine tests each
+    against its per-block minima and maxima and reads only the newest blocks, where an OR
+    across columns read every column of every event (a third of a live refresh).
+    """
+    events = engine.table("events")
+    rt = events.received_at.type()
+    late = events.timestamp > ibis.literal(since, type=events.timestamp.type())
+    parts = [events.filter(events.received_at.isnull())]
+    if received is None:
+        parts.append(events.filter(late, events.received_at.notnull()))
+    else:
+        mark = ibis.literal(received, type=rt)
+        parts.append(events.filter(events.received_at > mark))
+        parts.append(events.filter(late, events.received_at <= mark))
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.union(part, distinct=False)
+    return out
 
 
 def _sides(diff: ir.Table) -> tuple[ir.Table, ir.Table]:
@@ -556,7 +594,7 @@ def refresh(
     if short is not None:
         parsed = engine.scratch(
             "refresh_parsed",
-            event_facts(log.filter(short.recent).join(fresh_ids, "message_id"), duckdb),
+            event_facts(short.recent.join(fresh_ids, "message_id"), duckdb),
         )
         if int(parsed.count().execute()) != int(fresh_ids.count().execute()):
             parsed = None  # a new message outside the recent events: from the whole log
