@@ -28,6 +28,7 @@ from closedloop.tags.imports import check_rows
 from closedloop.tags.sqltag import check_select
 from closedloop.tags.values import (
     bucket_values,
+    first_last_together,
     first_last_values,
     manual_values,
     model_values,
@@ -123,6 +124,35 @@ def shared_events(
         table = engine.scratch(f"tag_events_{i}", tag_events(engine, event, keys, now, customers))
         for t in group:
             out[t.name] = (table, f"v{keys.index(value_key(t))}")
+    return out
+
+
+def edges_together(
+    engine: Engine, tags: dict[str, TagDef], shared: dict[str, tuple[ir.Table, str]], now: datetime
+) -> dict[str, ir.Table]:
+    """On DuckDB, the values of first/last tags that share events, one grouped pass per table.
+
+    Per tag name, its ``(customer_id, value)`` (value null for customers without one) from
+    one materialised aggregate over the shared events (``values.first_last_together``)
+    instead of a pass per tag. Elsewhere (and for a table only one such tag reads) nothing:
+    those tags are planned one by one (``plan_tag``).
+    """
+    if engine.backend != "duckdb":
+        return {}
+    groups: dict[str, list[tuple[str, TagDef, ir.Table, str]]] = {}
+    for name, tag in tags.items():
+        if name in shared and tag.type in (TagType.FIRST, TagType.LAST):
+            table, column = shared[name]
+            groups.setdefault(table.get_name(), []).append((name, tag, table, column))
+    out: dict[str, ir.Table] = {}
+    for i, group in enumerate(groups.values()):
+        if len(group) < 2:
+            continue
+        table = group[0][2]
+        edges = first_last_together([g[1] for g in group], table, [g[3] for g in group], now)
+        edges = engine.scratch(f"tag_edges_{i}", edges)
+        for k, (name, _, _, _) in enumerate(group):
+            out[name] = edges.select("customer_id", value=edges[f"f{k}"])
     return out
 
 
@@ -257,9 +287,12 @@ def build_tags(
     computed_at = ibis.literal(now).cast(TS)
     events_at = _latest(engine, "events", "received_at")
     shared = shared_events(engine, tags, now)
+    together = edges_together(engine, tags, shared, now)
     with ExitStack() as stack:
         plans = {
-            name: plan_tag(engine, tag, now, root, stack, events_at, shared.get(name))
+            name: TagPlan(with_default(engine, together[name], tag.default), events_at)
+            if name in together
+            else plan_tag(engine, tag, now, root, stack, events_at, shared.get(name))
             for name, tag in tags.items()
         }
         union = tag_rows(plans, computed_at)

@@ -241,6 +241,30 @@ def first_last_values(
     return j.group_by("customer_id").aggregate(value=value)
 
 
+def first_last_together(
+    tags: list[TagDef], shared: ir.Table, columns: list[str], now: datetime
+) -> ir.Table:
+    """First/last tags on one ``tag_events`` table, on DuckDB, in one grouped pass.
+
+    ``columns[i]`` is the value column of ``tags[i]`` in ``shared``. The result has
+    ``customer_id`` and a column ``f{i}`` per tag: its value as ``first_last_values`` gives
+    it (null where the customer has no matching event). One hash of the customers' events
+    for all of them instead of one per tag, each a third of a tag build's time.
+    """
+    e = shared
+    as_of = ibis.literal(now).cast(TS)
+    key = ibis.struct({"t": e.timestamp, "m": e.message_id})
+    aggs = {}
+    for i, (tag, column) in enumerate(zip(tags, columns, strict=True)):
+        v = e[column]
+        ok = v.notnull() & (v != "")
+        if tag.window_days:
+            ok = ok & (e.timestamp > as_of - ibis.interval(days=tag.window_days))
+        pick = _value_at_min if tag.type is TagType.FIRST else _value_at_max
+        aggs[f"f{i}"] = pick(v, key, where=ok)
+    return e.group_by("customer_id").aggregate(**aggs)
+
+
 def top_n_values(
     engine: Engine,
     tag: TagDef,
