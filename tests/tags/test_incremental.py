@@ -132,6 +132,7 @@ def test_incremental_equals_full_after_random_changes(engine: Engine, seed: int)
     set_profiles(engine, [by_id[c] for c in alive])
     set_events(engine, moved_events + added)
     todo = sorted(changed | gone | set(new) | touched)
+    before = {(r["customer_id"], r["tag"], r["value"]) for r in _rows(engine).to_pylist()}
 
     with engine.temporary(pa.table({"customer_id": pa.array(todo, pa.string())})) as ch:
         result = refresh_tags(engine, tags, Clock(later), changed=ch, since=NOW)
@@ -146,6 +147,8 @@ def test_incremental_equals_full_after_random_changes(engine: Engine, seed: int)
     if hours == 1:
         assert result.recomputed.count().execute() < len(alive)  # not everyone: the point
     assert set(todo) <= before_changed
+    after = {(r["customer_id"], r["tag"], r["value"]) for r in full.to_pylist()}
+    assert {c for c, _, _ in before ^ after} <= before_changed  # whoever's rows differ
 
 
 def test_crossed_finds_events_the_clock_moved(engine: Engine) -> None:

@@ -51,7 +51,7 @@ from closedloop.segments.audience import (
     kind_problems,
     members_expr,
 )
-from closedloop.tags.incremental import crossed
+from closedloop.tags.incremental import crossed, narrowed
 from closedloop.tags.values import only
 
 MEMBERSHIP = "segment_membership"
@@ -135,13 +135,22 @@ def evaluate_changed(
     clock_moved = None
     if any(ws is not None for ws in found):
         clock_moved = engine.scratch("seg_crossed", crossed(engine, since, clock.now(), windows))
+    # Every segment evaluated for a scope is evaluated for a part of these customers (its
+    # moves too, so a segment naming it stays inside): read through a view of their rows.
+    inside = base if clock_moved is None else base.union(clock_moved)
+    inside = engine.scratch("seg_inside", inside.distinct())
+    view = narrowed(engine, inside, "seg")
+    narrow: set[str] = set()  # segments evaluated through the view: their moves are inside
     for b, batch in enumerate(segment_batches(segs)):
-        done |= _evaluate_batch(engine, batch, fields, clock, base, moved, clock_moved, b)
+        done |= _evaluate_batch(
+            engine, (view, inside, narrow), batch, fields, clock, base, moved, clock_moved, b
+        )
     return {s.name: done[s.name] for s in segs}
 
 
 def _evaluate_batch(
     engine: Engine,
+    narrowing: tuple[Engine, ir.Table, set[str]],
     segs: Sequence[SegmentDef],
     fields: Fields,
     clock: Clock,
@@ -152,7 +161,14 @@ def _evaluate_batch(
 ) -> dict[str, SegmentResult]:
     """One run of ``segment_batches``: its account segments whole, then its segments of
     customers for those in scope, their moves written at once (before the next run reads
-    them). ``moved`` gains this run's moves for the runs after it."""
+    them). ``moved`` gains this run's moves for the runs after it.
+
+    ``narrowing``: ``engine`` narrowed to the customers any scope can hold (``narrowed``),
+    those customers, and the segments read through it so far (gains this run's). A segment
+    is read through it when its scope stays inside — not when it names a segment evaluated
+    for everyone, whose moves may be anyone's. Segments with the same scope share one
+    materialised table of it: each scope is a union read several times by its query."""
+    view, inside, narrow = narrowing
     as_of = clock.now()
     now = ibis.literal(as_of).cast(TS)
     done: dict[str, SegmentResult] = {}
@@ -165,13 +181,32 @@ def _evaluate_batch(
     m = engine.table(MEMBERSHIP)
     open_all = m.filter(m.exited_at.isnull() & m.segment.isin([s.name for s in people]))
     sizes = _counts(open_all.group_by("segment").aggregate(n=open_all.count()))
+    open_inside = engine.scratch(f"seg_open_{batch}", open_all.semi_join(inside, "customer_id"))
+    scopes: dict[tuple[object, ...], ir.Table | None] = {}
     current: dict[str, ir.Table] = {}
     tables: list[ir.Table] = []
     for i, seg in enumerate(people):
-        todo = scope(seg, base, moved, clock_moved)
-        now_in = members_expr(engine, seg, fields, as_of, current, todo)
+        refs = {x.in_segment for x in leaves(seg.where) if isinstance(x, SegmentRef)}
+        key = (
+            tuple(sorted(refs & set(moved))),
+            any(
+                account_target(x) is not None
+                for x in leaves(seg.where)
+                if isinstance(x, SegmentRef)
+            ),
+            clock_moved is not None and event_windows(seg) is not None,
+        )
+        if key not in scopes:
+            found = scope(seg, base, moved, clock_moved)
+            scopes[key] = None if found is None else engine.scratch(f"seg_scope_{batch}_{i}", found)
+        todo = scopes[key]
+        through = view if todo is not None and refs & set(moved) <= narrow else engine
+        if through is view:
+            narrow.add(seg.name)
+        now_in = members_expr(through, seg, fields, as_of, current, todo)
         mine = open_all.filter(open_all.segment == seg.name)
-        before = only(mine, todo)
+        stays = open_inside if through is view else open_all
+        before = only(stays.filter(stays.segment == seg.name), todo)
         leaving = before.anti_join(now_in, "customer_id").select(
             *STAY, exited_at=now, kind=ibis.literal("out")
         )
