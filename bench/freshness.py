@@ -237,8 +237,35 @@ class StoreWatcher(threading.Thread):
                         self.waiting.discard(m)
 
 
+def identity_ways(whys: list[str]) -> dict[str, int]:
+    """How each identity run found and resolved its new events (``identity_runs.why``)."""
+    out: dict[str, int] = {}
+    for why in whys:
+        if why.startswith("0 new message(s)"):
+            way = "nothing new"
+        elif "counts only" in why:
+            way = "counts only"
+        elif "new message(s) since the watermark less the lag" in why:
+            way = "region, by the watermark less the lag"
+        elif "new message(s) since the watermark" in why:
+            way = "region, by the watermark"
+        elif "new message(s) (" in why:
+            way = "region, by the whole log"
+        else:
+            way = "other: " + why
+        out[way] = out.get(way, 0) + 1
+    return out
+
+
+def _runs_seq(project: Project) -> int:
+    with Engine(project.engine_url) as engine:
+        runs = engine.table("identity_runs")
+        return int(runs.seq.max().fill_null(0).execute())
+
+
 def live(project: Project, members: list[str], key: str, gap: float) -> dict[str, Any]:
     store = project.root / "warehouse.duckdb.lookup.sqlite"
+    seq = _runs_seq(project)
     started = datetime.now(UTC)
     mtime = store.stat().st_mtime_ns
     server = Server(project)
@@ -290,6 +317,11 @@ def live(project: Project, members: list[str], key: str, gap: float) -> dict[str
         stays = s.filter((s.segment == SEGMENT) & (s.entered_at >= started)).to_pyarrow()
         runs = engine.table("live_refreshes")
         runs = runs.filter(runs.finished_at >= started).to_pyarrow().to_pylist()
+        ident = engine.table("identity_runs")
+        whys = ident.filter(ident.seq > seq).order_by("seq").why.to_pyarrow().to_pylist()
+    # Every identity run of the live phase (the start-up refresh's included), by the way it
+    # found and resolved its new events.
+    fig["identity_ways"] = identity_ways([str(w) for w in whys])
     committed = {r["as_of"]: r["finished_at"] for r in runs}
     entry: list[float] = []
     for r in stays.to_pylist():

@@ -172,14 +172,22 @@ def accuracy(
     return fig
 
 
-def _orders_again(engine: Engine, n: int, received: Any) -> pa.Table:
+def _orders_again(engine: Engine, n: int, received: Any, *, new_cookie: bool = False) -> pa.Table:
     """``n`` of the newest orders logged again under new message ids, received at
-    ``received``: what a live server loads between two refreshes (known customers buying)."""
+    ``received``: what a live server loads between two refreshes (known customers buying).
+
+    ``new_cookie``: each from a browser not seen before (a new anonymous id beside the known
+    member), so the run must recompute the region those customers are in.
+    """
     ev = engine.table("events")
     rows = ev.filter(ev.event == "Order Completed").order_by(ibis.desc(ev.timestamp)).limit(n)
     rows = rows.to_pyarrow()
     ids = pa.array([f"bench-again-{received.timestamp():.0f}-{i}" for i in range(rows.num_rows)])
     rows = rows.set_column(rows.schema.get_field_index("message_id"), "message_id", ids)
+    if new_cookie:
+        at = rows.schema.get_field_index("anonymous_id")
+        cookies = pa.array([f"ck-{m}" for m in ids.to_pylist()], rows.schema.field(at).type)
+        rows = rows.set_column(at, "anonymous_id", cookies)
     at = pa.array([received] * rows.num_rows, rows.schema.field("received_at").type)
     return rows.set_column(rows.schema.get_field_index("received_at"), "received_at", at)
 
@@ -187,21 +195,26 @@ def _orders_again(engine: Engine, n: int, received: Any) -> pa.Table:
 def few_new_events(engine: Engine, project: Project, clock: Clock, n: int = 5) -> dict[str, Any]:
     """A live refresh's identity step: ``n`` orders received after everything resolved.
 
-    Timed twice in this run: new events found by the watermark (``few_new_*``), and the same
-    kind of run with the watermark withdrawn, so they are found by the anti-join of the
-    whole log against the messages read (``few_new_antijoin_*``, the baseline: the way every
-    incremental run found them before the watermark).
+    Timed three ways in this run: new events found by the watermark (``few_new_*``: known
+    identifiers seen together before, so only counters move), the same kind of run with the
+    watermark withdrawn, so they are found by the anti-join of the whole log against the
+    messages read (``few_new_antijoin_*``, the baseline: the way every incremental run found
+    them before the watermark), and orders each from a new browser (``few_new_region_*``: a
+    new identifier, so the clusters it joins are recomputed from their messages).
     """
     fig: dict[str, Any] = {}
     top = engine.table("events").received_at.max().execute()
     # Each way twice, alternating, the better of two kept: the first run after a full one
     # pays for warming caches, whichever way it goes.
-    ways = [("few_new", 1), ("few_new_antijoin", 2), ("few_new", 3), ("few_new_antijoin", 4)]
+    keys = ("few_new", "few_new_antijoin", "few_new_region")
+    ways = [(k, i * len(keys) + j + 1) for i in range(2) for j, k in enumerate(keys)]
     for key, shift in ways:
         if key == "few_new_antijoin":
             runs = engine.table("identity_runs")
             engine.replace("identity_runs", runs.mutate(watermark=ibis.null(runs.watermark.type())))
-        engine.append("events", _orders_again(engine, n, top + timedelta(hours=shift)))
+        received = top + timedelta(hours=shift)
+        new_cookie = key == "few_new_region"
+        engine.append("events", _orders_again(engine, n, received, new_cookie=new_cookie))
         t, c = time.perf_counter(), _cpu()
         r = resolve(engine, project.identity, clock)
         wall, cpu = _since(t, c)
@@ -213,6 +226,7 @@ def few_new_events(engine: Engine, project: Project, clock: Clock, n: int = 5) -
     fig["few_new_events"] = n
     fig["few_new_load_average"] = [round(x, 1) for x in os.getloadavg()]
     fig["few_new_vs_antijoin_cpu"] = round(fig["few_new_cpu_s"] / fig["few_new_antijoin_cpu_s"], 3)
+    fig["few_new_vs_region_cpu"] = round(fig["few_new_cpu_s"] / fig["few_new_region_cpu_s"], 3)
     return fig
 
 

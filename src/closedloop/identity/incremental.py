@@ -178,7 +178,7 @@ def _by_watermark(engine: Engine, mark: datetime) -> tuple[Plan | None, str]:
     events = engine.table("events")
     seen = engine.table("identity_messages")
     try:
-        log_sig, seen_sig = _signature(engine, events), _signature(engine, seen)
+        log_sig = _signature(engine, events)
         engine.con.compile(log_sig)
     except (ibis_errors.OperationNotDefinedError, ibis_errors.UnsupportedOperationError):
         return None, f"{engine.backend} has no hash aggregate for the watermark check"
@@ -189,46 +189,64 @@ def _by_watermark(engine: Engine, mark: datetime) -> tuple[Plan | None, str]:
         (stamp > after, "since the watermark"),
         (stamp >= since, "since the watermark less the lag (some stamped at or before it)"),
     )
-    n_seen: int | None = None
     both: dict[str, int | None] | None = None
-    for after_mark, which in steps:
-        recent = events.filter(stamp.isnull() | after_mark)
+    for step, (after_mark, which) in enumerate(steps):
         # The candidates first: an event appended after them makes the log's side larger,
         # and the run reads the whole log instead (never wrong, only slower).
-        n_recent = int(recent.count().execute())
-        if n_seen is None:
-            n_seen = int(seen.count().execute())
-        listed: ir.Table = seen
-        if n_recent * 4 <= n_seen:
-            # The listed candidates found by a semi-join of the list on the candidates, not
-            # an anti-join of the candidates on the list: an engine hashes the right side of
-            # a join (DuckDB always for anti and semi joins), and the candidates are the
-            # few. (When they are many — a bulk load stamped at one instant — hashing the
-            # list is the cheaper way.)
-            listed = seen.semi_join(recent.select("message_id"), "message_id")
-        new = engine.scratch("id_new_events", recent.anti_join(listed, "message_id"))
+        if step == 0:
+            # Stamped after the latest stamp read: none should be listed, so the list is
+            # not joined with them; a listed one (a message id logged again) is counted by
+            # the check's own scan of the list instead, and fails it. (The count and XOR
+            # alone would not see it: the copy is on both sides.) Unstamped events may be
+            # listed: they are taken off as below.
+            fresh = events.filter(after_mark)
+            unstamped = events.filter(stamp.isnull())
+            if int(unstamped.count().execute()):
+                fresh = fresh.union(_unlisted(engine, unstamped), distinct=False)
+            new = engine.scratch("id_new_events", fresh)
+        else:
+            recent = events.filter(stamp.isnull() | after_mark)
+            new = engine.scratch("id_new_events", _unlisted(engine, recent))
         cand = new.aggregate(
             n=new.count(), x=_id_hash(engine, new.message_id).bit_xor(), top=new.received_at.max()
         )
         got = cand.to_pyarrow().to_pylist()[0]
         if both is None:
             # One statement for both sides: the log and the list are read at one moment.
-            both = log_sig.cross_join(seen_sig.rename(m="n", y="x")).to_pyarrow().to_pylist()[0]
+            listed = seen.aggregate(
+                m=seen.count(),
+                y=_id_hash(engine, seen.message_id).bit_xor(),
+                again=seen.message_id.isin(new.message_id).sum(),
+            )
+            both = log_sig.cross_join(listed).to_pyarrow().to_pylist()[0]
+            again = int(both["again"] or 0)
+        else:
+            again = 0  # these candidates were taken off the list by a join
         n_new = int(got["n"])
         # XOR of nothing is null: 0 is its neutral value.
         xor = int(both["y"] or 0) ^ int(got["x"] or 0)
         n_log, n_listed = int(both["n"] or 0), int(both["m"] or 0)
-        if n_log == n_listed + n_new and int(both["x"] or 0) == xor:
+        if not again and n_log == n_listed + n_new and int(both["x"] or 0) == xor:
             why = f"{n_new} new message(s) {which}"
             return Plan(INCREMENTAL, why, new, n_new, _later(mark, _instant(got["top"]))), ""
-        if n_log < n_listed + n_new:
-            # More listed and new than logged (an erasure, a repeated id): reading further
-            # back only adds candidates, so it cannot make the sides agree.
-            break
     return None, (
         "the watermark check failed (an event logged late with an older stamp, an "
         "erasure or a repeated id): new events by the whole log"
     )
+
+
+def _unlisted(engine: Engine, recent: ir.Table) -> ir.Table:
+    """The events of ``recent`` not listed in ``identity_messages``."""
+    seen = engine.table("identity_messages")
+    listed: ir.Table = seen
+    if int(recent.count().execute()) * 4 <= int(seen.count().execute()):
+        # The listed candidates found by a semi-join of the list on the candidates, not an
+        # anti-join of the candidates on the list: an engine hashes the right side of a join
+        # (DuckDB always for anti and semi joins), and the candidates are the few. (When they
+        # are many — a bulk load stamped at one instant — hashing the list is the cheaper
+        # way.)
+        listed = seen.semi_join(recent.select("message_id"), "message_id")
+    return recent.anti_join(listed, "message_id")
 
 
 def plan(engine: Engine, config: IdentityConfig, *, reason: str, allow: bool) -> Plan:

@@ -88,13 +88,17 @@ def suspects(
         return engine.scratch("id_suspects", out)
 
 
-def named_messages(engine: Engine, config: IdentityConfig, messages: ir.Table) -> ir.Table:
+def named_messages(
+    engine: Engine, config: IdentityConfig, messages: ir.Table, events: ir.Table | None = None
+) -> ir.Table:
     """(message_id, name) of those of ``messages`` (a message_id column) with a name.
 
-    The events are narrowed to ``messages`` before any JSON is read.
+    The events (``events``: the rows of the log to look in, all by default) are narrowed to
+    ``messages`` before any JSON is read.
     """
     path = config.matching.name if config.matching is not None else "traits.name"
-    events = engine.table("events").semi_join(messages, "message_id")
+    log = engine.table("events") if events is None else events
+    events = log.semi_join(messages, "message_id")
     events = events.filter(events.traits.notnull())
     name = json_string(engine, events.traits, path.split(".")[1:])
     named = events.select("message_id", name=name.strip().lower())

@@ -630,7 +630,7 @@ def _counts_only(
         if int(edges.count().execute()) != n_pairs:
             return None
     if config.matching is None and int(
-        named_messages(engine, config, seen.select("message_id")).count().execute()
+        named_messages(engine, config, seen.select("message_id"), p.events).count().execute()
     ):
         return None
     if not Rules.of(config).empty and int(engine.table("identity_dropped_links").count().execute()):
@@ -653,7 +653,8 @@ def _counts_only(
         w.put("identity_map", nodes, w.region_keys())
         if edges is not None:
             w.put("identity_edges", edges, w.keys(pairs.select(*edge_keys)))
-        _swap_issues(engine, refused_counts, refused_counts.limit(0), w)
+        if int(refused_counts.count().execute()):
+            _swap_issues(engine, refused_counts, refused_counts.limit(0), w)
         engine.append("event_customers", _event_customers(engine, new_occ, config))
         occ_rows = new_occ.select("message_id", "id_type", id_value="value", ts="ts")
         engine.append("identity_occurrences", occ_rows)
@@ -947,20 +948,42 @@ def _result(
     p: Plan,
     read: int,
 ) -> ResolveResult:
-    """Figures of the resolution as written (the same whichever path wrote it)."""
+    """Figures of the resolution as written (the same whichever path wrote it).
+
+    Counted in one statement: a live refresh's identity step is a few dozen statements, and
+    each costs its compilation and a round trip whatever it reads.
+    """
     imap = engine.table("identity_map")
     issues = engine.table("identifier_issues")
     edges = engine.table("identity_edges")
+    dropped = engine.table("identity_dropped_links")
+
+    def tally(cond: ir.BooleanValue) -> ir.IntegerValue:
+        return ibis.ifelse(cond, 1, 0).sum().fill_null(0)
+
+    figures = (
+        imap.aggregate(identifiers=imap.count(), quarantined=tally(imap.quarantined))
+        .cross_join(engine.table("customers").aggregate(customers=lambda t: t.count()))
+        .cross_join(issues.aggregate(refused=tally(~issues.reason.startswith("quarantined"))))
+        .cross_join(
+            edges.aggregate(
+                links=tally(edges.status == "used"),
+                probabilistic=tally(edges.kind == "probabilistic"),
+            )
+        )
+        .cross_join(dropped.aggregate(dropped=dropped.count()))
+    )
+    f = {k: int(v or 0) for k, v in figures.to_pyarrow().to_pylist()[0].items()}
     return ResolveResult(
-        identifiers=int(imap.count().execute()),
-        customers=int(engine.table("customers").count().execute()),
-        quarantined=int(imap.filter(imap.quarantined).count().execute()),
-        refused=int(issues.filter(~issues.reason.startswith("quarantined")).count().execute()),
+        identifiers=f["identifiers"],
+        customers=f["customers"],
+        quarantined=f["quarantined"],
+        refused=f["refused"],
         merges=int((ledger["action"] == "merge").sum()) if len(ledger) else 0,
-        links=int(edges.filter(edges.status == "used").count().execute()),
-        dropped=int(engine.table("identity_dropped_links").count().execute()),
+        links=f["links"],
+        dropped=f["dropped"],
         splits=int((ledger["action"] == "split").sum()) if len(ledger) else 0,
-        probabilistic=int(edges.filter(edges.kind == "probabilistic").count().execute()),
+        probabilistic=f["probabilistic"],
         run_id=run_id,
         changed=frozenset(changes["customer_id"]),
         path=p.path,
