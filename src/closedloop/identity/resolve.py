@@ -634,12 +634,18 @@ def _counts_only(
     ):
         return None
     if not Rules.of(config).empty and int(engine.table("identity_dropped_links").count().execute()):
-        cl = engine.table("identity_clusters")
-        hit = cl.semi_join(got, ["id_type", "id_value"]).select("cluster").distinct()
-        members = cl.semi_join(hit, "cluster")
+        # One read of the clusters: the cluster of each new event's identifier and of one
+        # end of each dropped link (both ends of a dropped link lie in one cluster).
         d = engine.table("identity_dropped_links")
-        on = [d.a_type == members.id_type, d.a_value == members.id_value]
-        if int(d.semi_join(members, on).count().execute()):
+        ends = d.select(id_type=d.a_type, id_value=d.a_value, dropped=ibis.literal(True)).union(
+            got.select("id_type", "id_value", dropped=ibis.literal(False))
+        )
+        cl = engine.table("identity_clusters")
+        hit = cl.join(ends, ["id_type", "id_value"])
+        per = hit.group_by("cluster").aggregate(
+            dropped=hit.dropped.any(), touched=(~hit.dropped).any()
+        )
+        if int(per.filter(per.dropped & per.touched).count().execute()):
             return None
 
     n_previous = int(imap.count().execute())
