@@ -42,6 +42,9 @@ def _tags() -> dict[str, TagDef]:
             name="last_week", type="last", event=ORDER, column="category", window_days=7
         ),
         "top2": tag(name="top2", type="top_n", event=ORDER, column="category", n=2),
+        "top2_week": tag(
+            name="top2_week", type="top_n", event=ORDER, column="category", n=2, window_days=7
+        ),
     }
 
 
@@ -70,6 +73,8 @@ def _expected(events: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
             out["first_dflt"][c] = "none"
         if week:
             out["last_week"][c] = str(week[-1]["category"])
+            counts = Counter(str(e["category"]) for e in week)
+            out["top2_week"][c] = ",".join(sorted(counts, key=lambda v: (-counts[v], v))[:2])
     return out
 
 
@@ -92,6 +97,7 @@ def test_shared_first_last_ties_nulls_window_and_default(engine: Engine) -> None
     assert values(engine, "last_cat") == {"a": "beauty", "b": "zz"}
     assert values(engine, "last_week") == {"b": "zz"}
     assert values(engine, "top2") == {"a": "beauty,tea", "b": "aa,zz"}
+    assert values(engine, "top2_week") == {"b": "aa,zz"}
     assert _expected(events) == {n: values(engine, n) for n in _tags()}
 
 

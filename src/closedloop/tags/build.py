@@ -28,6 +28,7 @@ from closedloop.tags.imports import check_rows
 from closedloop.tags.sqltag import check_select
 from closedloop.tags.values import (
     bucket_values,
+    counts_together,
     first_last_together,
     first_last_values,
     manual_values,
@@ -36,6 +37,7 @@ from closedloop.tags.values import (
     rfm_values,
     rule_values,
     tag_events,
+    top_n_from_counts,
     top_n_values,
     value_key,
     with_default,
@@ -153,6 +155,34 @@ def edges_together(
         edges = engine.scratch(f"tag_edges_{i}", edges)
         for k, (name, _, _, _) in enumerate(group):
             out[name] = edges.select("customer_id", value=edges[f"f{k}"])
+    return out
+
+
+def top_n_together(
+    engine: Engine, tags: dict[str, TagDef], shared: dict[str, tuple[ir.Table, str]], now: datetime
+) -> dict[str, ir.Table]:
+    """On DuckDB, top-N tags on the same shared value column rank one materialised count.
+
+    Per tag name its ``(customer_id, value)``: the counts per customer and value (one
+    column per window, ``values.counts_together``) are made once for all the tags reading
+    that column (e.g. "top 3 channels" and "top 2 channels in 90 days"), not once per tag.
+    Elsewhere, and for a column only one such tag reads, nothing (``plan_tag`` then).
+    """
+    if engine.backend != "duckdb":
+        return {}
+    groups: dict[tuple[str, str], list[tuple[str, TagDef, ir.Table]]] = {}
+    for name, tag in tags.items():
+        if name in shared and tag.type is TagType.TOP_N:
+            table, column = shared[name]
+            groups.setdefault((table.get_name(), column), []).append((name, tag, table))
+    out: dict[str, ir.Table] = {}
+    for i, ((_, column), group) in enumerate(groups.items()):
+        if len(group) < 2:
+            continue
+        counts = counts_together([g[1] for g in group], group[0][2], column, now)
+        counts = engine.scratch(f"tag_counts_{i}", counts)
+        for name, tag, _ in group:
+            out[name] = top_n_from_counts(tag, counts, duckdb=True)
     return out
 
 
@@ -287,10 +317,15 @@ def build_tags(
     computed_at = ibis.literal(now).cast(TS)
     events_at = _latest(engine, "events", "received_at")
     shared = shared_events(engine, tags, now)
-    together = edges_together(engine, tags, shared, now)
+    together = edges_together(engine, tags, shared, now) | top_n_together(engine, tags, shared, now)
     with ExitStack() as stack:
         plans = {
-            name: TagPlan(with_default(engine, together[name], tag.default), events_at)
+            name: TagPlan(
+                together[name]
+                if tag.type is TagType.TOP_N
+                else with_default(engine, together[name], tag.default),
+                events_at,
+            )
             if name in together
             else plan_tag(engine, tag, now, root, stack, events_at, shared.get(name))
             for name, tag in tags.items()

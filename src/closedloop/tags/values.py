@@ -265,6 +265,32 @@ def first_last_together(
     return e.group_by("customer_id").aggregate(**aggs)
 
 
+def counts_together(tags: list[TagDef], shared: ir.Table, column: str, now: datetime) -> ir.Table:
+    """Top-N tags on one value column of one ``tag_events`` table: the counts they rank.
+
+    One row per customer and non-empty value with a count ``n{d}`` per window of ``d`` days
+    the tags use (``n0``: no window), from one grouped pass instead of one per tag.
+    ``top_n_from_counts`` ranks a tag's column of it.
+    """
+    e = shared
+    as_of = ibis.literal(now).cast(TS)
+    e = e.select("customer_id", "timestamp", v=e[column])
+    e = e.filter(e.v.notnull() & (e.v != ""))
+    aggs = {}
+    for days in sorted({t.window_days or 0 for t in tags}):
+        inside = e.timestamp > as_of - ibis.interval(days=days) if days else None
+        aggs[f"n{days}"] = e.count(where=inside)
+    return e.group_by("customer_id", "v").aggregate(**aggs)
+
+
+def top_n_from_counts(tag: TagDef, counts: ir.Table, duckdb: bool = False) -> ir.Table:
+    """``top_n_values`` of ``tag`` from ``counts_together``'s table (customers holding none
+    in the tag's window have no row)."""
+    n = counts[f"n{tag.window_days or 0}"]
+    c = counts.filter(n > 0).select("customer_id", "v", n=n)
+    return top_counted(c, "v", "n", tag.n, "value", duckdb)
+
+
 def top_n_values(
     engine: Engine,
     tag: TagDef,
