@@ -13,6 +13,7 @@ import closedloop.tags.tables  # noqa: F401  (declares tag_values)
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import SegmentDef
 from closedloop.core.engine import Engine, table_differences
+from closedloop.segments import incremental as seg_incremental
 from closedloop.segments.audience import Fields, evaluate_segments
 from closedloop.segments.incremental import evaluate_changed
 from tests.tags.helpers import set_events, set_profiles
@@ -143,8 +144,20 @@ def random_changes(
     return first, second, changed
 
 
+@pytest.fixture(autouse=True)
+def narrow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluate only the customers in scope however many they are (``incremental.WIDE``):
+    these worlds are small, and a scope of a few of them is most of them."""
+    monkeypatch.setattr(seg_incremental, "WIDE", 1.0)
+
+
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("seed", range(5))
-def test_incremental_equals_full_after_random_changes(seed: int) -> None:
+def test_incremental_equals_full_after_random_changes(
+    seed: int, wide: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if wide:  # a scope wider than WIDE: everyone evaluated, the same stays
+        monkeypatch.setattr(seg_incremental, "WIDE", 0.0)
     segs = _segments()
     t1 = T0 + timedelta(hours=[1, 5, 26][seed % 3])
     first, second, changed = random_changes(random.Random(seed), t1)

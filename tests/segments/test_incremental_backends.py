@@ -14,6 +14,7 @@ import pytest
 
 from closedloop.core.clock import Clock
 from closedloop.core.engine import Engine, table_differences
+from closedloop.segments import incremental
 from closedloop.segments.accounts import ACCOUNT_MEMBERSHIP
 from closedloop.segments.audience import evaluate_segments
 from closedloop.segments.incremental import evaluate_changed
@@ -30,6 +31,12 @@ from tests.segments.test_incremental import (
 from tests.tags.helpers import set_profiles
 from tests.tags.test_incremental_backends import typed_events
 from tests.test_backends import postgres_url  # noqa: F401  (the fixture that starts PostgreSQL)
+
+
+@pytest.fixture(autouse=True, params=["narrow", "wide"])
+def share(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both paths (``incremental.WIDE``): only the customers in scope, or everyone."""
+    monkeypatch.setattr(incremental, "WIDE", 1.0 if request.param == "narrow" else 0.0)
 
 
 def _state(engine: Engine, s: dict[str, Any], at: Any) -> None:

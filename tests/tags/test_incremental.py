@@ -12,6 +12,7 @@ import pytest
 from closedloop.core.clock import Clock
 from closedloop.core.definitions.tags import TagDef
 from closedloop.core.engine import Engine, table_differences
+from closedloop.tags import incremental
 from closedloop.tags.build import build_tags, per_customer
 from closedloop.tags.incremental import crossed, refresh_tags
 from tests.tags.helpers import NOW, set_events, set_profiles
@@ -88,6 +89,14 @@ def _events(rng: random.Random, ids: list[str], n: int, start: int) -> list[dict
 def _rows(engine: Engine) -> pa.Table:
     tv = engine.table("tag_values")
     return tv.select("customer_id", "tag", "value").to_pyarrow()
+
+
+@pytest.fixture(autouse=True, params=["narrow", "wide"])
+def share(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of recomputing per-customer tags (``incremental.WIDE``): for the customers
+    to recompute only, through views narrowed to them, or for everyone — same rows."""
+    monkeypatch.setattr(incremental, "WIDE", 1.0 if request.param == "narrow" else 0.0)
+    return str(request.param)
 
 
 @pytest.mark.parametrize("seed", range(6))

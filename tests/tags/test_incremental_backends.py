@@ -10,6 +10,7 @@ import pytest
 
 from closedloop.collect.tables import EVENTS
 from closedloop.core.engine import Engine
+from closedloop.tags import incremental
 from tests.conftest import event_rows
 from tests.tags import test_incremental
 from tests.test_backends import postgres_url  # noqa: F401  (the fixture that starts PostgreSQL)
@@ -27,12 +28,15 @@ def typed_events(engine: Engine, messages: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("seed", range(3))
 def test_incremental_tags_equal_full_on_postgres(
     postgres_url: str,  # noqa: F811
     seed: int,
+    wide: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(test_incremental, "set_events", typed_events)
+    monkeypatch.setattr(incremental, "WIDE", 0.0 if wide else 1.0)  # everyone, or narrowed
     with Engine(postgres_url) as engine:
         test_incremental.test_incremental_equals_full_after_random_changes(engine, seed)

@@ -44,10 +44,16 @@ from closedloop.tags.build import (
     per_customer,
     plan_tag,
     record_runs,
+    shared_events,
     tag_rows,
 )
 
 TAG_VALUES = "tag_values"
+# More customers to recompute than this share of all: per-customer tags are computed for
+# everyone, as a build does (one pass over the events, no narrowing), and still only the
+# rows that differ are written. At 100,000 customers, recomputing 10% of them one by one
+# cost more than everyone at once (bench/refresh.py, the 1% new events case).
+WIDE = 0.05
 
 
 @dataclass(frozen=True)
@@ -176,12 +182,17 @@ def refresh_tags(
     computed_at = ibis.literal(now).cast(TS)
     events_at = _latest(engine, "events", "received_at")
     old = engine.table(TAG_VALUES)
-    view = (
-        narrowed(engine, todo, "tags", ("profiles", "computed_traits", "events")) if per else None
+    wide = bool(per) and int(todo.count().to_pyarrow().as_py()) > WIDE * max(
+        engine.count("profiles"), 1
     )
+    scope: ir.Table | None = None if wide else todo
+    reader = engine
+    if per and scope is not None:
+        reader = narrowed(engine, scope, "tags", ("profiles", "computed_traits", "events"))
     with ExitStack() as stack:
+        shared = shared_events(reader, events, now, scope)  # each event group's rows once
         plans = {
-            n: plan_tag(view or engine, t, now, root, stack, events_at, None, todo)
+            n: plan_tag(reader, t, now, root, stack, events_at, shared.get(n), scope)
             for n, t in per.items()
         }
         plans |= {n: plan_tag(engine, t, now, root, stack, events_at) for n, t in whole.items()}
@@ -190,16 +201,19 @@ def refresh_tags(
             None if fresh is None else engine.scratch("tags_new", engine.conform(TAG_VALUES, fresh))
         )
         if engine.can("temp_tables"):
-            changed_out = _write_differences(engine, old, list(per), todo, new, changed)
+            changed_out = _write_differences(engine, old, list(per), scope, new, changed)
         else:
-            changed_out = _replace(engine, old, list(per), todo, new, changed)
+            changed_out = _replace(engine, old, list(per), scope, todo, new, changed)
     counts = record_runs(engine, tags, plans, now)
     return TagRefresh(counts, todo, changed_out)
 
 
-def _replaced(old: ir.Table, per: list[str], todo: ir.Table) -> ir.Table:
-    """The rows of ``old`` a refresh recomputes: per-customer tags' rows of ``todo``, every
-    row of the other tags (and of tags no longer defined: a full build drops them)."""
+def _replaced(old: ir.Table, per: list[str], todo: ir.Table | None) -> ir.Table:
+    """The rows of ``old`` a refresh recomputes: per-customer tags' rows of ``todo`` (None:
+    everyone's), every row of the other tags (and of tags no longer defined: a full build
+    drops them)."""
+    if todo is None:
+        return old
     mine = old.tag.isin(per) if per else ibis.literal(False)
     return old.filter(~mine | old.customer_id.isin(todo.customer_id))
 
@@ -208,7 +222,7 @@ def _write_differences(
     engine: Engine,
     old: ir.Table,
     per: list[str],
-    todo: ir.Table,
+    todo: ir.Table | None,
     new: ir.Table | None,
     changed: ir.Table,
 ) -> ir.Table:
@@ -248,12 +262,16 @@ def _replace(
     engine: Engine,
     old: ir.Table,
     per: list[str],
+    scope: ir.Table | None,
     todo: ir.Table,
     new: ir.Table | None,
     changed: ir.Table,
 ) -> ir.Table:
     """No DELETE (Spark): the table replaced whole; who may now hold other tags (the
-    customers given, those recomputed, and those whose rows of a whole tag differ)."""
+    customers given, those recomputed, and those whose rows of a whole tag differ).
+    ``scope``: whose per-customer rows were recomputed (None: everyone's)."""
+    if scope is None:
+        per = []  # every row recomputed: compared as whole tags' are
     cols = ["customer_id", "tag", "value"]
     mine = old.tag.isin(per) if per else ibis.literal(False)
     out = changed.select("customer_id").union(todo)
