@@ -20,7 +20,9 @@ step 2, then after step 3 brought forward only for changed customers as the live
 (``find_changes`` → ``refresh_tags`` → ``evaluate_changed``), against the full portrait,
 tags and segments of step 4; tag values and segment members are checked equal
 (``chain_equal_to_full``). ``chain_full_cpu_s``, ``chain_incremental_cpu_s``, their ratio
-and per-step CPU seconds (``chain_*_steps_cpu_s``).
+and per-step CPU seconds (``chain_*_steps_cpu_s``). When the customers to recompute are a
+wide share (``tags.incremental.WIDE``, ``segments.incremental.WIDE``), tags and segments
+are computed for everyone inside the incremental step, as the live refresh does.
 
 Identity resolution is timed separately (it is the identity stage's, run in both cases).
 Then a clock-only refresh a day later, and a live-like refresh (``live_refresh``: five new
