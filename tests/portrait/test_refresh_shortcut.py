@@ -152,11 +152,13 @@ def test_merges_and_splits_move_old_events_through_the_shortcut() -> None:
     ) as e:
         # A login ties anonymous x to U0: x's old events (not candidates by their stamps)
         # move, found from identity's record of the customers it changed.
-        r = step(e, rows([view("a3", -0.01, anonymous_id="x", user_id="U0")]), NOW + SEC)
+        login = [view("a3", -0.01, anonymous_id="x", user_id="U0")]
+        r = step(e, stamped(login, NOW + SEC), NOW + SEC)
         assert r.diff == "shortcut" and r.recomputed >= 2
         equals_full(e, NOW + SEC)
         # y seen with U2 too: y is quarantined and its anonymous-only events leave U1.
-        r = step(e, rows([view("s3", -0.01, anonymous_id="y", user_id="U2")]), NOW + 2 * SEC)
+        seen = [view("s3", -0.01, anonymous_id="y", user_id="U2")]
+        r = step(e, stamped(seen, NOW + 2 * SEC), NOW + 2 * SEC)
         assert r.diff == "shortcut" and r.recomputed >= 1
         equals_full(e, NOW + 2 * SEC)
 

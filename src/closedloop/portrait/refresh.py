@@ -28,9 +28,10 @@ new to it (an event a merge moved keeps its facts under its new customer) and re
 affected customers' other events back from it, so their portrait is re-aggregated from
 stored facts and the JSON of old events is never parsed again.
 
-Not seen by the comparison: a change to the identity map alone (an identifier quarantined
-or blocked without any event moving) — it shows on the customer's next event, or with
-``--full``.
+A change to the identity map alone, without any event moving, is seen when identity
+records the customer as changed (identifiers gained or lost: ``identity_changes``) and the
+last run left marks; otherwise (an identifier quarantined in place) it shows on the
+customer's next event, or with ``--full``.
 
 What depends on the clock or on everyone — age, recency, lifecycle, RFM ranks, and the
 referral network — stands as stored when it cannot have moved: the network when no
@@ -279,6 +280,7 @@ class _Shortcut:
     pairs: tuple[int, int]  # the signature of event_customers: the snapshot's after the run
     recent: ir.Table  # the events the new messages were looked for in
     identity_changed: int  # customers identity changed since the last run
+    changed: ir.Table  # those customers (``customer_id``)
 
 
 def _shortcut_diff(engine: Engine, last: LastRun, marks: Marks) -> tuple[_Shortcut | None, str]:
@@ -324,7 +326,7 @@ def _shortcut_diff(engine: Engine, last: LastRun, marks: Marks) -> tuple[_Shortc
             "the check failed (a late event with an old stamp, an erasure, or a change "
             "identity did not record): the whole snapshot is compared"
         )
-    return _Shortcut(_diff(now_m, seen_m), (n_e, x_e), recent, n_changed), ""
+    return _Shortcut(_diff(now_m, seen_m), (n_e, x_e), recent, n_changed, changed), ""
 
 
 def _recent_events(engine: Engine, since: datetime, received: datetime | None) -> ir.Table:
@@ -457,7 +459,9 @@ def _record(
     with engine.transaction():
         if new is not None:
             if gone is not None:
-                engine.delete_keys(name, gone)
+                # By the message id alone, the snapshot's key: the same rows as by the
+                # pair, for half the probing (0.5 CPU-s at 100,000 persons after 1%).
+                engine.delete_keys(name, gone.select("message_id"))
             engine.con.insert(name, new)
         engine.append(PORTRAIT_RUNS.name, pa.table(row))
         if marks is not None and deletes:
@@ -574,10 +578,17 @@ def refresh(
             pairs = _sig(_signature(ec).to_pyarrow().to_pylist()[0])
     added, gone = _sides(diff)
     any_gone = int(gone.count().execute()) > 0
-    affected = engine.scratch(
-        "refresh_affected",
-        affected_customers(engine, last.as_of, as_of, windows, (added, gone)),
-    )
+    affected_expr = affected_customers(engine, last.as_of, as_of, windows, (added, gone))
+    # Customers identity changed (identifiers gained or lost) may keep all their events
+    # and still have other contact points: recomputed too, when known.
+    id_changed = None
+    if short is not None:
+        id_changed = short.changed
+    elif identity is not None and last.marks is not None:
+        id_changed = _identity_changed(engine, last.marks.identity_seq)
+    if id_changed is not None:
+        affected_expr = affected_expr.union(id_changed.select("customer_id"), distinct=True)
+    affected = engine.scratch("refresh_affected", affected_expr)
     recomputed = int(affected.count().execute())
     customers = engine.table("customers").select("customer_id")
 
