@@ -661,7 +661,8 @@ def _counts_only(
             w.put("identity_edges", edges, w.keys(pairs.select(*edge_keys)))
         if int(refused_counts.count().execute()):
             _swap_issues(engine, refused_counts, refused_counts.limit(0), w)
-        engine.append("event_customers", _event_customers(engine, new_occ, config))
+        # The new events' identifiers are all in ``nodes``, with their customers.
+        engine.append("event_customers", _event_customers(engine, new_occ, config, nodes))
         occ_rows = new_occ.select("message_id", "id_type", id_value="value", ts="ts")
         engine.append("identity_occurrences", occ_rows)
         engine.append("identity_messages", seen)
@@ -1139,9 +1140,15 @@ def _enforce_rules(
     return comp_t, pa.Table.from_pylist(rows, schema=dropped_schema)
 
 
-def _event_customers(engine: Engine, node_occ: ir.Table, config: IdentityConfig) -> ir.Table:
-    """Each message's customer: that of its highest-priority non-quarantined identifier."""
-    imap = engine.table("identity_map")
+def _event_customers(
+    engine: Engine, node_occ: ir.Table, config: IdentityConfig, imap: ir.Table | None = None
+) -> ir.Table:
+    """Each message's customer: that of its highest-priority non-quarantined identifier.
+
+    ``imap``: rows of ``identity_map`` holding every identifier of ``node_occ`` (all of it
+    by default).
+    """
+    imap = engine.table("identity_map") if imap is None else imap
     prio = ibis.cases(*[(node_occ.id_type == t.name, t.priority) for t in config.types], else_=0)
     occ = node_occ.mutate(priority=prio)
     j = occ.join(imap, [occ.id_type == imap.id_type, occ.value == imap.id_value])
