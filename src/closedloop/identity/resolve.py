@@ -34,6 +34,12 @@ each table is rewritten whole (``_Writer``). The result is the full run's, row f
 (tests/identity/test_incremental.py); a run cut half way leaves the previous resolution
 (tests/identity/test_incremental_crash.py). The path taken is in ``identity_runs`` and
 ``ResolveResult.path``.
+
+Most runs of a live server go further: their new events only repeat identifiers already
+seen together (a known customer ordering), which changes no cluster, link or customer. Those
+take the counts-only path (``_counts_only`` says exactly when): the counters of the repeated
+identifiers and links move by key, and no region is read back (tests/identity/
+test_counts_only.py); ``identity_runs.why`` ends with ``COUNTS_ONLY``.
 """
 
 from __future__ import annotations
