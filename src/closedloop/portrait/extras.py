@@ -79,11 +79,15 @@ def top_list(
 
     ``duckdb``: the engine is DuckDB (see ``top_counted``).
     """
-    # Rows without a value are dropped before the text is trimmed (most events carry no
-    # category or style; trimming every row cost more than the counting).
-    t = e.filter(value.notnull()).select("customer_id", v=value.strip().nullif(""))
-    t = t.filter(t.v.notnull())
-    counts = t.group_by("customer_id", "v").aggregate(k=t.count())
+    # Counted as stated first, then trimmed: a customer states few distinct values, so the
+    # text is trimmed once per (customer, value) instead of twice per event (the filter and
+    # the value each trimmed it, which cost more than the counting).
+    t = e.filter(value.notnull()).select("customer_id", raw=value)
+    raw = t.group_by("customer_id", "raw").aggregate(k=t.count())
+    raw = raw.select("customer_id", "k", v=raw.raw.strip().nullif(""))
+    raw = raw.filter(raw.v.notnull())
+    # The sum of counts as a 64-bit integer (DuckDB adds integers up in 128 bits).
+    counts = raw.group_by("customer_id", "v").aggregate(k=raw.k.sum().cast("int64"))
     return top_counted(counts, "v", "k", n, name, duckdb)
 
 
