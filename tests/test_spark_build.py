@@ -42,6 +42,9 @@ ENGINE_ONLY = {
     # The loader's index of message-id hashes needs transactions (keys and rows written
     # together); Spark's loader takes the portable path and semi-joins against the log.
     "intake_keys",
+    # The portrait refresh's shortcut marks (the snapshot's signature) need deletes and
+    # DuckDB's 64-bit hash; on Spark every refresh compares the whole snapshot.
+    "portrait_marks",
 }
 
 
