@@ -36,6 +36,7 @@ import pyarrow as pa
 from closedloop.core.clock import Clock
 from closedloop.core.definitions import CampaignDef, ContactPolicy
 from closedloop.core.engine import Engine
+from closedloop.identity import tables as _identity_tables  # noqa: F401  (customer_aliases)
 from closedloop.measure import tables as _tables  # noqa: F401  (declares campaign_results)
 from closedloop.measure.counterfactual import holdout_capped
 from closedloop.measure.stats import Lift, lift, sample_ratio_p
