@@ -387,8 +387,41 @@ class Engine:
         tmp = f"_scratch_{name}"
         if not self.can("temp_tables"):
             return self._spark_scratch(tmp, expr)
+        if self.backend == "duckdb" and not expr.schema().null_fields:
+            return self._duckdb_scratch(tmp, expr)
         self.con.create_table(tmp, expr, temp=True, overwrite=True)
         return self.con.table(tmp)
+
+    def _duckdb_scratch(self, tmp: str, expr: ir.Table) -> ir.Table:
+        """DuckDB's scratch table in two statements, its rows written once.
+
+        Ibis's ``create_table(temp=True, overwrite=True)`` writes the rows into a table of
+        another name, then copies them all into the one asked for (DuckDB once could not
+        rename a temporary table) — five statements and every row written twice: half the
+        cost of a 2-million-row scratch. Here: ``CREATE OR REPLACE TEMP TABLE`` with the
+        expression's schema (the same column types as Ibis's way), one ``INSERT … SELECT``,
+        and the table expression made from that schema, without asking DuckDB for it again.
+        """
+        import sqlglot.expressions as sge
+        from ibis.expr import operations as ops
+
+        con = self.con
+        con._run_pre_execute_hooks(expr)  # registers the memtables the expression reads
+        schema = expr.schema()
+        table = sge.table_(tmp, quoted=True)
+        create = sge.Create(
+            kind="TABLE",
+            replace=True,
+            this=sge.Schema(this=table, expressions=schema.to_sqlglot_column_defs(con.dialect)),
+            properties=sge.Properties(expressions=[sge.TemporaryProperty()]),
+        )
+        columns = [sge.to_identifier(c, quoted=True) for c in schema.names]
+        insert = sge.insert(con.compiler.to_sqlglot(expr), into=table, columns=columns)
+        with con._safe_raw_sql(create.sql(con.dialect)) as cur:
+            cur.execute(insert.sql(con.dialect)).fetchall()
+        return ops.DatabaseTable(
+            tmp, schema=schema, source=con, namespace=ops.Namespace()
+        ).to_expr()
 
     @contextmanager
     def _spark_temporary(self, data: pa.Table) -> Iterator[ir.Table]:
