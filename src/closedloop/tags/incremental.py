@@ -24,7 +24,6 @@ new ones.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -135,21 +134,20 @@ def narrowed(
     leaves), evaluated for a subset of ``customers``. The view shares the connection;
     writes go through ``engine``.
     """
-    view = copy.copy(engine)
-    view._tables = dict(engine._tables)  # the view's own table lookups
+    over: dict[str, ir.Table] = {}
     ids = customers.select("customer_id").distinct()
     wanted = set(tables)
     ec = engine.table("event_customers").semi_join(ids, "customer_id")
     if wanted & {"event_customers", "events"}:
         ec = engine.scratch(f"{name}_event_customers", ec)
-        view._tables["event_customers"] = ec
+        over["event_customers"] = ec
     if "events" in wanted:
         e = engine.table("events").semi_join(ec.select("message_id"), "message_id")
-        view._tables["events"] = engine.scratch(f"{name}_events", e)
+        over["events"] = engine.scratch(f"{name}_events", e)
     for t in sorted(wanted - {"event_customers", "events"}):
         part = engine.table(t).semi_join(ids, "customer_id")
-        view._tables[t] = engine.scratch(f"{name}_{t}", part)
-    return view
+        over[t] = engine.scratch(f"{name}_{t}", part)
+    return engine.reading(over)
 
 
 def refresh_tags(
