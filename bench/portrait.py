@@ -387,26 +387,8 @@ def run(persons: int, cache: Path, work: Path, refresh_share: float = 0.0) -> di
     shutil.copytree(src, work / "p")
     project = load_project(work / "p")
     clock = Clock(reference)
-    tags = dict(project.tags)
-    extra = [t for t in synthetic_tags() if t["name"] not in tags]
-    while len(tags) + len(extra) > TAGS:  # the template grows: drop percentile buckets first
-        drop = next(t for t in reversed(extra) if t["name"].startswith("pct_"))
-        extra.remove(drop)
-    for raw in extra:
-        tags[raw["name"]] = TagDef.model_validate(raw)
-    from closedloop.portrait.tables import PROFILES
-
-    problems = [p for t in tags.values() for p in check_tag(t, set(PROFILES.columns))]
-    assert not problems, problems
-    segs = dict(project.segments)
-    for raw in synthetic_segments():
-        segs[raw["name"]] = SegmentDef.model_validate(raw)
-    project = project.model_copy(update={"tags": tags, "segments": segs})
-    ordered, problems = segment_order(project)
-    base = project_fields(project)
-    fields = Fields(tags=tuple(tags), traits=base.traits, segments=tuple(segs))
-    problems += [p for s in ordered for p in check_segment(s, fields)]
-    assert not problems, problems
+    project, ordered, fields = bench_project(project)
+    tags, segs = project.tags, project.segments
     fig["tags"] = len(tags)
     fig["segments"] = len(segs)
     with Engine(project.engine_url) as engine:
