@@ -40,6 +40,25 @@ def set_events(engine: Engine, messages: list[dict[str, Any]]) -> None:
     )
 
 
+def message(
+    cust: str,
+    mid: str,
+    at: datetime,
+    event: str = "Order Completed",
+    category: str | None = None,
+    properties: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One track message of ``cust`` (a ``set_events`` row), the fields tag tests vary."""
+    return {
+        "message_id": mid,
+        "user_id": cust,
+        "event": event,
+        "category": category,
+        "timestamp": at,
+        "properties": properties or {},
+    }
+
+
 def tag(**kw: Any) -> TagDef:
     return TagDef.model_validate({"name": "t", **kw})
 

@@ -14,21 +14,14 @@ from closedloop.core.clock import Clock
 from closedloop.core.definitions.tags import TagDef
 from closedloop.core.engine import Engine
 from closedloop.tags.build import build_tags
-from tests.tags.helpers import NOW, set_events, set_profiles, tag, values
+from tests.tags.helpers import NOW, message, set_events, set_profiles, tag, values
 
 CUSTOMERS = ["a", "b", "c"]
 ORDER = "Order Completed"
 
 
 def _ev(cust: str, cat: str | None, hours_ago: int, mid: str, event: str) -> dict[str, Any]:
-    return {
-        "message_id": mid,
-        "user_id": cust,
-        "event": event,
-        "category": cat,
-        "timestamp": NOW - timedelta(hours=hours_ago),
-        "properties": {},
-    }
+    return message(cust, mid, NOW - timedelta(hours=hours_ago), event, cat)
 
 
 def _tags() -> dict[str, TagDef]:

@@ -13,7 +13,7 @@ from closedloop.core.clock import Clock
 from closedloop.core.engine import Engine
 from closedloop.core.errors import InputError
 from closedloop.tags.build import build_tags
-from tests.tags.helpers import NOW, set_events, set_profiles, tag, values
+from tests.tags.helpers import NOW, message, set_events, set_profiles, tag, values
 
 CLOCK = Clock(NOW)
 
@@ -111,14 +111,8 @@ def test_bucket_on_a_computed_trait(engine: Engine) -> None:
 def _ev(
     cust: str, cat: str | None, days_ago: float, mid: str, event: str = "Order Completed"
 ) -> dict[str, object]:
-    return {
-        "message_id": mid,
-        "user_id": cust,
-        "event": event,
-        "category": cat,
-        "timestamp": NOW - timedelta(days=days_ago),
-        "properties": {"style": f"s_{cat}"} if cat else {},
-    }
+    style = {"style": f"s_{cat}"} if cat else {}
+    return message(cust, mid, NOW - timedelta(days=days_ago), event, cat, style)
 
 
 def test_first_and_last_with_ties_and_nulls(engine: Engine) -> None:
