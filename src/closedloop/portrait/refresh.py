@@ -72,6 +72,8 @@ from closedloop.core.clock import Clock
 from closedloop.core.definitions.accounts import AccountsConfig
 from closedloop.core.definitions.traits import TraitDef
 from closedloop.core.engine import Engine
+from closedloop.core.signature import signature
+from closedloop.core.signature import values as signature_values
 from closedloop.portrait import localtime
 from closedloop.portrait.accounts import build_accounts
 from closedloop.portrait.build import (
@@ -227,21 +229,14 @@ def _diff(ec: ir.Table, seen: ir.Table) -> ir.Table:
     )
 
 
-@ibis.udf.scalar.builtin(name="hash", signature=(("string", "string"), "uint64"))
-def _pair_hash(message_id: str, customer_id: str) -> int:  # type: ignore[empty-body]
-    """DuckDB's 64-bit hash of a (message, customer) pair, taken as it is (UBIGINT)."""
-
-
 def _signature(t: ir.Table) -> ir.Table:
     """(n, x): the count of ``t``'s (message_id, customer_id) pairs and the XOR of their
-    hashes — equal for equal sets of pairs (message ids are keys: no pair twice), and
-    different, but for a 2**-64 chance, when one holds a pair the other lacks."""
-    return t.aggregate(n=t.count(), x=_pair_hash(t.message_id, t.customer_id).bit_xor())
+    hashes (``core.signature``; message ids are keys: no pair twice)."""
+    return signature(t, "message_id", "customer_id")
 
 
 def _sig(row: dict[str, object], n: str = "n", x: str = "x") -> tuple[int, int]:
-    xor = row[x]
-    return int(str(row[n])), 0 if xor is None else int(str(xor))  # XOR of nothing: null
+    return signature_values(row, n, x)
 
 
 def _identity_now(engine: Engine) -> tuple[int, datetime | None] | None:
