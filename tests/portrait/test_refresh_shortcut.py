@@ -196,7 +196,7 @@ def test_a_crash_after_the_profiles_is_redone_by_the_shortcut(
         def boom(*a: Any, **k: Any) -> Any:
             raise RuntimeError("disk full")
 
-        monkeypatch.setattr(refresh_mod, "_marks_now", boom)  # after profiles and traits
+        monkeypatch.setattr(refresh_mod, "marks_now", boom)  # after profiles and traits
         with pytest.raises(RuntimeError):
             refresh(e, TRAITS, Clock(NOW + SEC))
         monkeypatch.undo()

@@ -10,7 +10,7 @@ it touches:
   or out of a trait's window (timestamp between the last clock and now, minus the window);
 * customers without a profile yet.
 
-Finding the attribution changes without the whole snapshot (``_shortcut_diff``): the
+Finding the attribution changes without the whole snapshot (``shortcut_diff``): the
 candidates are the events stamped after the last clock or received after the identity
 watermark the last run had read, and every event of a customer identity recorded as
 changed since (``identity_changes``: merges and splits move old events). Only those pairs
@@ -57,10 +57,7 @@ it replaces the snapshot. A snapshot written before it kept the facts means a fu
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -72,8 +69,6 @@ from closedloop.core.clock import Clock
 from closedloop.core.definitions.accounts import AccountsConfig
 from closedloop.core.definitions.traits import TraitDef
 from closedloop.core.engine import Engine
-from closedloop.core.signature import signature
-from closedloop.core.signature import values as signature_values
 from closedloop.portrait import localtime
 from closedloop.portrait.accounts import build_accounts
 from closedloop.portrait.build import (
@@ -85,7 +80,29 @@ from closedloop.portrait.build import (
     finish,
     parse_facts,
 )
-from closedloop.portrait.extras import RELATION_EVENTS, RELATIONSHIP_COLUMNS, network
+from closedloop.portrait.extras import RELATION_EVENTS, network
+from closedloop.portrait.refresh_diff import (
+    Shortcut,
+    affected_customers,
+    attribution_diff,
+    pair_signature,
+    pair_values,
+    shortcut_diff,
+    sides,
+)
+from closedloop.portrait.refresh_state import (
+    Marks,
+    changed_customers,
+    identity_now,
+    last_run,
+    marks_now,
+    shortcuts_possible,
+    traits_digest,
+)
+from closedloop.portrait.refresh_write import (
+    base_columns,
+    write_profiles,
+)
 from closedloop.portrait.tables import (
     COMPUTED_TRAITS,
     FACT_COLUMNS,
@@ -97,23 +114,6 @@ from closedloop.portrait.tables import (
 from closedloop.portrait.traits import build_traits, trait_values
 
 TS = "timestamp('UTC', 6)"
-# Profile columns recomputed for everyone on every refresh (see ``build.finish``).
-FINISH_COLUMNS = (
-    "age",
-    "age_band",
-    "recency_days",
-    "days_since_first",
-    "r_score",
-    "f_score",
-    "m_score",
-    "rfm_group",
-    "lifecycle_stage",
-    "ladder_stage",
-    "computed_at",
-)
-BASE_COLUMNS = tuple(
-    c for c in PROFILES.columns if c not in FINISH_COLUMNS and c not in RELATIONSHIP_COLUMNS
-)
 
 
 @dataclass(frozen=True)
@@ -131,266 +131,6 @@ class RefreshResult:
     # How the attribution diff was found: 'shortcut' (from the candidates, checked), or why
     # the whole snapshot was compared ('' after a full build). Also in ``portrait_marks``.
     diff: str = ""
-
-
-@dataclass(frozen=True)
-class Marks:
-    """What a run left for the next one's shortcut (``portrait_marks``)."""
-
-    identity_seq: int  # the identity run event_customers was read after
-    received: datetime | None  # that run's watermark (latest received_at it read)
-    pairs: int  # the snapshot's (message, customer) pairs after the run
-    pairs_xor: int  # XOR of their 64-bit hashes (unsigned)
-
-
-@dataclass(frozen=True)
-class LastRun:
-    as_of: datetime
-    traits_digest: str
-    customers: int = -1  # profile rows the run left (-1: unknown)
-    marks: Marks | None = None  # None: the next refresh compares the whole snapshot
-
-
-def traits_digest(traits: dict[str, TraitDef]) -> str:
-    """A fingerprint of the trait definitions: a changed definition needs a full trait build."""
-    text = json.dumps(
-        [t.model_dump(mode="json") for _, t in sorted(traits.items())], sort_keys=True
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def last_run(engine: Engine) -> LastRun | None:
-    """The last recorded build or refresh; None when a full build is needed.
-
-    A snapshot without the parsed facts (written before they were kept) needs one too.
-    """
-    if not engine.exists(PORTRAIT_RUNS.name) or not engine.exists(PROFILES.name):
-        return None
-    if not engine.exists(PORTRAIT_SEEN.name):
-        return None
-    if set(PORTRAIT_SEEN.columns) - set(engine.table(PORTRAIT_SEEN.name).columns):
-        return None
-    runs = engine.table(PORTRAIT_RUNS.name)
-    rows = runs.order_by(ibis.desc(runs.finished_at)).limit(1).to_pyarrow().to_pylist()
-    if not rows:
-        return None
-    as_of = rows[0]["as_of"]
-    customers = rows[0]["customers"]
-    return LastRun(
-        as_of.astimezone(UTC),
-        str(rows[0]["traits_digest"]),
-        -1 if customers is None else int(customers),
-        _marks(engine, rows[0]["finished_at"]),
-    )
-
-
-def _marks(engine: Engine, finished_at: datetime) -> Marks | None:
-    """The marks written with the run that finished at ``finished_at`` (None: none)."""
-    if not engine.exists(PORTRAIT_MARKS.name):
-        return None
-    t = engine.table(PORTRAIT_MARKS.name)
-    at = ibis.literal(finished_at).cast(TS)
-    rows = t.filter(t.finished_at == at).limit(1).to_pyarrow().to_pylist()
-    if not rows or None in (rows[0]["identity_seq"], rows[0]["pairs"], rows[0]["pairs_xor"]):
-        return None
-    r = rows[0]
-    received = r["received"].astimezone(UTC) if r["received"] is not None else None
-    return Marks(int(r["identity_seq"]), received, int(r["pairs"]), int(r["pairs_xor"]) % 2**64)
-
-
-def attribution_changes(engine: Engine) -> tuple[ir.Table, ir.Table]:
-    """(added, gone): event → customer pairs in ``event_customers`` and not in the snapshot,
-    and the reverse. New events are ``added``; an event moved by a merge or split is both."""
-    return _sides(attribution_diff(engine))
-
-
-def attribution_diff(engine: Engine) -> ir.Table:
-    """Events whose attribution differs from the snapshot's: (message_id, customer_id — now,
-    null when the event left —, seen_customer_id — in the snapshot, null when new).
-
-    One outer join on the message id (the key of both relations) gives both sides: two
-    anti-joins on the pair hashed each relation once more, a tenth of a refresh at 100,000
-    persons. Materialise it when both sides are read.
-    """
-    ec = engine.table("event_customers").select("message_id", "customer_id")
-    return _diff(ec, engine.table(PORTRAIT_SEEN.name))
-
-
-def _diff(ec: ir.Table, seen: ir.Table) -> ir.Table:
-    """``attribution_diff`` of two (message_id, customer_id) relations: now and the snapshot."""
-    seen = seen.select(seen_message_id=seen.message_id, seen_customer_id=seen.customer_id)
-    j = ec.outer_join(seen, ec.message_id == seen.seen_message_id)
-    differs = j.customer_id.isnull() | j.seen_customer_id.isnull()
-    differs |= j.customer_id != j.seen_customer_id
-    return j.filter(differs).select(
-        message_id=j.message_id.fill_null(j.seen_message_id),
-        customer_id=j.customer_id,
-        seen_customer_id=j.seen_customer_id,
-    )
-
-
-def _signature(t: ir.Table) -> ir.Table:
-    """(n, x): the count of ``t``'s (message_id, customer_id) pairs and the XOR of their
-    hashes (``core.signature``; message ids are keys: no pair twice)."""
-    return signature(t, "message_id", "customer_id")
-
-
-def _sig(row: dict[str, object], n: str = "n", x: str = "x") -> tuple[int, int]:
-    return signature_values(row, n, x)
-
-
-def _identity_now(engine: Engine) -> tuple[int, datetime | None] | None:
-    """(seq, watermark) of the latest identity run: read before ``event_customers``, so
-    every later change to it comes from a later run. None: no run recorded."""
-    if not engine.exists("identity_runs"):
-        return None
-    runs = engine.table("identity_runs")
-    if "watermark" not in runs.columns:
-        return None
-    rows = runs.order_by(ibis.desc(runs.seq)).limit(1).to_pyarrow().to_pylist()
-    if not rows or rows[0]["seq"] is None:
-        return None
-    mark = rows[0]["watermark"]
-    return int(rows[0]["seq"]), None if mark is None else mark.astimezone(UTC)
-
-
-def _identity_changed(engine: Engine, since_seq: int) -> ir.Table | None:
-    """Customers identity recorded as changed (merged, split, grown...) by runs after
-    ``since_seq``, materialised; None when identity keeps no such record."""
-    if not engine.exists("identity_changes"):
-        return None
-    runs = engine.table("identity_runs")
-    later = runs.filter(runs.seq > since_seq).select("run_id")
-    ch = engine.table("identity_changes")
-    return engine.scratch(
-        "refresh_id_changed", ch.semi_join(later, "run_id").select("customer_id").distinct()
-    )
-
-
-@dataclass(frozen=True)
-class _Shortcut:
-    """The attribution diff found without the whole snapshot (``_shortcut_diff``)."""
-
-    diff: ir.Table
-    pairs: tuple[int, int]  # the signature of event_customers: the snapshot's after the run
-    recent: ir.Table  # the events the new messages were looked for in
-    identity_changed: int  # customers identity changed since the last run
-    changed: ir.Table  # those customers (``customer_id``)
-
-
-def _shortcut_diff(engine: Engine, last: LastRun, marks: Marks) -> tuple[_Shortcut | None, str]:
-    """The attribution diff from the messages that can have changed, if the check holds.
-
-    Candidates: events stamped after the last run's clock or received after the identity
-    watermark it had read (or never stamped), and every event, now or in the snapshot, of
-    a customer identity changed since (a merge or split moves old events). The shortcut
-    trusts that nothing else changed only after checking it: event_customers less the
-    candidates' pairs must have the count and hash-XOR of the snapshot less theirs (the
-    snapshot's own are kept in ``portrait_marks``; one scan of one table, no join). A late
-    event with an old stamp, an erasure, or anything else outside the candidates fails
-    the check: then (None, why) and the caller compares the whole snapshot.
-    """
-    changed = _identity_changed(engine, marks.identity_seq)
-    if changed is None:
-        return None, "identity records no changes"
-    ec = engine.table("event_customers").select("message_id", "customer_id")
-    seen = engine.table(PORTRAIT_SEEN.name)
-    recent = _recent_events(engine, last.as_of, marks.received)
-    cand = recent.select("message_id")
-    n_changed = int(changed.count().execute())
-    if n_changed:
-        cand = cand.union(ec.semi_join(changed, "customer_id").select("message_id"))
-        cand = cand.union(seen.semi_join(changed, "customer_id").select("message_id"))
-    cand = engine.scratch("refresh_candidates", cand.distinct())
-    n_cand = int(cand.count().execute())
-    if n_cand * 4 > marks.pairs:
-        return None, f"{n_cand} candidate messages: the whole snapshot is compared"
-    now_m = engine.scratch("refresh_now_m", ec.semi_join(cand, "message_id"))
-    seen_m = engine.scratch(
-        "refresh_seen_m", seen.select("message_id", "customer_id").semi_join(cand, "message_id")
-    )
-    # One statement: the whole of event_customers and the candidates' pairs on both sides.
-    a, b = _signature(now_m), _signature(seen_m).rename(sn="n", sx="x")
-    both = _signature(ec).rename(en="n", ex="x").cross_join(a).cross_join(b)
-    row = both.to_pyarrow().to_pylist()[0]
-    n_e, x_e = _sig(row, "en", "ex")
-    n_em, x_em = _sig(row)
-    n_sm, x_sm = _sig(row, "sn", "sx")
-    if n_e - n_em != marks.pairs - n_sm or x_e ^ x_em != marks.pairs_xor ^ x_sm:
-        return None, (
-            "the check failed (a late event with an old stamp, an erasure, or a change "
-            "identity did not record): the whole snapshot is compared"
-        )
-    return _Shortcut(_diff(now_m, seen_m), (n_e, x_e), recent, n_changed, changed), ""
-
-
-def _recent_events(engine: Engine, since: datetime, received: datetime | None) -> ir.Table:
-    """The log's events stamped after ``since`` or received after ``received`` (or never
-    stamped received): the new messages' rows, all columns.
-
-    Three disjoint filters of one or two columns each, added up: an engine tests each
-    against its per-block minima and maxima and reads only the newest blocks, where an OR
-    across columns read every column of every event (a third of a live refresh).
-    """
-    events = engine.table("events")
-    rt = events.received_at.type()
-    late = events.timestamp > ibis.literal(since, type=events.timestamp.type())
-    parts = [events.filter(events.received_at.isnull())]
-    if received is None:
-        parts.append(events.filter(late, events.received_at.notnull()))
-    else:
-        mark = ibis.literal(received, type=rt)
-        parts.append(events.filter(events.received_at > mark))
-        parts.append(events.filter(late, events.received_at <= mark))
-    out = parts[0]
-    for part in parts[1:]:
-        out = out.union(part, distinct=False)
-    return out
-
-
-def _sides(diff: ir.Table) -> tuple[ir.Table, ir.Table]:
-    """(added, gone) pairs of an ``attribution_diff``: an event moved is in both."""
-    added = diff.filter(diff.customer_id.notnull()).select("message_id", "customer_id")
-    gone = diff.filter(diff.seen_customer_id.notnull())
-    return added, gone.select("message_id", customer_id=gone.seen_customer_id)
-
-
-def affected_customers(
-    engine: Engine,
-    since: datetime,
-    as_of: datetime,
-    windows: set[int],
-    changes: tuple[ir.Table, ir.Table] | None = None,
-) -> ir.Table:
-    """Customers whose per-customer portrait or traits may differ from the last build's.
-
-    ``changes`` may give ``attribution_changes`` already materialised. Events the clock
-    moves are looked up in the snapshot (customer and time, no join with the log): an event
-    not in it is ``added``, so its customer is affected already.
-    """
-    added, gone = changes or attribution_changes(engine)
-    parts = [
-        added.select("customer_id"),
-        gone.select("customer_id"),
-        engine.table("customers")
-        .anti_join(engine.table(PROFILES.name), "customer_id")
-        .select("customer_id"),
-    ]
-    ev = engine.table(PORTRAIT_SEEN.name)
-    lo, hi = ibis.literal(since).cast(TS), ibis.literal(as_of).cast(TS)
-    moved = (ev.timestamp > lo) & (ev.timestamp <= hi)
-    for days in sorted(windows):
-        w = ibis.interval(days=days)
-        moved |= (ev.timestamp > lo - w) & (ev.timestamp <= hi - w)
-    parts.append(ev.filter(moved).select("customer_id"))
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.union(p, distinct=True)
-    return out.distinct()
-
-
-def _base_columns(t: ir.Table) -> ir.Table:
-    return t.select(*[t[c].cast(PROFILES.columns[c]).name(c) for c in BASE_COLUMNS])
 
 
 def _record(
@@ -487,21 +227,6 @@ def _record(
     )
 
 
-def _marks_now(
-    engine: Engine, identity: tuple[int, datetime | None] | None, pairs: tuple[int, int] | None
-) -> Marks | None:
-    """The marks to record: the identity run read before event_customers, and the
-    signature of event_customers as read (the snapshot's once the run is written)."""
-    if identity is None or pairs is None:
-        return None
-    return Marks(identity[0], identity[1], pairs[0], pairs[1])
-
-
-def _shortcuts(engine: Engine) -> bool:
-    """Whether the engine has what the shortcuts need: deletes and DuckDB's hash."""
-    return engine.backend == "duckdb" and engine.can("temp_tables")
-
-
 def full_build(
     engine: Engine,
     traits: dict[str, TraitDef],
@@ -513,14 +238,14 @@ def full_build(
     started = time.perf_counter()
     clock = clock or Clock()
     as_of = clock.now()
-    identity = _identity_now(engine) if _shortcuts(engine) else None
+    identity = identity_now(engine) if shortcuts_possible(engine) else None
     facts = parse_facts(engine)
     n = build_profiles(engine, clock, default_tz, accounts, facts=facts)
     build_traits(engine, traits, clock)
     pairs = None
     if identity is not None:
-        pairs = _sig(_signature(facts).to_pyarrow().to_pylist()[0])
-    marks = _marks_now(engine, identity, pairs)
+        pairs = pair_values(pair_signature(facts).to_pyarrow().to_pylist()[0])
+    marks = marks_now(engine, identity, pairs)
     return _record(engine, as_of, "full", n, traits_digest(traits), started, facts, marks=marks)
 
 
@@ -549,18 +274,18 @@ def refresh(
     steps = _Steps()
     windows = {t.window_days for t in traits.values() if t.window_days}
     duckdb = engine.backend == "duckdb"
-    identity = _identity_now(engine) if _shortcuts(engine) else None
+    identity = identity_now(engine) if shortcuts_possible(engine) else None
     # The attribution diff, once: it finds affected customers and then updates the snapshot.
     # From the candidates when the last run left marks and the check holds; else whole.
-    short: _Shortcut | None = None
-    if not _shortcuts(engine):
+    short: Shortcut | None = None
+    if not shortcuts_possible(engine):
         how = f"{engine.backend}: no shortcut (it needs deletes and DuckDB's hash)"
     elif identity is None:
         how = "identity has recorded no run"
     elif last.marks is None:
         how = "the last run left no marks"
     else:
-        short, how = _shortcut_diff(engine, last, last.marks)
+        short, how = shortcut_diff(engine, last, last.marks)
     how = "shortcut" if short is not None else how
     if short is not None:
         diff = engine.scratch("refresh_diff", short.diff)
@@ -570,8 +295,8 @@ def refresh(
         pairs = None
         if identity is not None:
             ec = engine.table("event_customers")
-            pairs = _sig(_signature(ec).to_pyarrow().to_pylist()[0])
-    added, gone = _sides(diff)
+            pairs = pair_values(pair_signature(ec).to_pyarrow().to_pylist()[0])
+    added, gone = sides(diff)
     any_gone = int(gone.count().execute()) > 0
     affected_expr = affected_customers(engine, last.as_of, as_of, windows, (added, gone))
     # Customers identity changed (identifiers gained or lost) may keep all their events
@@ -580,7 +305,7 @@ def refresh(
     if short is not None:
         id_changed = short.changed
     elif identity is not None and last.marks is not None:
-        id_changed = _identity_changed(engine, last.marks.identity_seq)
+        id_changed = changed_customers(engine, last.marks.identity_seq)
     if id_changed is not None:
         affected_expr = affected_expr.union(id_changed.select("customer_id"), distinct=True)
     affected = engine.scratch("refresh_affected", affected_expr)
@@ -637,7 +362,7 @@ def refresh(
             with_relationships=False,
             facts=facts,
         )
-        fresh = engine.scratch("refresh_fresh", _base_columns(fresh))
+        fresh = engine.scratch("refresh_fresh", base_columns(fresh))
     steps.lap("affected_portrait")
 
     def network_now() -> ir.Table:
@@ -668,10 +393,10 @@ def refresh(
     old = engine.table(PROFILES.name)
     keep = old.anti_join(affected, "customer_id").semi_join(customers, "customer_id")
     if engine.can("temp_tables"):
-        changed = _write_profiles(engine, as_of, last, fresh, keep, net, affected, network_now)
+        changed = write_profiles(engine, as_of, last, fresh, keep, net, affected, network_now)
     else:  # no deletes (Spark): the whole table, swapped in one step
         net = network_now() if net is None else net
-        base = _base_columns(keep).union(fresh, distinct=False)
+        base = base_columns(keep).union(fresh, distinct=False)
         base = base.left_join(net, "customer_id").drop("customer_id_right")
         base = engine.scratch("portrait_base", fill_relationships(base))  # read twice
         engine.replace(PROFILES.name, finish(base, as_of))
@@ -727,7 +452,7 @@ def refresh(
         steps=steps,
         affected=affected,
         changed=changed,
-        marks=_marks_now(engine, identity, pairs),
+        marks=marks_now(engine, identity, pairs),
         how=how,
     )
 
@@ -751,120 +476,6 @@ def _relations_moved(
 
 
 # The stored columns ``finish`` reads (beside the customer id).
-FINISH_INPUTS = ("birthday", "last_order_at", "first_order_at", "orders", "revenue", "member_id")
-# Profile columns that depend on everyone or on the clock (``finish``, the network).
-DERIVED = tuple(c for c in (*FINISH_COLUMNS, *RELATIONSHIP_COLUMNS) if c != "computed_at")
-
-
-def _write_profiles(
-    engine: Engine,
-    as_of: datetime,
-    last: LastRun,
-    fresh: ir.Table,
-    keep: ir.Table,
-    net: ir.Table | None,
-    affected: ir.Table,
-    network_now: Callable[[], ir.Table],
-) -> ir.Table:
-    """Rewrite only the profile rows that change; returns their customer ids (and the gone).
-
-    The shortcut (``_standing_rows``): on the clock date of the last run, with the network
-    standing (``net`` None) and nothing that ``finish`` reads moved for any affected
-    customer, nobody's age, recency, lifecycle or RFM rank can have moved — only the
-    affected rows are rewritten, their derived columns read back from their stored rows.
-
-    Otherwise what depends on everyone or on the clock (RFM ranks, recency, age,
-    lifecycle, the referral network) is recomputed for all customers on a narrow table —
-    the customer id and the six stored columns ``finish`` reads — and compared with the
-    stored values: a row is rewritten when its customer is affected or any of those values
-    moved. A new day moves recency for every buyer and rewrites most rows, as it must.
-
-    Either way the rows go in one transaction (delete, then insert): readers see old or
-    new. Rows rewritten carry the clock in ``computed_at``; the others keep the clock of
-    the run that wrote them, and the latest run's clock (``portrait_runs.as_of``) says
-    when all of them were last known current (``lookup.computed_at`` reads it) — stamping
-    every row each refresh was a whole-table write.
-    """
-    if net is None:
-        standing = _standing_rows(engine, as_of, last, fresh, affected)
-        if standing is not None:
-            rows, drop = standing
-            with engine.transaction():
-                engine.delete_keys(PROFILES.name, drop)
-                engine.con.insert(PROFILES.name, rows)
-            return drop
-        net = network_now()
-    cols = ["customer_id", *FINISH_INPUTS]
-    narrow = keep.select(*cols).union(fresh.select(*cols), distinct=False)
-    narrow = narrow.left_join(net, "customer_id").drop("customer_id_right")
-    narrow = engine.scratch("refresh_narrow", fill_relationships(narrow))  # read twice
-    derived = list(DERIVED)
-    now = engine.scratch(
-        "refresh_derived", finish(narrow, as_of).select("customer_id", *derived, "computed_at")
-    )
-    old = engine.table(PROFILES.name)
-    stored = old.select(old_id=old.customer_id, **{f"old_{c}": old[c] for c in derived})
-    j = now.join(stored, now.customer_id == stored.old_id)
-    moved = ibis.literal(False)
-    for c in derived:
-        moved |= ~j[c].identical_to(j[f"old_{c}"])
-    moved_ids = j.filter(moved).select("customer_id")
-    gone = old.select("customer_id").anti_join(now, "customer_id")
-    drop = affected.select("customer_id").union(moved_ids, distinct=True)
-    drop = engine.scratch("refresh_drop", drop.union(gone, distinct=True))
-    rows = _base_columns(keep.semi_join(drop, "customer_id")).union(fresh, distinct=False)
-    rows = rows.join(now, "customer_id")
-    rows = engine.scratch("refresh_rows", engine.conform(PROFILES.name, rows))
-    with engine.transaction():
-        engine.delete_keys(PROFILES.name, drop)
-        engine.con.insert(PROFILES.name, rows)
-    return drop
-
-
-def _standing_rows(
-    engine: Engine, as_of: datetime, last: LastRun, fresh: ir.Table, affected: ir.Table
-) -> tuple[ir.Table, ir.Table] | None:
-    """(rows to insert, customer ids to delete) when no derived value can have moved for
-    anyone; None when one may have.
-
-    ``finish`` reads only the clock's date and six stored columns, and ranks buyers among
-    all buyers; so its values stand for everyone when the date is the last run's, every
-    affected customer has a stored row whose six columns equal the fresh ones, and no
-    buyer came or went (the profile count is the one the last run left — an erasure
-    deletes rows behind the refresh's back — and no customer gone held an order).
-    """
-    if last.customers < 0 or last.as_of.astimezone(as_of.tzinfo or UTC).date() != as_of.date():
-        return None
-    if engine.count(PROFILES.name) != last.customers:
-        return None
-    old = engine.table(PROFILES.name)
-    gone = engine.scratch(
-        "refresh_gone",
-        old.select("customer_id", "orders").anti_join(engine.table("customers"), "customer_id"),
-    )
-    if int(gone.filter(gone.orders.fill_null(0) > 0).count().execute()):
-        return None
-    stored = old.semi_join(affected, "customer_id")
-    stored = stored.select(
-        old_id=stored.customer_id,
-        **{f"old_{c}": stored[c] for c in (*FINISH_INPUTS, *DERIVED)},
-    )
-    j = fresh.left_join(stored, fresh.customer_id == stored.old_id)
-    differs = j.old_id.isnull()
-    for c in FINISH_INPUTS:
-        differs |= ~j[c].identical_to(j[f"old_{c}"])
-    if int(j.filter(differs).count().execute()):
-        return None
-    rows = j.select(
-        *fresh.columns,
-        **{c: j[f"old_{c}"] for c in DERIVED},
-        computed_at=ibis.literal(as_of).cast(TS),
-    )
-    rows = engine.scratch("refresh_rows", engine.conform(PROFILES.name, rows))
-    drop = affected.select("customer_id").union(gone.select("customer_id"), distinct=True)
-    return rows, engine.scratch("refresh_drop", drop)
-
-
 class _Steps:
     """CPU seconds of each step of a refresh (``RefreshResult.steps``: where the time goes)."""
 

@@ -1,0 +1,160 @@
+"""Writing the refreshed profile rows: only those that change, in one transaction.
+
+What depends on the clock or on everyone (``build.finish``: age, recency, RFM ranks,
+lifecycle; the network) stands when it provably cannot have moved (``standing_rows``);
+otherwise it is recomputed for all customers on a narrow table and compared with the
+stored values. See ``portrait.refresh`` for the whole design.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import ibis
+import ibis.expr.types as ir
+
+from closedloop.core.engine import Engine
+from closedloop.portrait.build import fill_relationships, finish
+from closedloop.portrait.extras import RELATIONSHIP_COLUMNS
+from closedloop.portrait.refresh_state import LastRun
+from closedloop.portrait.tables import PROFILES
+
+TS = "timestamp('UTC', 6)"
+# Profile columns that ``build.finish`` computes from the stored ones (clock and everyone).
+FINISH_COLUMNS = (
+    "age",
+    "age_band",
+    "recency_days",
+    "days_since_first",
+    "r_score",
+    "f_score",
+    "m_score",
+    "rfm_group",
+    "lifecycle_stage",
+    "ladder_stage",
+    "computed_at",
+)
+
+
+BASE_COLUMNS = tuple(
+    c for c in PROFILES.columns if c not in FINISH_COLUMNS and c not in RELATIONSHIP_COLUMNS
+)
+
+
+def base_columns(t: ir.Table) -> ir.Table:
+    return t.select(*[t[c].cast(PROFILES.columns[c]).name(c) for c in BASE_COLUMNS])
+
+
+FINISH_INPUTS = ("birthday", "last_order_at", "first_order_at", "orders", "revenue", "member_id")
+# Profile columns that depend on everyone or on the clock (``finish``, the network).
+DERIVED = tuple(c for c in (*FINISH_COLUMNS, *RELATIONSHIP_COLUMNS) if c != "computed_at")
+
+
+def write_profiles(
+    engine: Engine,
+    as_of: datetime,
+    last: LastRun,
+    fresh: ir.Table,
+    keep: ir.Table,
+    net: ir.Table | None,
+    affected: ir.Table,
+    network_now: Callable[[], ir.Table],
+) -> ir.Table:
+    """Rewrite only the profile rows that change; returns their customer ids (and the gone).
+
+    The shortcut (``standing_rows``): on the clock date of the last run, with the network
+    standing (``net`` None) and nothing that ``finish`` reads moved for any affected
+    customer, nobody's age, recency, lifecycle or RFM rank can have moved — only the
+    affected rows are rewritten, their derived columns read back from their stored rows.
+
+    Otherwise what depends on everyone or on the clock (RFM ranks, recency, age,
+    lifecycle, the referral network) is recomputed for all customers on a narrow table —
+    the customer id and the six stored columns ``finish`` reads — and compared with the
+    stored values: a row is rewritten when its customer is affected or any of those values
+    moved. A new day moves recency for every buyer and rewrites most rows, as it must.
+
+    Either way the rows go in one transaction (delete, then insert): readers see old or
+    new. Rows rewritten carry the clock in ``computed_at``; the others keep the clock of
+    the run that wrote them, and the latest run's clock (``portrait_runs.as_of``) says
+    when all of them were last known current (``lookup.computed_at`` reads it) — stamping
+    every row each refresh was a whole-table write.
+    """
+    if net is None:
+        standing = standing_rows(engine, as_of, last, fresh, affected)
+        if standing is not None:
+            rows, drop = standing
+            with engine.transaction():
+                engine.delete_keys(PROFILES.name, drop)
+                engine.con.insert(PROFILES.name, rows)
+            return drop
+        net = network_now()
+    cols = ["customer_id", *FINISH_INPUTS]
+    narrow = keep.select(*cols).union(fresh.select(*cols), distinct=False)
+    narrow = narrow.left_join(net, "customer_id").drop("customer_id_right")
+    narrow = engine.scratch("refresh_narrow", fill_relationships(narrow))  # read twice
+    derived = list(DERIVED)
+    now = engine.scratch(
+        "refresh_derived", finish(narrow, as_of).select("customer_id", *derived, "computed_at")
+    )
+    old = engine.table(PROFILES.name)
+    stored = old.select(old_id=old.customer_id, **{f"old_{c}": old[c] for c in derived})
+    j = now.join(stored, now.customer_id == stored.old_id)
+    moved = ibis.literal(False)
+    for c in derived:
+        moved |= ~j[c].identical_to(j[f"old_{c}"])
+    moved_ids = j.filter(moved).select("customer_id")
+    gone = old.select("customer_id").anti_join(now, "customer_id")
+    drop = affected.select("customer_id").union(moved_ids, distinct=True)
+    drop = engine.scratch("refresh_drop", drop.union(gone, distinct=True))
+    rows = base_columns(keep.semi_join(drop, "customer_id")).union(fresh, distinct=False)
+    rows = rows.join(now, "customer_id")
+    rows = engine.scratch("refresh_rows", engine.conform(PROFILES.name, rows))
+    with engine.transaction():
+        engine.delete_keys(PROFILES.name, drop)
+        engine.con.insert(PROFILES.name, rows)
+    return drop
+
+
+def standing_rows(
+    engine: Engine, as_of: datetime, last: LastRun, fresh: ir.Table, affected: ir.Table
+) -> tuple[ir.Table, ir.Table] | None:
+    """(rows to insert, customer ids to delete) when no derived value can have moved for
+    anyone; None when one may have.
+
+    ``finish`` reads only the clock's date and six stored columns, and ranks buyers among
+    all buyers; so its values stand for everyone when the date is the last run's, every
+    affected customer has a stored row whose six columns equal the fresh ones, and no
+    buyer came or went (the profile count is the one the last run left — an erasure
+    deletes rows behind the refresh's back — and no customer gone held an order).
+    """
+    if last.customers < 0 or last.as_of.astimezone(as_of.tzinfo or UTC).date() != as_of.date():
+        return None
+    if engine.count(PROFILES.name) != last.customers:
+        return None
+    old = engine.table(PROFILES.name)
+    gone = engine.scratch(
+        "refresh_gone",
+        old.select("customer_id", "orders").anti_join(engine.table("customers"), "customer_id"),
+    )
+    if int(gone.filter(gone.orders.fill_null(0) > 0).count().execute()):
+        return None
+    stored = old.semi_join(affected, "customer_id")
+    stored = stored.select(
+        old_id=stored.customer_id,
+        **{f"old_{c}": stored[c] for c in (*FINISH_INPUTS, *DERIVED)},
+    )
+    j = fresh.left_join(stored, fresh.customer_id == stored.old_id)
+    differs = j.old_id.isnull()
+    for c in FINISH_INPUTS:
+        differs |= ~j[c].identical_to(j[f"old_{c}"])
+    if int(j.filter(differs).count().execute()):
+        return None
+    rows = j.select(
+        *fresh.columns,
+        **{c: j[f"old_{c}"] for c in DERIVED},
+        computed_at=ibis.literal(as_of).cast(TS),
+    )
+    rows = engine.scratch("refresh_rows", engine.conform(PROFILES.name, rows))
+    drop = affected.select("customer_id").union(gone.select("customer_id"), distinct=True)
+    return rows, engine.scratch("refresh_drop", drop)
