@@ -10,8 +10,7 @@ import rows, "no scores yet").
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -302,27 +301,6 @@ def record_runs(
     return result
 
 
-@contextmanager
-def compressed_cheaply(engine: Engine) -> Iterator[None]:
-    """On DuckDB, tables written in the block are compressed with ZSTD alone.
-
-    Why: ``tag_values`` is long (a row per customer and tag: 7.4M rows at 1,000,000
-    persons) and its ``customer_id`` is random text; DuckDB's default analysis tries
-    dictionary and FSST compression on every column segment, which cost more than
-    computing all the tags (3.5–4.3 CPU-s per 100k persons written, 1.5 with ZSTD; a
-    temporary table, never compressed, 0.4). Reading it back (by tag, or one customer's
-    rows) measured the same. Other engines write as they always do.
-    """
-    if engine.backend != "duckdb":
-        yield
-        return
-    engine.con.raw_sql("SET force_compression = 'zstd'")
-    try:
-        yield
-    finally:
-        engine.con.raw_sql("RESET force_compression")
-
-
 def build_tags(
     engine: Engine,
     tags: dict[str, TagDef],
@@ -353,7 +331,9 @@ def build_tags(
             for name, tag in tags.items()
         }
         union = tag_rows(plans, computed_at)
-        with compressed_cheaply(engine):
+        # ZSTD alone (``Engine.zstd_writes``): DuckDB's default compression analysis of 7.4M
+        # rows of random customer ids cost more than computing every tag.
+        with engine.zstd_writes():
             if union is not None:
                 engine.replace("tag_values", union)
             else:
