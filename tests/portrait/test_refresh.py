@@ -21,7 +21,7 @@ from closedloop.demo.generator import generate
 from closedloop.demo.project import init_project, relative_data_dir
 from closedloop.identity.resolve import resolve
 from closedloop.pipeline import load_imports
-from closedloop.portrait import refresh as refresh_mod
+from closedloop.portrait import refresh_write
 from closedloop.portrait.refresh import full_build, refresh
 from tests.conftest import event_rows
 from tests.identity.test_resolve import CONFIG
@@ -270,7 +270,7 @@ def test_a_crash_leaves_the_previous_state(engine: Engine, monkeypatch: pytest.M
         raise RuntimeError("disk full")
 
     # The traits step fails after the profiles were computed: nothing is half-written …
-    monkeypatch.setattr(refresh_mod, "trait_values", boom)
+    monkeypatch.setattr(refresh_write, "trait_values", boom)
     with pytest.raises(RuntimeError):
         refresh(engine, TRAITS, Clock(NOW))
     assert keyed(engine)[1] == before[1]

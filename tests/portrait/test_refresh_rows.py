@@ -18,7 +18,7 @@ import pytest
 from closedloop.core.clock import Clock
 from closedloop.core.engine import Engine
 from closedloop.identity.resolve import resolve
-from closedloop.portrait import refresh as refresh_mod
+from closedloop.portrait import refresh_write
 from closedloop.portrait.lookup import profiles_clock
 from closedloop.portrait.refresh import full_build, refresh
 from tests.conftest import event_rows
@@ -177,7 +177,7 @@ def test_a_crash_between_writes_is_redone(fail: str, monkeypatch: pytest.MonkeyP
             monkeypatch.setattr(e, "delete_keys", no_snapshot(delete))
             monkeypatch.setattr(e.con, "insert", no_snapshot(e.con.insert))
         else:
-            monkeypatch.setattr(refresh_mod, "trait_values", boom)
+            monkeypatch.setattr(refresh_write, "trait_values", boom)
         with pytest.raises(RuntimeError):
             refresh(e, TRAITS, Clock(NOW))
         monkeypatch.undo()

@@ -61,7 +61,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import ibis
 import ibis.expr.types as ir
 import pyarrow as pa
 
@@ -69,30 +68,29 @@ from closedloop.core.clock import Clock
 from closedloop.core.definitions.accounts import AccountsConfig
 from closedloop.core.definitions.traits import TraitDef
 from closedloop.core.engine import Engine
-from closedloop.portrait import localtime
 from closedloop.portrait.accounts import build_accounts
 from closedloop.portrait.build import (
-    _zones,
-    base_expr,
     build_profiles,
-    event_facts,
     fill_relationships,
     finish,
     parse_facts,
 )
-from closedloop.portrait.extras import RELATION_EVENTS, network
 from closedloop.portrait.refresh_diff import (
-    Shortcut,
-    affected_customers,
-    attribution_diff,
+    affected_by,
+    find_diff,
     pair_signature,
     pair_values,
-    shortcut_diff,
-    sides,
+)
+from closedloop.portrait.refresh_facts import (
+    affected_base,
+    affected_facts,
+    network_now,
+    network_stands,
+    new_rows,
+    seen_columns,
 )
 from closedloop.portrait.refresh_state import (
     Marks,
-    changed_customers,
     identity_now,
     last_run,
     marks_now,
@@ -102,16 +100,16 @@ from closedloop.portrait.refresh_state import (
 from closedloop.portrait.refresh_write import (
     base_columns,
     write_profiles,
+    write_traits,
 )
 from closedloop.portrait.tables import (
     COMPUTED_TRAITS,
-    FACT_COLUMNS,
     PORTRAIT_MARKS,
     PORTRAIT_RUNS,
     PORTRAIT_SEEN,
     PROFILES,
 )
-from closedloop.portrait.traits import build_traits, trait_values
+from closedloop.portrait.traits import build_traits
 
 TS = "timestamp('UTC', 6)"
 
@@ -178,7 +176,7 @@ def _record(
     else:
         seen = engine.table(name)
         kept = seen.anti_join(gone, ["message_id", "customer_id"])
-        engine.replace(name, _seen_columns(kept).union(_seen_columns(snapshot)))
+        engine.replace(name, seen_columns(kept).union(seen_columns(snapshot)))
     customers = engine.count(PROFILES.name)
     seconds = time.perf_counter() - started
     finished = datetime.now(UTC)
@@ -273,173 +271,40 @@ def refresh(
     started = time.perf_counter()
     steps = _Steps()
     windows = {t.window_days for t in traits.values() if t.window_days}
-    duckdb = engine.backend == "duckdb"
-    identity = identity_now(engine) if shortcuts_possible(engine) else None
-    # The attribution diff, once: it finds affected customers and then updates the snapshot.
-    # From the candidates when the last run left marks and the check holds; else whole.
-    short: Shortcut | None = None
-    if not shortcuts_possible(engine):
-        how = f"{engine.backend}: no shortcut (it needs deletes and DuckDB's hash)"
-    elif identity is None:
-        how = "identity has recorded no run"
-    elif last.marks is None:
-        how = "the last run left no marks"
-    else:
-        short, how = shortcut_diff(engine, last, last.marks)
-    how = "shortcut" if short is not None else how
-    if short is not None:
-        diff = engine.scratch("refresh_diff", short.diff)
-        pairs: tuple[int, int] | None = short.pairs
-    else:
-        diff = engine.scratch("refresh_diff", attribution_diff(engine))
-        pairs = None
-        if identity is not None:
-            ec = engine.table("event_customers")
-            pairs = pair_values(pair_signature(ec).to_pyarrow().to_pylist()[0])
-    added, gone = sides(diff)
-    any_gone = int(gone.count().execute()) > 0
-    affected_expr = affected_customers(engine, last.as_of, as_of, windows, (added, gone))
-    # Customers identity changed (identifiers gained or lost) may keep all their events
-    # and still have other contact points: recomputed too, when known.
-    id_changed = None
-    if short is not None:
-        id_changed = short.changed
-    elif identity is not None and last.marks is not None:
-        id_changed = changed_customers(engine, last.marks.identity_seq)
-    if id_changed is not None:
-        affected_expr = affected_expr.union(id_changed.select("customer_id"), distinct=True)
-    affected = engine.scratch("refresh_affected", affected_expr)
+    possible = shortcuts_possible(engine)
+    identity = identity_now(engine) if possible else None
+    d = find_diff(engine, last, identity, possible)
+    affected = affected_by(engine, d, last, as_of, windows, identity)
     recomputed = int(affected.count().execute())
-    customers = engine.table("customers").select("customer_id")
-
     steps.lap("diff")
-    # Only the events new to the snapshot are parsed (looked for among the candidates first
-    # when the shortcut found them); an event moved by a merge or split keeps its facts
-    # from the snapshot under its new customer. The affected customers' other events are
-    # read back from the snapshot, facts and all (its pairs still attributed).
-    log = engine.table("events")
-    seen = engine.table(PORTRAIT_SEEN.name)
-    fresh_ids = diff.filter(diff.seen_customer_id.isnull() & diff.customer_id.notnull())
-    fresh_ids = fresh_ids.select("message_id", "customer_id")
-    parsed = None
-    if short is not None:
-        parsed = engine.scratch(
-            "refresh_parsed",
-            event_facts(short.recent.join(fresh_ids, "message_id"), duckdb),
-        )
-        if int(parsed.count().execute()) != int(fresh_ids.count().execute()):
-            parsed = None  # a new message outside the recent events: from the whole log
-    if parsed is None:
-        parsed = engine.scratch(
-            "refresh_parsed", event_facts(log.join(fresh_ids, "message_id"), duckdb)
-        )
-    moved_ids = diff.filter(diff.seen_customer_id.notnull() & diff.customer_id.notnull())
-    moved = seen.drop("customer_id").join(
-        moved_ids.select("message_id", "customer_id"), "message_id"
-    )
-    new = engine.scratch(
-        "refresh_new", _seen_columns(parsed).union(_seen_columns(moved), distinct=False)
-    )
-    pair = ["message_id", "customer_id"]
-    still = seen.semi_join(affected, "customer_id")
-    if any_gone:
-        still = still.anti_join(gone, pair)
-    facts = engine.scratch(
-        "portrait_facts",
-        _seen_columns(still).union(_seen_columns(new.semi_join(affected, "customer_id"))),
-    )
+    new = new_rows(engine, d)
+    facts = affected_facts(engine, d, new, affected)
     steps.lap("facts")
-    current = facts.filter(facts.timestamp <= as_of)
-    zones, lo = _zones(current, default_tz)
-    with engine.temporary(localtime.offsets_table(zones, lo, as_of)) as offsets:
-        fresh = base_expr(
-            engine,
-            as_of,
-            offsets,
-            zones,
-            default_tz,
-            customers=affected,
-            with_relationships=False,
-            facts=facts,
-        )
-        fresh = engine.scratch("refresh_fresh", base_columns(fresh))
+    fresh = affected_base(engine, facts, affected, as_of, default_tz)
     steps.lap("affected_portrait")
 
-    def network_now() -> ir.Table:
-        """Everyone's network, from the relation events of the snapshot and the new ones,
-        sender, kind and named member already parsed."""
-        rel = list(RELATION_EVENTS)
-        rseen = seen.filter(seen.event.isin(rel))
-        if any_gone:
-            rseen = rseen.anti_join(gone, pair)
-        rnew = new.filter(new.event.isin(rel))
-        related = rseen.select("customer_id", "event", "member", "timestamp").union(
-            rnew.select("customer_id", "event", "member", "timestamp")
-        )
-        related = related.filter(related.timestamp <= as_of)
-        return engine.scratch("refresh_net", network(related, engine.table("identity_map")))
+    def everyones_network() -> ir.Table:
+        return network_now(engine, d, new, as_of)
 
-    # The network stands when no relation event came, went, moved or came into view and
-    # identity changed nobody (a named member may have become a customer): known only
-    # from the shortcut. Otherwise it is recomputed for everyone.
-    net: ir.Table | None = None
-    if (
-        short is None
-        or short.identity_changed
-        or _relations_moved(seen, new, gone, last.as_of, as_of)
-    ):
-        net = network_now()
+    net = None if network_stands(d, engine, new, last.as_of, as_of) else everyones_network()
     steps.lap("network")
+    customers = engine.table("customers").select("customer_id")
     old = engine.table(PROFILES.name)
     keep = old.anti_join(affected, "customer_id").semi_join(customers, "customer_id")
+    changed: ir.Table | None = None
     if engine.can("temp_tables"):
-        changed = write_profiles(engine, as_of, last, fresh, keep, net, affected, network_now)
+        changed = write_profiles(engine, as_of, last, fresh, keep, net, affected, everyones_network)
     else:  # no deletes (Spark): the whole table, swapped in one step
-        net = network_now() if net is None else net
+        net = everyones_network() if net is None else net
         base = base_columns(keep).union(fresh, distinct=False)
         base = base.left_join(net, "customer_id").drop("customer_id_right")
         base = engine.scratch("portrait_base", fill_relationships(base))  # read twice
         engine.replace(PROFILES.name, finish(base, as_of))
-        changed = None
     steps.lap("profiles")
     build_accounts(engine, as_of, accounts)  # whole: see portrait.accounts
     steps.lap("accounts")
-
-    as_of_lit = ibis.literal(as_of).cast(TS)
-    ct = engine.table(COMPUTED_TRAITS.name)
-    values: ir.Table | None = None
-    if traits:
-        # The affected customers' facts serve the traits when they read only columns the
-        # facts keep (as the built-in ones do); a trait may read any column of the log, and
-        # then the log's rows of those events are joined in.
-        mine = facts
-        if any(t.column is not None and t.column not in FACT_COLUMNS for t in traits.values()):
-            j = log.join(facts.select("message_id", "customer_id"), "message_id")
-            mine = engine.scratch("refresh_events", j)
-        for t in traits.values():
-            part = trait_values(engine, t, as_of_lit, customers=affected, events=mine)
-            part = part.mutate(computed_at=as_of_lit)
-            values = part if values is None else values.union(part, distinct=False)
-    if engine.can("temp_tables"):
-        # Only the affected customers' rows and those of customers gone are rewritten.
-        gone_ids = ct.select("customer_id").anti_join(customers, "customer_id")
-        drop = engine.scratch(
-            "refresh_trait_drop",
-            affected.select("customer_id").union(gone_ids.distinct(), distinct=True),
-        )
-        rows = None
-        if values is not None:
-            rows = engine.scratch("refresh_traits", engine.conform(COMPUTED_TRAITS.name, values))
-        with engine.transaction():
-            engine.delete_keys(COMPUTED_TRAITS.name, drop)
-            if rows is not None:
-                engine.con.insert(COMPUTED_TRAITS.name, rows)
-    else:
-        kept = ct.anti_join(affected, "customer_id").semi_join(customers, "customer_id")
-        union = kept if values is None else kept.union(values, distinct=False)
-        engine.replace(COMPUTED_TRAITS.name, union)
+    write_traits(engine, traits, facts, affected, as_of)
     steps.lap("traits")
-    gone_pairs = gone if any_gone else None
     return _record(
         engine,
         as_of,
@@ -448,34 +313,15 @@ def refresh(
         digest,
         started,
         new,
-        gone_pairs,
+        d.gone if d.any_gone else None,
         steps=steps,
         affected=affected,
         changed=changed,
-        marks=marks_now(engine, identity, pairs),
-        how=how,
+        marks=marks_now(engine, identity, d.pairs),
+        how=d.how,
     )
 
 
-def _relations_moved(
-    seen: ir.Table, new: ir.Table, gone: ir.Table, since: datetime, as_of: datetime
-) -> bool:
-    """Whether a relation event is among the new or moved events, the pairs gone, or the
-    snapshot's events the clock brought into view (stamped after the last clock)."""
-    rel = list(RELATION_EVENTS)
-    lo, hi = ibis.literal(since).cast(TS), ibis.literal(as_of).cast(TS)
-    into_view = seen.event.isin(rel) & (seen.timestamp > lo) & (seen.timestamp <= hi)
-    hits = [
-        new.filter(new.event.isin(rel)).count(),
-        seen.semi_join(gone.select("message_id"), "message_id")
-        .filter(lambda t: t.event.isin(rel))
-        .count(),
-        seen.filter(into_view).count(),
-    ]
-    return any(int(h.execute()) for h in hits)
-
-
-# The stored columns ``finish`` reads (beside the customer id).
 class _Steps:
     """CPU seconds of each step of a refresh (``RefreshResult.steps``: where the time goes)."""
 
@@ -487,8 +333,3 @@ class _Steps:
         at = time.process_time()
         self.times[name] = round(self.times.get(name, 0.0) + at - self._at, 3)
         self._at = at
-
-
-def _seen_columns(t: ir.Table) -> ir.Table:
-    """``t`` with the snapshot's columns in its order and types (for unions and writes)."""
-    return t.select(*[t[c].cast(typ).name(c) for c, typ in PORTRAIT_SEEN.columns.items()])

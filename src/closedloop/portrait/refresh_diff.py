@@ -183,3 +183,70 @@ def affected_customers(
     for p in parts[1:]:
         out = out.union(p, distinct=True)
     return out.distinct()
+
+
+@dataclass(frozen=True)
+class Diff:
+    """The attribution diff of a refresh and what was learnt finding it."""
+
+    diff: ir.Table  # ``attribution_diff``'s columns, materialised
+    added: ir.Table  # (message_id, customer_id) pairs now attributed and not in the snapshot
+    gone: ir.Table  # pairs in the snapshot no longer attributed
+    any_gone: bool
+    how: str  # 'shortcut', or why the whole snapshot was compared
+    short: Shortcut | None  # set when the shortcut held
+    pairs: tuple[int, int] | None  # the signature of event_customers (None: not taken)
+
+
+def find_diff(
+    engine: Engine, last: LastRun, identity: tuple[int, datetime | None] | None, possible: bool
+) -> Diff:
+    """The attribution diff, once: it finds the affected customers, then updates the snapshot.
+
+    From the candidates when the last run left marks and the check holds (``shortcut_diff``);
+    else by comparing the whole snapshot, signing event_customers for the next run's marks.
+    """
+    short: Shortcut | None = None
+    if not possible:
+        how = f"{engine.backend}: no shortcut (it needs deletes and DuckDB's hash)"
+    elif identity is None:
+        how = "identity has recorded no run"
+    elif last.marks is None:
+        how = "the last run left no marks"
+    else:
+        short, how = shortcut_diff(engine, last, last.marks)
+    pairs: tuple[int, int] | None = None
+    if short is not None:
+        how = "shortcut"
+        diff = engine.scratch("refresh_diff", short.diff)
+        pairs = short.pairs
+    else:
+        diff = engine.scratch("refresh_diff", attribution_diff(engine))
+        if identity is not None:
+            ec = engine.table("event_customers")
+            pairs = pair_values(pair_signature(ec).to_pyarrow().to_pylist()[0])
+    added, gone = sides(diff)
+    any_gone = int(gone.count().execute()) > 0
+    return Diff(diff, added, gone, any_gone, how, short, pairs)
+
+
+def affected_by(
+    engine: Engine,
+    d: Diff,
+    last: LastRun,
+    as_of: datetime,
+    windows: set[int],
+    identity: tuple[int, datetime | None] | None,
+) -> ir.Table:
+    """The customers to recompute (``affected_customers`` of the diff), materialised, with
+    those identity recorded as changed: identifiers gained or lost may leave every event in
+    place and still change the contact points."""
+    expr = affected_customers(engine, last.as_of, as_of, windows, (d.added, d.gone))
+    id_changed = None
+    if d.short is not None:
+        id_changed = d.short.changed
+    elif identity is not None and last.marks is not None:
+        id_changed = changed_customers(engine, last.marks.identity_seq)
+    if id_changed is not None:
+        expr = expr.union(id_changed.select("customer_id"), distinct=True)
+    return engine.scratch("refresh_affected", expr)
