@@ -3,7 +3,10 @@
 Two copies of one built brand receive the same events at the same clocks; one refreshes
 incrementally (``incremental_from=0``), the other whole. After every refresh their tags,
 segment stays and served profiles are equal — and the incremental copy's lookup store was
-updated in place, not rewritten.
+updated in place, not rewritten. The steps are the cases the by-key path
+(``serving.changes.plan_changes``) must not miss: orders and a newcomer, a merge, an
+identifier quarantined in place, a split, an erasure, a definition change with the clock
+moved days, and a crash between the digests and the state (the next refresh repairs).
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from closedloop.core.definitions import Project, load_project
 from closedloop.core.engine import Engine, table_differences
 from closedloop.demo.generator import generate
 from closedloop.demo.project import init_project, relative_data_dir
+from closedloop.identity.explain import split
 from closedloop.pipeline import build
 from closedloop.portrait.lookup import ProfileLookup, serving_path
 from closedloop.segments import incremental as segments_incremental
+from closedloop.serving import changes as serving_changes
 from closedloop.serving.live import refresh_all
 from closedloop.tags import incremental as tags_incremental
 
@@ -70,7 +75,94 @@ def _served(engine: Engine, project: Project) -> dict[str, Any]:
     return {"ids": ids, "profiles": profiles}
 
 
-@pytest.mark.slow  # builds a brand, then six refreshes on two warehouses (~60 s under load)
+def _order(member: str, at: datetime, key: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "userId": member,
+        "event": "Order Completed",
+        "messageId": f"live-{key}",
+        "timestamp": (at - timedelta(minutes=5)).isoformat(),
+        "properties": {"order_id": f"lo-{key}", "revenue": 700.0},
+        **extra,
+    }
+
+
+def _steps(members: list[str]) -> list[tuple[timedelta, str, list[dict[str, Any]]]]:
+    """(clock after T0, what else happens, the messages loaded) for each refresh."""
+    rng = random.Random(3)
+    a, b, c, d = rng.sample(members, 4)
+    h = timedelta(hours=1)
+    at = [T0 + h, T0 + 2 * h, T0 + 3 * h, T0 + 4 * h, T0 + 5 * h]
+    device = {"context": {"device": {"id": "shared-tablet-9"}}}
+    return [
+        (  # orders, a newcomer, and a tablet seen alone (a customer of its own)
+            h,
+            "",
+            [_order(rng.choice(members), at[0], f"0-{i}") for i in range(3)]
+            + [
+                {
+                    "type": "identify",
+                    "userId": "new-0",
+                    "messageId": "new-0",
+                    "timestamp": at[0].isoformat(),
+                    "traits": {"email": "new0@qq.com"},
+                },
+                {
+                    "type": "track",
+                    "anonymousId": "anon-tablet",
+                    "event": "Product Viewed",
+                    "messageId": "tablet-0",
+                    "timestamp": at[0].isoformat(),
+                    **device,
+                },
+            ],
+        ),
+        (  # a merge: two members typed one phone
+            2 * h,
+            "",
+            [
+                {
+                    "type": "identify",
+                    "userId": m,
+                    "messageId": f"merge-{m}",
+                    "timestamp": at[1].isoformat(),
+                    "traits": {"phone": "13912345678"},
+                }
+                for m in (a, b)
+            ],
+        ),
+        (  # two members on the tablet: it is quarantined in place (no event of it moves)
+            3 * h,
+            "",
+            [_order(m, at[2], f"tab-{m}", **device) for m in (c, d)],
+        ),
+        (4 * h, "split", []),  # the phone split off, blocked: the merge undone
+        (5 * h, "erase", [_order(a, at[4], "4-0")]),  # a customer's orders erased
+        (  # a definition changed, the clock moved days (recency moves for most)
+            timedelta(days=3, hours=2),
+            "define",
+            [_order(rng.choice(members), T0 + timedelta(days=3, hours=2), "5-0")],
+        ),
+        (timedelta(days=3, hours=3), "crash", [_order(c, T0 + timedelta(days=3), "6-0")]),
+    ]
+
+
+def _happen(engine: Engine, project: Project, what: str, erased: str) -> None:
+    if what == "split":
+        split(engine, project.identity, identifier="phone:13912345678", block=True, clock=Clock(T0))
+    elif what == "erase":  # as an erasure would: the member's messages leave the event log
+        m = engine.table("identity_map")
+        who = m.filter((m.id_type == "member_id") & (m.id_value == erased)).customer_id
+        ec = engine.table("event_customers")
+        gone = ec.filter(ec.customer_id.isin(who)).message_id.to_pyarrow().to_pylist()
+        with engine.temporary(pa.table({"message_id": gone})) as t:
+            engine.delete_keys("events", t)
+    elif what == "define":
+        band = project.root / "tags" / "value_band.yaml"
+        band.write_text(band.read_text().replace("value: 2000", "value: 1500"))
+
+
+@pytest.mark.slow  # builds a brand, then eight refreshes on two warehouses (~90 s under load)
 def test_incremental_live_refresh_equals_a_whole_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -79,54 +171,60 @@ def test_incremental_live_refresh_equals_a_whole_one(
     monkeypatch.setattr(segments_incremental, "WIDE", 1.0)
     p = _built(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    projects = [load_project(p), load_project(tmp_path / "b" / "p")]
-    with Engine(projects[0].engine_url) as engine:
+    roots = [p, tmp_path / "b" / "p"]
+    with Engine(load_project(p).engine_url) as engine:
         m = engine.table("identity_map")
         members = sorted(m.filter(m.id_type == "member_id").id_value.to_pyarrow().to_pylist())
-    rng = random.Random(3)
-    clocks = [timedelta(hours=1), timedelta(hours=2), timedelta(days=3, hours=2)]
-    inodes = []
-    for k, moved in enumerate(clocks):
+    steps = _steps(members)
+    erased = steps[4][2][0]["userId"]
+    inodes, hows = [], []
+    for k, (moved, what, msgs) in enumerate(steps):
         at = T0 + moved
-        msgs = [
-            {
-                "type": "track",
-                "userId": rng.choice(members),
-                "event": "Order Completed",
-                "messageId": f"live-{k}-{i}",
-                "timestamp": (at - timedelta(minutes=5)).isoformat(),
-                "properties": {"order_id": f"lo-{k}-{i}", "revenue": 50.0 + i},
-            }
-            for i in range(3)
-        ]
-        msgs.append(  # a newcomer: a new customer
-            {
-                "type": "identify",
-                "userId": f"new-{k}",
-                "messageId": f"new-{k}",
-                "timestamp": at.isoformat(),
-                "traits": {"email": f"new{k}@example.com"},
-            }
-        )
         seen = []
-        for which, project in enumerate(projects):
+        for which, root in enumerate(roots):
+            project = load_project(root)
             with Engine(project.engine_url) as engine:
-                _load(engine, project, tmp_path / f"batch-{k}-{which}.jsonl", msgs)
+                _happen(engine, project, what, erased)
+                project = load_project(root)  # after a definition changed
+                if msgs:
+                    _load(engine, project, tmp_path / f"batch-{k}-{which}.jsonl", msgs)
                 store = serving_path(engine)
                 assert store is not None
+                before = store.stat().st_ino
+                incremental = 0 if which == 0 else 10**9
+                if what == "crash" and which == 0:
+                    # Killed after the digests were rewritten, before the state row.
+                    with monkeypatch.context() as mp:
+                        mp.setattr(serving_changes, "_identity_seq", _crash)
+                        with pytest.raises(RuntimeError, match="killed"):
+                            refresh_all(engine, project, at, incremental_from=incremental)
+                    engine.forget()
+                run = refresh_all(engine, project, at, incremental_from=incremental)
                 if which == 0:
-                    inodes.append(store.stat().st_ino)
-                refresh_all(engine, project, at, incremental_from=0 if which == 0 else 10**9)
-                if which == 0:
-                    inodes[-1] = (inodes[-1], store.stat().st_ino)
+                    inodes.append((before, store.stat().st_ino))
+                    hows.append(run.changes)
                 seen.append((_tables(engine), _served(engine, project)))
         (tables_a, served_a), (tables_b, served_b) = seen
         for name in tables_a:
             assert table_differences(tables_a[name], tables_b[name]) == [], (k, name)
         assert served_a == served_b, k
-    # The first refresh after the build has no state to start from: the store is rewritten;
-    # then it is updated in place — until the clock moves days and most customers change
-    # (recency): then a whole write is cheaper (lookup.INCREMENTAL_SHARE).
+    # The first refresh after the build has no state to start from: everyone, and the store
+    # is rewritten; then only changed customers, the store updated in place — until the
+    # definitions change (everyone again), the clock moves days (most customers change:
+    # a whole store write is cheaper, lookup.INCREMENTAL_SHARE) and after the crash.
+    assert hows == [
+        "everyone: no live state",
+        "by key",
+        "by key",
+        "by key",
+        "by key",
+        "everyone: definitions changed",
+        "everyone: a build or a crashed refresh since the last live refresh",
+    ]
     assert inodes[0][0] != inodes[0][1]
-    assert inodes[1][0] == inodes[1][1]
-    assert inodes[2][0] != inodes[2][1]
+    assert all(a == b for a, b in inodes[1:5])
+    assert inodes[5][0] != inodes[5][1]
+
+
+def _crash(engine: Engine) -> int:
+    raise RuntimeError("killed")

@@ -4,8 +4,8 @@ One generated brand is built twice: on a real PostgreSQL server and in a DuckDB 
 receive the same batches at the same clocks — new orders and a newcomer, an identify call
 that merges two customers, then a clock move of days — and refresh live: PostgreSQL through
 the incremental path (``incremental_from=0``: tags, segments and the served profiles only
-for the customers ``serving.changes`` finds, by ``row_digest``'s portable digests), DuckDB
-whole. After every refresh the two hold the same tags, segment stays (entered and exited
+for the customers ``serving.changes`` finds by key — identity's records of changed
+customers, the portrait's rewritten rows), DuckDB whole. After every refresh the two hold the same tags, segment stays (entered and exited
 times included) and profiles, and what the lookup serves for every identifier agrees.
 """
 
@@ -121,14 +121,14 @@ def test_live_incremental_on_postgres_equals_whole_refresh(
     init_project(p, data_dir=relative_data_dir(p, tmp_path / "brand" / "data"))
     project = load_project(p)
     found: list[Changes | None] = []
-    real = live.find_changes
+    real = live.plan_changes
 
-    def spy(*args: Any, **kwargs: Any) -> Changes | None:  # the real one, its answer kept
+    def spy(*args: Any, **kwargs: Any) -> tuple[Changes | None, str]:  # the real one, kept
         got = real(*args, **kwargs)
-        found.append(got)
+        found.append(got[0])
         return got
 
-    monkeypatch.setattr(live, "find_changes", spy)
+    monkeypatch.setattr(live, "plan_changes", spy)
     # A few customers of 120 are a wide share: keep to the narrowed paths all the same.
     monkeypatch.setattr(tags_incremental, "WIDE", 1.0)
     monkeypatch.setattr(segments_incremental, "WIDE", 1.0)
@@ -138,10 +138,15 @@ def test_live_incremental_on_postgres_equals_whole_refresh(
             build(engine, project, clock=Clock(T0))
         batches = _batches(duck)
         merged_before = duck.count("customers")
+        hows: list[str] = []
         for k, (at, msgs) in enumerate(batches):
             for which, engine in enumerate((pg, duck)):
                 _load(engine, project, tmp_path / f"batch-{k}-{which}.jsonl", msgs)
-                live.refresh_all(engine, project, at, incremental_from=0 if which == 0 else 10**9)
+                run = live.refresh_all(
+                    engine, project, at, incremental_from=0 if which == 0 else 10**9
+                )
+                if which == 0:
+                    hows.append(run.changes)
             a, b = _state(pg), _state(duck)
             for name in a:
                 assert table_differences(a[name], b[name]) == [], (k, name)
@@ -151,7 +156,9 @@ def test_live_incremental_on_postgres_equals_whole_refresh(
             changes = found[-1]
             if k == 0:
                 assert changes is None  # the first live refresh has no state to start from
-            else:  # then PostgreSQL carried forward only some customers
+                assert hows[-1] == "everyone: no live state"
+            else:  # then PostgreSQL carried forward only some customers, found by key
                 assert changes is not None, k
+                assert hows[-1] == "by key"
                 n = changes.customers.count().to_pyarrow().as_py()
                 assert 0 < n < pg.count("profiles"), (k, n)

@@ -1011,7 +1011,8 @@ def _changes(
     run_id: str,
     now: datetime,
 ) -> pd.DataFrame:
-    """Customers whose set of identifiers differs from the previous run's, and how.
+    """Customers whose set of identifiers (or their quarantine) differs from the previous
+    run's, and how.
 
     Portrait refresh reads these (``identity_changes``) to recompute only the customers this
     run touched — including a phone leaving a customer whose events all stayed, which the
@@ -1022,7 +1023,13 @@ def _changes(
     def owners(f: pd.DataFrame) -> pd.DataFrame:
         if not len(f):
             return pd.DataFrame({"key": pd.Series([], dtype=str), "c": pd.Series([], dtype=str)})
-        return pd.DataFrame({"key": f["id_type"] + SEP + f["id_value"], "c": f["customer_id"]})
+        key = f["id_type"] + SEP + f["id_value"]
+        if "quarantined" in f.columns:
+            # An identifier quarantined or lifted in place changes its customer too (the
+            # served profile shows it; serving.changes reads these records to serve anew).
+            held = f["quarantined"].fillna(False).astype(bool)
+            key = key + held.map({True: SEP + "q", False: ""})
+        return pd.DataFrame({"key": key, "c": f["customer_id"]})
 
     # Compared by counting, not by building a set per customer: a customer is unchanged when
     # all its old identifiers are still its own and it has no others.

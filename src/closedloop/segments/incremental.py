@@ -55,7 +55,7 @@ from closedloop.segments.audience import (
     kind_problems,
     members_expr,
 )
-from closedloop.tags.incremental import crossed, narrowed
+from closedloop.tags.incremental import Narrowing, crossed, narrowed
 from closedloop.tags.values import only
 
 MEMBERSHIP = "segment_membership"
@@ -113,6 +113,19 @@ def scope(
     return out.distinct()
 
 
+def clock_moved(
+    engine: Engine, segs: Sequence[SegmentDef], since: datetime, as_of: datetime
+) -> ir.Table | None:
+    """Customers with an event the clock moved across an edge of any of ``segs``' event or
+    sequence leaves from ``since`` to ``as_of`` (``crossed``), materialised; None: no
+    segment has such leaves."""
+    found = [event_windows(s) for s in segs if s.of != "accounts"]
+    if all(ws is None for ws in found):
+        return None
+    windows = [w for ws in found if ws is not None for w in ws]
+    return engine.scratch("seg_crossed", crossed(engine, since, as_of, windows))
+
+
 def evaluate_changed(
     engine: Engine,
     segs: Sequence[SegmentDef],
@@ -121,11 +134,17 @@ def evaluate_changed(
     *,
     changed: ir.Table,
     since: datetime,
+    moved_by_clock: ir.Table | bool | None = False,
+    reuse: Narrowing | None = None,
 ) -> dict[str, SegmentResult]:
     """Re-evaluate ``segs`` (in dependency order) for the customers that may have moved.
 
     ``changed``: customers (``customer_id``) whose profile, traits, events or tags changed
     since the run at ``since`` (gone customers included: their stays close).
+    ``moved_by_clock``: ``clock_moved`` of these segments at this clock, if the caller found
+    it already (a table, or None: no segment has event leaves); False: found here. ``reuse``: per-customer tables the tag step narrowed
+    (``TagRefresh.narrowing``), read instead of the whole ones when they hold everyone
+    evaluated here.
 
     Few queries, since at small sizes each costs more than the rows it reads: per segment
     one materialised table of its moves (stays closing and opening); the open stays
@@ -139,22 +158,21 @@ def evaluate_changed(
     done: dict[str, SegmentResult] = {}
     moved: dict[str, ir.Table] = {}  # per segment of customers: who entered or left it
     base = changed.select("customer_id")
-    found = [event_windows(s) for s in segs if s.of != "accounts"]
-    windows = [w for ws in found if ws is not None for w in ws]
-    clock_moved = None
-    if any(ws is not None for ws in found):
-        clock_moved = engine.scratch("seg_crossed", crossed(engine, since, clock.now(), windows))
+    if isinstance(moved_by_clock, bool):
+        by_clock = clock_moved(engine, segs, since, clock.now())
+    else:
+        by_clock = moved_by_clock
     # Every segment evaluated for a scope is evaluated for a part of these customers (its
     # moves too, so a segment naming it stays inside): read through a view of their rows.
-    inside = base if clock_moved is None else base.union(clock_moved)
+    inside = base if by_clock is None else base.union(by_clock)
     inside = engine.scratch("seg_inside", inside.distinct())
     if int(inside.count().to_pyarrow().as_py()) > WIDE * max(engine.count("profiles"), 1):
         return evaluate_in_batches(engine, segs, fields, clock)  # everyone: cheaper here
-    view = narrowed(engine, inside, "seg")
+    view = narrowed(engine, inside, "seg", reuse=reuse)
     narrow: set[str] = set()  # segments evaluated through the view: their moves are inside
     for b, batch in enumerate(segment_batches(segs)):
         done |= _evaluate_batch(
-            engine, (view, inside, narrow), batch, fields, clock, base, moved, clock_moved, b
+            engine, (view, inside, narrow), batch, fields, clock, base, moved, by_clock, b
         )
     return {s.name: done[s.name] for s in segs}
 

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import ibis
 import pyarrow as pa
 
 from closedloop.core.clock import Clock
@@ -43,8 +44,8 @@ from closedloop.portrait.lookup import materialise, update_store
 from closedloop.portrait.refresh import refresh
 from closedloop.portrait.tables import PORTRAIT_RUNS, PROFILES
 from closedloop.segments.accounts import evaluate_in_batches
-from closedloop.segments.incremental import evaluate_changed
-from closedloop.serving.changes import digests, find_changes, save_state
+from closedloop.segments.incremental import clock_moved, evaluate_changed
+from closedloop.serving.changes import plan_changes, save_state
 from closedloop.serving.tables import LIVE_REFRESHES
 from closedloop.tags.build import build_tags
 from closedloop.tags.catalogue import record_tag_uses
@@ -69,6 +70,7 @@ class LiveRun:
     reason: str
     loaded: int
     identity_path: str  # 'incremental' or 'full' (identity.resolve decides)
+    changes: str  # how the later steps found whom to recompute (serving.changes)
     recomputed: int
     entered: int
     exited: int
@@ -105,11 +107,11 @@ def refresh_all(
     ident = resolve(engine, project.identity, clock)
     marks.append(time.perf_counter())
     portrait = refresh(engine, project.traits, clock, tz, accounts=project.accounts)
-    now = changes = None
-    if portrait.customers >= incremental_from:
-        rows = portrait.changed is None  # else the portrait says which rows it rewrote
-        now = engine.scratch("live_digests_now", digests(engine, profiles=rows))
-        changes = find_changes(engine, project, portrait, as_of, now)
+    changes = None
+    how = f"everyone: below {incremental_from:,} customers"
+    incremental = portrait.customers >= incremental_from
+    if incremental:
+        changes, how = plan_changes(engine, project, portrait, as_of)
     marks.append(time.perf_counter())
     fields = project_fields(project)
     ordered = segment_order(project)[0]
@@ -118,6 +120,9 @@ def refresh_all(
         marks.append(time.perf_counter())
         results = evaluate_in_batches(engine, ordered, fields, clock)  # as a build does
     else:
+        # The segments' clock-moved customers first: the tag step narrows the per-customer
+        # tables to its customers and these, and the segment step reads them from there.
+        by_clock = clock_moved(engine, ordered, changes.since, as_of)
         tagged = refresh_tags(
             engine,
             project.tags,
@@ -125,10 +130,18 @@ def refresh_all(
             changed=changes.customers,
             since=changes.since,
             root=project.root,
+            widen=by_clock,
         )
         marks.append(time.perf_counter())
         results = evaluate_changed(
-            engine, ordered, fields, clock, changed=tagged.changed, since=changes.since
+            engine,
+            ordered,
+            fields,
+            clock,
+            changed=tagged.changed,
+            since=changes.since,
+            moved_by_clock=by_clock,
+            reuse=tagged.narrowing,
         )
     entered = sum(r.entered for r in results.values())
     exited = sum(r.exited for r in results.values())
@@ -141,8 +154,8 @@ def refresh_all(
         served = changes.served.customer_id.to_pyarrow().to_pylist()
         if update_store(engine, [str(c) for c in served], changes.stamp) is None:
             materialise(engine)
-    if now is not None:
-        save_state(engine, project, as_of, now)
+    if incremental:
+        save_state(engine, project, as_of, changes=changes, profiles=portrait.changed is None)
     marks.append(time.perf_counter())
     identity_s, portrait_s, tags_s, segments_s, lookup_s = (
         round(b - a, 4) for a, b in itertools.pairwise(marks)
@@ -153,6 +166,7 @@ def refresh_all(
         reason=reason,
         loaded=loaded,
         identity_path=ident.path,
+        changes=how,
         recomputed=portrait.recomputed,
         entered=entered,
         exited=exited,
@@ -164,8 +178,18 @@ def refresh_all(
         seconds=round(marks[-1] - marks[0], 4),
     )
     row = {k: [getattr(run, k)] for k in LIVE_REFRESHES.columns}
+    _upgrade(engine)
     engine.append(LIVE_REFRESHES.name, pa.table(row))
     return run
+
+
+def _upgrade(engine: Engine) -> None:
+    """Run records written before they said how changes were found get a null there."""
+    if not engine.exists(LIVE_REFRESHES.name):
+        return
+    t = engine.table(LIVE_REFRESHES.name)
+    if "changes" not in t.columns:
+        engine.replace(LIVE_REFRESHES.name, t.mutate(changes=ibis.null("string")))
 
 
 class LiveRefresher:

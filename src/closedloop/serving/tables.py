@@ -19,6 +19,9 @@ LIVE_REFRESHES = declare(
             "reason": "string",  # 'start' | 'events' | 'clock'
             "loaded": "int64",  # events the loads since the previous run accepted
             "identity_path": "string",  # identity resolution: 'incremental' or 'full'
+            # How tags, segments and store found whom to carry forward: 'by key', 'digests'
+            # (compared whole), or 'everyone: WHY' (serving.changes.plan_changes).
+            "changes": "string",
             "recomputed": "int64",  # customers whose portrait was recomputed
             "entered": "int64",  # segment entries recorded, all segments
             "exited": "int64",
@@ -53,8 +56,14 @@ LIVE_STATE = declare(
         name="live_state",
         stage="segments",
         description="What the digests in live_digests describe: the clock of the refresh "
-        "that wrote them, the portrait run it followed, and the definitions it used.",
-        columns={"as_of": TS, "portrait_run": TS, "definitions": "string"},
+        "that wrote them, the portrait run it followed, the definitions it used, and the "
+        "last identity run it saw (the next finds identity's changes since by its seq).",
+        columns={
+            "as_of": TS,
+            "portrait_run": TS,
+            "definitions": "string",
+            "identity_seq": "int64",
+        },
         key=("as_of",),
         erasure=Erasure.NONE,
     )

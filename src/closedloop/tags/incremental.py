@@ -56,10 +56,25 @@ WIDE = 0.05
 
 
 @dataclass(frozen=True)
+class Narrowing:
+    """Per-customer tables narrowed to some customers' rows (``narrowed``), kept for reuse.
+
+    The segment step of a live refresh reads the same ``events``, ``event_customers``,
+    ``profiles`` and ``computed_traits`` the tag step read (only ``tag_values`` moves in
+    between): when its customers are among these, it reads these tables instead of
+    scanning the whole ones again (~0.45 CPU-s a refresh at 100,000 customers).
+    """
+
+    customers: ir.Table  # customer_id: whose rows the tables hold (materialised)
+    tables: dict[str, ir.Table]  # name -> those rows of the table (events: theirs)
+
+
+@dataclass(frozen=True)
 class TagRefresh:
     counts: dict[str, int]  # customers holding a value, per tag (as ``build_tags`` returns)
     recomputed: ir.Table  # customer_id: whose per-customer tags were recomputed (scratch)
     changed: ir.Table  # customer_id: whose tags may differ from before (a scratch table)
+    narrowing: Narrowing | None = None  # what the tags read narrowed, if they did
 
 
 def crossed(
@@ -121,6 +136,7 @@ def narrowed(
     customers: ir.Table,
     name: str,
     tables: Iterable[str] = PER_CUSTOMER_TABLES,
+    reuse: Narrowing | None = None,
 ) -> Engine:
     """``engine`` as seen by code that reads only ``customers``' rows: ``tables`` hold just
     their rows (events: those attributed to them), each materialised once.
@@ -133,13 +149,34 @@ def narrowed(
     nothing but the customer's own rows (per-customer tags, conditions without account
     leaves), evaluated for a subset of ``customers``. The view shares the connection;
     writes go through ``engine``.
+
+    ``reuse``: tables narrowed before to a superset of ``customers`` (``narrowing``) and
+    not written since: those are read as they are — holding more customers' rows than
+    asked is harmless, as the whole table holds more still. Only the others are narrowed.
     """
+    return engine.reading(narrowing(engine, customers, name, tables, reuse).tables)
+
+
+def narrowing(
+    engine: Engine,
+    customers: ir.Table,
+    name: str,
+    tables: Iterable[str] = PER_CUSTOMER_TABLES,
+    reuse: Narrowing | None = None,
+) -> Narrowing:
+    """The tables of :func:`narrowed`, kept for a later step to reuse."""
     over: dict[str, ir.Table] = {}
     ids = customers.select("customer_id").distinct()
     wanted = set(tables)
+    if reuse is not None and wanted & set(reuse.tables):
+        outside = ids.anti_join(reuse.customers, "customer_id").count()
+        if int(outside.to_pyarrow().as_py()) == 0:  # all among those narrowed before
+            over = {t: reuse.tables[t] for t in wanted & set(reuse.tables)}
+            wanted -= set(over)
     ec = engine.table("event_customers").semi_join(ids, "customer_id")
     if wanted & {"event_customers", "events"}:
-        ec = engine.scratch(f"{name}_event_customers", ec)
+        kept = over.get("event_customers")
+        ec = kept if kept is not None else engine.scratch(f"{name}_event_customers", ec)
         over["event_customers"] = ec
     if "events" in wanted:
         e = engine.table("events").semi_join(ec.select("message_id"), "message_id")
@@ -147,7 +184,7 @@ def narrowed(
     for t in sorted(wanted - {"event_customers", "events"}):
         part = engine.table(t).semi_join(ids, "customer_id")
         over[t] = engine.scratch(f"{name}_{t}", part)
-    return engine.reading(over)
+    return Narrowing(ids, over)
 
 
 def refresh_tags(
@@ -158,11 +195,14 @@ def refresh_tags(
     changed: ir.Table,
     since: datetime,
     root: Path | None = None,
+    widen: ir.Table | None = None,
 ) -> TagRefresh:
     """Bring ``tag_values`` up to the clock, recomputing per-customer tags only where needed.
 
     ``changed``: customers (``customer_id``) whose profile row, traits or attributed events
     changed since the tag run at ``since``, including customers who are gone (their rows go).
+    ``widen``: customers a later step will read too (the segments' clock-moved ones): the
+    narrowed tables (``TagRefresh.narrowing``) hold their rows as well, for it to reuse.
 
     Few queries, since at small sizes each costs more than the rows it reads: who to
     recompute, the new rows, who changed, then one delete and one insert.
@@ -185,8 +225,11 @@ def refresh_tags(
     )
     scope: ir.Table | None = None if wide else todo
     reader = engine
+    kept = None
     if per and scope is not None:
-        reader = narrowed(engine, scope, "tags", ("profiles", "computed_traits", "events"))
+        over = scope if widen is None else scope.union(widen.select("customer_id"))
+        kept = narrowing(engine, over, "tags", ("profiles", "computed_traits", "events"))
+        reader = engine.reading(kept.tables)
     with ExitStack() as stack:
         shared = shared_events(reader, events, now, scope)  # each event group's rows once
         plans = {
@@ -203,7 +246,7 @@ def refresh_tags(
         else:
             changed_out = _replace(engine, old, list(per), scope, todo, new, changed)
     counts = record_runs(engine, tags, plans, now)
-    return TagRefresh(counts, todo, changed_out)
+    return TagRefresh(counts, todo, changed_out, kept)
 
 
 def _replaced(old: ir.Table, per: list[str], todo: ir.Table | None) -> ir.Table:
