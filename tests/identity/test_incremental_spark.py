@@ -14,9 +14,7 @@ DuckDB's, and every run costs 25-90 s of job overhead.)
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 from datetime import timedelta
 from typing import Any
 
@@ -35,6 +33,7 @@ from tests.identity.test_incremental import (
     _figures,
     _partition,
 )
+from tests.test_spark import _need_java  # skips without Java; the test JVM's options
 
 pytest.importorskip("pyspark")
 
@@ -54,14 +53,6 @@ KEYS = {
     "identity_clusters": ["id_type", "id_value", "cluster"],
     "identity_records": ["message_id", "anchor", "name", "email", "phone"],
 }
-
-
-def _need_java() -> None:
-    """Skip without Java on a developer's machine; in CI (which installs it) fail instead."""
-    if shutil.which("java") is None:
-        if os.environ.get("CI"):
-            pytest.fail("Spark needs Java, and .ci/run installs it: CI must not skip this")
-        pytest.skip("Spark needs Java (apt-get install default-jre-headless)")
 
 
 def sample(seed: int, n: int) -> list[dict[str, Any]]:
