@@ -85,7 +85,10 @@ def top_list(
     t = e.filter(value.notnull()).select("customer_id", raw=value)
     raw = t.group_by("customer_id", "raw").aggregate(k=t.count())
     raw = raw.select("customer_id", "k", v=raw.raw.strip().nullif(""))
-    raw = raw.filter(raw.v.notnull())
+    # "Has a value" written as one condition that reads the count too (always at least 1):
+    # a test of ``v`` alone was pushed by DuckDB below the grouping into the scan, which
+    # trimmed every event's text again (a sixth of the portrait's scan of its facts).
+    raw = raw.filter(ibis.ifelse(raw.v.isnull(), False, raw.k > 0))
     # The sum of counts as a 64-bit integer (DuckDB adds integers up in 128 bits).
     counts = raw.group_by("customer_id", "v").aggregate(k=raw.k.sum().cast("int64"))
     return top_counted(counts, "v", "k", n, name, duckdb)
