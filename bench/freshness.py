@@ -339,6 +339,10 @@ def live(project: Project, members: list[str], key: str, gap: float) -> dict[str
     total = sum(r["seconds"] for r in work) or 1.0
     paths = [r["identity_path"] for r in work]
     fig["identity_paths"] = {k: paths.count(k) for k in sorted(set(paths))}
+    # How each refresh found whom tags, segments and the store carry forward: by key,
+    # by digests compared whole, or everyone (and why).
+    hows = [str(r.get("changes")) for r in runs]
+    fig["changes_paths"] = {k: hows.count(k) for k in sorted(set(hows))}
     fig["refresh_identity_share"] = round(sum(r["identity_s"] for r in work) / total, 3)
     fig["refresh_mean_recomputed"] = round(
         sum(r["recomputed"] for r in work) / max(len(work), 1), 1

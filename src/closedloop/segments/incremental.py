@@ -113,16 +113,24 @@ def scope(
     return out.distinct()
 
 
+def segment_windows(segs: Sequence[SegmentDef]) -> list[timedelta] | None:
+    """The windows the clock moves the event and sequence leaves of ``segs`` (of customers)
+    across; None: none has such leaves."""
+    found = [event_windows(s) for s in segs if s.of != "accounts"]
+    if all(ws is None for ws in found):
+        return None
+    return [w for ws in found if ws is not None for w in ws]
+
+
 def clock_moved(
     engine: Engine, segs: Sequence[SegmentDef], since: datetime, as_of: datetime
 ) -> ir.Table | None:
     """Customers with an event the clock moved across an edge of any of ``segs``' event or
     sequence leaves from ``since`` to ``as_of`` (``crossed``), materialised; None: no
     segment has such leaves."""
-    found = [event_windows(s) for s in segs if s.of != "accounts"]
-    if all(ws is None for ws in found):
+    windows = segment_windows(segs)
+    if windows is None:
         return None
-    windows = [w for ws in found if ws is not None for w in ws]
     return engine.scratch("seg_crossed", crossed(engine, since, as_of, windows))
 
 
@@ -136,6 +144,7 @@ def evaluate_changed(
     since: datetime,
     moved_by_clock: ir.Table | bool | None = False,
     reuse: Narrowing | None = None,
+    population: int | None = None,
 ) -> dict[str, SegmentResult]:
     """Re-evaluate ``segs`` (in dependency order) for the customers that may have moved.
 
@@ -144,7 +153,7 @@ def evaluate_changed(
     ``moved_by_clock``: ``clock_moved`` of these segments at this clock, if the caller found
     it already (a table, or None: no segment has event leaves); False: found here. ``reuse``: per-customer tables the tag step narrowed
     (``TagRefresh.narrowing``), read instead of the whole ones when they hold everyone
-    evaluated here.
+    evaluated here. ``population``: the number of profiles, if the caller knows it.
 
     Few queries, since at small sizes each costs more than the rows it reads: per segment
     one materialised table of its moves (stays closing and opening); the open stays
@@ -166,7 +175,9 @@ def evaluate_changed(
     # moves too, so a segment naming it stays inside): read through a view of their rows.
     inside = base if by_clock is None else base.union(by_clock)
     inside = engine.scratch("seg_inside", inside.distinct())
-    if int(inside.count().to_pyarrow().as_py()) > WIDE * max(engine.count("profiles"), 1):
+    if population is None:
+        population = engine.count("profiles")
+    if int(inside.count().to_pyarrow().as_py()) > WIDE * max(population, 1):
         return evaluate_in_batches(engine, segs, fields, clock)  # everyone: cheaper here
     view = narrowed(engine, inside, "seg", reuse=reuse)
     narrow: set[str] = set()  # segments evaluated through the view: their moves are inside

@@ -44,12 +44,12 @@ from closedloop.portrait.lookup import materialise, update_store
 from closedloop.portrait.refresh import refresh
 from closedloop.portrait.tables import PORTRAIT_RUNS, PROFILES
 from closedloop.segments.accounts import evaluate_in_batches
-from closedloop.segments.incremental import clock_moved, evaluate_changed
+from closedloop.segments.incremental import evaluate_changed, segment_windows
 from closedloop.serving.changes import plan_changes, save_state
 from closedloop.serving.tables import LIVE_REFRESHES
 from closedloop.tags.build import build_tags
 from closedloop.tags.catalogue import record_tag_uses
-from closedloop.tags.incremental import refresh_tags
+from closedloop.tags.incremental import crossed, refresh_tags, tag_windows
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,15 @@ def refresh_all(
         marks.append(time.perf_counter())
         results = evaluate_in_batches(engine, ordered, fields, clock)  # as a build does
     else:
-        # The segments' clock-moved customers first: the tag step narrows the per-customer
-        # tables to its customers and these, and the segment step reads them from there.
-        by_clock = clock_moved(engine, ordered, changes.since, as_of)
+        # Whose events the clock moved across an edge of a tag's or a segment's window: one
+        # scan of the events for both. The tag step narrows the per-customer tables to its
+        # customers and these, and the segment step reads them from there.
+        tw, sw = tag_windows(project.tags), segment_windows(ordered)
+        by_clock = None
+        if tw is not None or sw is not None:
+            moved = crossed(engine, changes.since, as_of, [*(tw or []), *(sw or [])])
+            by_clock = engine.scratch("live_crossed", moved)
+        seg_moved = by_clock if sw is not None else None
         tagged = refresh_tags(
             engine,
             project.tags,
@@ -130,7 +136,9 @@ def refresh_all(
             changed=changes.customers,
             since=changes.since,
             root=project.root,
-            widen=by_clock,
+            widen=seg_moved,
+            moved=by_clock if tw is not None else None,
+            population=portrait.customers,
         )
         marks.append(time.perf_counter())
         results = evaluate_changed(
@@ -140,8 +148,9 @@ def refresh_all(
             clock,
             changed=tagged.changed,
             since=changes.since,
-            moved_by_clock=by_clock,
+            moved_by_clock=seg_moved,
             reuse=tagged.narrowing,
+            population=portrait.customers,
         )
     entered = sum(r.entered for r in results.values())
     exited = sum(r.exited for r in results.values())
