@@ -8,7 +8,7 @@ snapshot (``portrait_seen``), facts and all. See ``portrait.refresh`` for the wh
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 import ibis
 import ibis.expr.types as ir
@@ -17,11 +17,14 @@ from closedloop.core.engine import Engine
 from closedloop.portrait import localtime
 from closedloop.portrait.build import _zones, base_expr, event_facts
 from closedloop.portrait.extras import RELATION_EVENTS, network
+from closedloop.portrait.refresh_compiled import cached_scratch
 from closedloop.portrait.refresh_diff import Diff
 from closedloop.portrait.refresh_write import base_columns
 from closedloop.portrait.tables import PORTRAIT_SEEN
 
 TS = "timestamp('UTC', 6)"
+# The clock the base statement is compiled with when no fact lies after the real one.
+FAR_CLOCK = datetime(9999, 12, 31, tzinfo=UTC)
 PAIR = ["message_id", "customer_id"]
 
 
@@ -75,13 +78,25 @@ def affected_base(
     engine: Engine, facts: ir.Table, affected: ir.Table, as_of: datetime, default_tz: str
 ) -> ir.Table:
     """The per-customer portrait (``build.base_expr``, no relationships) of the affected
-    customers from their facts, materialised with the profile's base columns."""
+    customers from their facts, materialised with the profile's base columns.
+
+    Compiled once per set of zones (``refresh_compiled``): the customers, their facts and
+    the zones' offsets come in as scratch tables of fixed names, and the clock only as
+    ``base_expr``'s cut of the facts at ``as_of`` — when no fact lies after the clock (the
+    usual case: an event stamped in the future is rare) that cut keeps every row whatever
+    the clock, so the statement is compiled with a fixed far clock and serves every refresh.
+    """
     current = facts.filter(facts.timestamp <= as_of)
     zones, lo = _zones(current, default_tz)
-    with engine.temporary(localtime.offsets_table(zones, lo, as_of)) as offsets:
+    later = int(facts.filter(facts.timestamp > as_of).count().execute())
+    cut = FAR_CLOCK if not later else as_of
+    with engine.temporary(localtime.offsets_table(zones, lo, as_of)) as data:
+        offsets = engine.scratch("refresh_offsets", data)
+
+    def build() -> ir.Table:
         fresh = base_expr(
             engine,
-            as_of,
+            cut,
             offsets,
             zones,
             default_tz,
@@ -89,7 +104,11 @@ def affected_base(
             with_relationships=False,
             facts=facts,
         )
-        return engine.scratch("refresh_fresh", base_columns(fresh))
+        return base_columns(fresh)
+
+    if later:
+        return engine.scratch("refresh_fresh", build())
+    return cached_scratch(engine, "refresh_fresh", (tuple(zones), default_tz), build)
 
 
 def network_now(engine: Engine, d: Diff, new: ir.Table, as_of: datetime) -> ir.Table:

@@ -18,6 +18,7 @@ from closedloop.core.definitions.traits import TraitDef
 from closedloop.core.engine import Engine
 from closedloop.portrait.build import fill_relationships, finish
 from closedloop.portrait.extras import RELATIONSHIP_COLUMNS
+from closedloop.portrait.refresh_ranks import rescored_rows
 from closedloop.portrait.refresh_state import LastRun
 from closedloop.portrait.tables import COMPUTED_TRAITS, FACT_COLUMNS, PROFILES
 from closedloop.portrait.traits import trait_values
@@ -127,7 +128,9 @@ def standing_rows(
     ``finish`` reads only the clock's date and six stored columns, and ranks buyers among
     all buyers; so its values stand for everyone when the date is the last run's, every
     affected customer has a stored row whose six columns equal the fresh ones, and no
-    buyer came or went (the profile count is the one the last run left — an erasure
+    buyer came or went. When some of those columns moved, the others' values still stand
+    if no other buyer's RFM score can have crossed a quintile boundary
+    (``refresh_ranks.rescored_rows``: then the affected rows are finished on their own) (the profile count is the one the last run left — an erasure
     deletes rows behind the refresh's back — and no customer gone held an order).
     """
     if last.customers < 0 or last.as_of.astimezone(as_of.tzinfo or UTC).date() != as_of.date():
@@ -150,14 +153,19 @@ def standing_rows(
     differs = j.old_id.isnull()
     for c in FINISH_INPUTS:
         differs |= ~j[c].identical_to(j[f"old_{c}"])
+    rows: ir.Table | None
     if int(j.filter(differs).count().execute()):
-        return None
-    rows = j.select(
-        *fresh.columns,
-        **{c: j[f"old_{c}"] for c in DERIVED},
-        computed_at=ibis.literal(as_of).cast(TS),
-    )
-    rows = engine.scratch("refresh_rows", engine.conform(PROFILES.name, rows))
+        # Some input moved: the others' ranks may still stand (``refresh_ranks``).
+        rows = rescored_rows(engine, as_of, fresh, affected)
+        if rows is None:
+            return None
+    else:
+        rows = j.select(
+            *fresh.columns,
+            **{c: j[f"old_{c}"] for c in DERIVED},
+            computed_at=ibis.literal(as_of).cast(TS),
+        )
+        rows = engine.scratch("refresh_rows", engine.conform(PROFILES.name, rows))
     drop = affected.select("customer_id").union(gone.select("customer_id"), distinct=True)
     return rows, engine.scratch("refresh_drop", drop)
 
