@@ -223,6 +223,8 @@ def active_times(e: ir.Table, tz: ir.Table, offsets: ir.Table, duckdb: bool = Fa
     t = j.select("customer_id", hour=hour, dow=dow)
     # One pass over the events into (hour, weekday) cells; hours and weekdays add those up.
     cells = t.group_by("customer_id", "hour", "dow").aggregate(k=t.count())
+    if duckdb:
+        return _active_from_cells(cells)
     hours = cells.group_by("customer_id", "hour").aggregate(k=cells.k.sum().cast("int64"))
     # The top hour and weekday are plain maxima of one number per row that orders by count,
     # then by the earlier hour or day (``_top_key``), not a ranking window per customer:
@@ -243,6 +245,36 @@ def active_times(e: ir.Table, tz: ir.Table, offsets: ir.Table, duckdb: bool = Fa
     top_day = days.select("customer_id", active_weekday=weekday)
     out = hist.join(top_day, "customer_id")
     return out.select("customer_id", "active_hours", "active_hour", "active_weekday")
+
+
+def _active_from_cells(cells: ir.Table) -> ir.Table:
+    """``active_times``' columns from the (customer, hour, weekday) counts in one grouped pass.
+
+    On DuckDB: the 24 hour and 7 weekday counts as sums of the cells (added as doubles,
+    exact below 2**53, where integers would be added in 128 bits), the top hour and weekday
+    the greatest ``_top_key`` of those columns (a slot with no events has key below any
+    counted one, and everyone here has an event). Adding up hours and weekdays separately,
+    then a grouped pass for each, cost twice as much: this was a third of the portrait's
+    per-customer work.
+    """
+    c = cells
+    k = c.k.cast("float64")
+    g = c.group_by("customer_id").aggregate(
+        **{f"h{h}": ibis.ifelse(c.hour == h, k, 0.0).sum() for h in range(24)},
+        **{f"d{d}": ibis.ifelse(c.dow == d, k, 0.0).sum() for d in range(7)},
+    )
+    hours = [g[f"h{h}"].cast("int64") for h in range(24)]
+    days = [g[f"d{d}"].cast("int64") for d in range(7)]
+    top_hour = ibis.greatest(*[_top_key(n, ibis.literal(h), 24) for h, n in enumerate(hours)])
+    top_day = _top_slot(
+        ibis.greatest(*[_top_key(n, ibis.literal(d), 7) for d, n in enumerate(days)]), 7
+    )
+    return g.select(
+        "customer_id",
+        active_hours=ibis.literal(",").join([n.cast("string") for n in hours]),
+        active_hour=_top_slot(top_hour, 24),
+        active_weekday=ibis.cases(*[(top_day == i, d) for i, d in enumerate(WEEKDAYS)]),
+    )
 
 
 def _top_key(k: ir.IntegerValue, slot: ir.IntegerValue, slots: int) -> ir.IntegerValue:
