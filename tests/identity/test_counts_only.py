@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from closedloop.core.clock import Clock
@@ -176,7 +176,19 @@ known = st.sampled_from(
 )
 
 
-@pytest.mark.slow  # ~40 CPU-s: two resolutions per increment, per example
+# Both paths, for certain: the first run is full, then pairs seen before (counts only, three
+# times) and a name with a new e-mail (the region path). Random examples alone took the
+# counts-only path fewer than three times now and then, and the test failed at random.
+BOTH_PATHS = [
+    [(PLAIN[0], 1), (PLAIN[1], 1)],
+    [(PLAIN[0], 2)],
+    [(PLAIN[1], 3)],
+    [(PLAIN[0], 4), (PLAIN[1], 4)],
+    [({"user_id": "M2", "traits": {"email": "li@x.com", "name": "li wei"}}, 5)],
+]
+
+
+@pytest.mark.slow  # ~25 CPU-s: two resolutions per increment, per example
 def test_counts_only_equals_full_on_random_repeats() -> None:
     RUNS.clear()
     _repeats()
@@ -184,7 +196,12 @@ def test_counts_only_equals_full_on_random_repeats() -> None:
     assert not all(_counted(w) for w in RUNS), "the region path was never taken"
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Seven random examples (and BOTH_PATHS): each costs ~3.5 CPU-s (two resolutions per
+# increment), and every single thing that must leave the counts-only path is pinned by the
+# deterministic tests above (new identifier, new pair, older stamp, name, quarantine,
+# dropped link); the random ones look for combinations of them.
+@settings(max_examples=7, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(batches=BOTH_PATHS, config=CONFIG)
 @given(
     batches=st.lists(
         st.lists(st.tuples(known, st.integers(0, 40)), min_size=1, max_size=2),
