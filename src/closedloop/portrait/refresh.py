@@ -36,8 +36,10 @@ customer's next event, or with ``--full``.
 What depends on the clock or on everyone — age, recency, lifecycle, RFM ranks, and the
 referral network — stands as stored when it cannot have moved: the network when no
 relation event came, went, moved or came into view and identity changed nobody; the rest
-on the last run's clock date when nothing ``finish`` reads moved for an affected customer
-and no buyer came or went (a live refresh seconds after the last). Otherwise it is
+on the last run's clock date when no buyer came or went and either nothing ``finish`` reads
+moved for an affected customer, or what moved (orders, revenue, recency) crosses no other
+buyer's RFM quintile boundary (``refresh_ranks``: then only the affected rows are finished,
+their scores counted among everyone's keys) — a live refresh seconds after the last. Otherwise it is
 recomputed for all customers on a narrow table (the customer id and the six stored columns
 it reads, no events), so "no order in 30 days" becomes true on a scheduled refresh with no
 new events at all; only the rows where those values moved are rewritten beside the
@@ -53,6 +55,13 @@ or as new, never half-written; the snapshot and the run record are written last,
 a crash the next refresh sees the same changes again and redoes them (recomputing is
 idempotent, and rows already rewritten compare equal). A full build drops the marks before
 it replaces the snapshot. A snapshot written before it kept the facts means a full build.
+
+The steps live in small modules: ``refresh_state`` (the last run, its marks, identity's
+runs), ``refresh_diff`` (the attribution diff and the affected customers), ``refresh_facts``
+(their facts, their per-customer portrait, the network), ``refresh_compiled`` (that
+portrait's SQL compiled once per process and zone set: a live refresh's fixed cost),
+``refresh_ranks`` and ``refresh_write`` (the rows written). ``RefreshResult.steps`` gives
+the CPU seconds of each.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ from closedloop.portrait.refresh_write import base_columns
 from closedloop.portrait.tables import PORTRAIT_SEEN
 
 TS = "timestamp('UTC', 6)"
+# Valid time zones the refreshes of this process met (see ``affected_base``).
+_ZONES_SEEN: set[str] = set()
+MAX_ZONES = 100
 # The clock the base statement is compiled with when no fact lies after the real one.
 FAR_CLOCK = datetime(9999, 12, 31, tzinfo=UTC)
 PAIR = ["message_id", "customer_id"]
@@ -88,6 +91,13 @@ def affected_base(
     """
     current = facts.filter(facts.timestamp <= as_of)
     zones, lo = _zones(current, default_tz)
+    # Every valid zone met before in this process joins the list: a superset changes no
+    # value (a customer's zone is checked for validity, the offsets joined by zone) and
+    # keeps the statement the same from one live refresh to the next.
+    if len(_ZONES_SEEN) + len(zones) > MAX_ZONES:
+        _ZONES_SEEN.clear()
+    _ZONES_SEEN.update(zones)
+    zones = sorted(_ZONES_SEEN)
     later = int(facts.filter(facts.timestamp > as_of).count().execute())
     cut = FAR_CLOCK if not later else as_of
     with engine.temporary(localtime.offsets_table(zones, lo, as_of)) as data:
