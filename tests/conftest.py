@@ -21,6 +21,17 @@ from closedloop.core.engine import Engine
 os.environ.pop("COLUMNS", None)
 os.environ.pop("LINES", None)
 
+# The JVM of a test worker's Spark session lives a minute or two and runs hundreds of tiny
+# jobs: the optimising JIT compiler (C2) and the parallel garbage collector cost it more CPU
+# than they win back (measured alone, JVM CPU seconds: tests/test_spark.py 18.4 -> 8.0,
+# identity's incremental test 87 -> 54, the whole build 96 -> 61). Neither changes what
+# Java computes. Set here, at import, so every worker's session gets it whichever Spark test
+# starts it; a PYSPARK_SUBMIT_ARGS given by the caller is kept.
+TEST_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+os.environ.setdefault(
+    "PYSPARK_SUBMIT_ARGS", f'--driver-java-options "{TEST_JVM_OPTIONS}" pyspark-shell'
+)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the tests marked slow first.

@@ -19,27 +19,15 @@ from closedloop.core.engine import Engine
 pytest.importorskip("pyspark")
 
 
-# The JVM of a test worker's Spark session lives a minute or two and runs hundreds of tiny
-# jobs: the optimising JIT compiler (C2) and the parallel garbage collector cost it more CPU
-# than they win back (measured alone, JVM CPU seconds: this file 18.4 -> 8.0, identity's
-# incremental test 87 -> 54, the whole build 96 -> 61). Neither
-# changes what Java computes. Read when a worker starts its session (its first Spark test);
-# a session already running keeps its JVM, and a PYSPARK_SUBMIT_ARGS given is kept.
-TEST_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
-
-
 def _need_java() -> None:
     """Skip without Java on a developer's machine; in CI (which installs it) fail instead.
 
-    Then ask for the test JVM options (``TEST_JVM_OPTIONS``) should this start the session.
+    The JVM options of the test sessions are set in tests/conftest.py.
     """
     if shutil.which("java") is None:
         if os.environ.get("CI"):
             pytest.fail("Spark needs Java, and .ci/run installs it: CI must not skip this")
         pytest.skip("Spark needs Java (apt-get install default-jre-headless)")
-    os.environ.setdefault(
-        "PYSPARK_SUBMIT_ARGS", f'--driver-java-options "{TEST_JVM_OPTIONS}" pyspark-shell'
-    )
 
 
 @pytest.mark.spark
