@@ -228,3 +228,16 @@ def test_derived_values_kept_only_while_nothing_they_read_moved() -> None:
         r = step(e, None, NOW + timedelta(days=1))
         assert r.changed is not None and int(r.changed.count().execute()) >= len(BUYERS) - 1
         equals_full(e, NOW + timedelta(days=1))
+
+
+def test_identity_that_never_recorded_a_change_still_allows_the_shortcut() -> None:
+    # A warehouse whose identity runs have recorded no change at all (the table was never
+    # written): identity's next run leaves an empty record, so the refresh can tell "no
+    # change since" from "no record" and still takes the shortcut for a new event.
+    with built(rows([*BUYERS, *VIEWERS])) as e:
+        e.con.drop_table("identity_changes")
+        e.forget()
+        r = step(e, stamped([view("n1", 0, user_id="W1")], NOW + SEC), NOW + 2 * SEC)
+        assert e.exists("identity_changes")
+        assert (r.mode, r.diff, r.recomputed) == ("incremental", "shortcut", 1), r.diff
+        equals_full(e, NOW + 2 * SEC)

@@ -57,7 +57,7 @@ from closedloop.core.clock import Clock
 from closedloop.core.definitions import IdentityConfig
 from closedloop.core.engine import Engine
 from closedloop.core.ids import customer_id_for, stable_hash64
-from closedloop.identity import tables  # noqa: F401  (declares the identity tables)
+from closedloop.identity import tables  # declares the identity tables
 from closedloop.identity.components import components_ibis, components_local
 from closedloop.identity.extract import identifier_occurrences
 from closedloop.identity.incremental import (
@@ -707,6 +707,9 @@ def _record_run(
         "watermark": p.watermark,
     }
     engine.append("identity_runs", pa.Table.from_pylist([row]))
+    # A run that changed nobody still leaves ``identity_changes`` in place: its readers (the
+    # portrait refresh's shortcut, serving) then tell "no change since" from "no record".
+    engine.ensure(tables.IDENTITY_CHANGES)
 
 
 def _nothing_new(engine: Engine, config: IdentityConfig, now: datetime, p: Plan) -> ResolveResult:
