@@ -17,7 +17,7 @@ warehouse). On a loaded event log it:
 With the chain (default; ``--no-chain`` leaves it out), the same copy also measures the whole
 chain of ``bench/portrait.py``'s first figure: the 50 tags and 20 segments built in full at
 step 2, then after step 3 brought forward only for changed customers as the live refresh does
-(``find_changes`` → ``refresh_tags`` → ``evaluate_changed``), against the full portrait,
+(``plan_changes`` → ``forward_tags`` → ``forward_segments``), against the full portrait,
 tags and segments of step 4; tag values and segment members are checked equal
 (``chain_equal_to_full``). ``chain_full_cpu_s``, ``chain_incremental_cpu_s``, their ratio
 and per-step CPU seconds (``chain_*_steps_cpu_s``). When the customers to recompute are a
@@ -62,10 +62,9 @@ from closedloop.pipeline import load_imports
 from closedloop.portrait.refresh import RefreshResult, full_build, refresh
 from closedloop.segments.accounts import evaluate_in_batches
 from closedloop.segments.audience import Fields
-from closedloop.segments.incremental import evaluate_changed
-from closedloop.serving.changes import digests, find_changes, save_state
+from closedloop.serving.changes import digests, plan_changes, save_state
+from closedloop.serving.live import forward_segments, forward_tags
 from closedloop.tags.build import build_tags
-from closedloop.tags.incremental import refresh_tags
 
 T = TypeVar("T")
 
@@ -139,36 +138,27 @@ def chain_forward(
     engine: Engine, chain: Chain, clock: Clock, portrait: RefreshResult
 ) -> tuple[dict[str, float], float]:
     """After an incremental portrait refresh, tags and segments brought forward only for the
-    customers whose inputs changed, as ``serving.live.refresh_all`` does: digests and
-    ``find_changes`` → ``refresh_tags`` → ``evaluate_changed``, then the state the next one
-    starts from. CPU seconds per step, and the wall seconds of all."""
+    customers whose inputs changed, by the steps ``serving.live.refresh_all`` runs:
+    ``plan_changes`` (by key where it can) → ``forward_tags`` → ``forward_segments``, then
+    the state the next one starts from. CPU seconds per step, and the wall seconds of all."""
     project, ordered, fields = chain
     as_of = clock.now()
     cpu: dict[str, float] = {}
     wall = time.perf_counter()
-
-    def changes() -> Any:
-        now = engine.scratch("chain_now", digests(engine, profiles=portrait.changed is None))
-        return now, find_changes(engine, project, portrait, as_of, now)
-
-    (now, found), _, cpu["changes"] = timed(changes)
-    assert found is not None, "the incremental chain could not tell what changed"
-    tagged, _, cpu["tags"] = timed(
-        lambda: refresh_tags(
-            engine,
-            project.tags,
-            clock,
-            changed=found.customers,
-            since=found.since,
-            root=project.root,
-        )
+    (found, how), _, cpu["changes"] = timed(lambda: plan_changes(engine, project, portrait, as_of))
+    assert found is not None, f"the incremental chain could not tell what changed: {how}"
+    (tagged, seg_moved), _, cpu["tags"] = timed(
+        lambda: forward_tags(engine, project, ordered, clock, found, portrait.customers)
     )
     _, _, cpu["segments"] = timed(
-        lambda: evaluate_changed(
-            engine, ordered, fields, clock, changed=tagged.changed, since=found.since
+        lambda: forward_segments(
+            engine, ordered, fields, clock, found, tagged, seg_moved, portrait.customers
         )
     )
-    _, _, cpu["state"] = timed(lambda: save_state(engine, project, as_of, now))
+    profiles = portrait.changed is None
+    _, _, cpu["state"] = timed(
+        lambda: save_state(engine, project, as_of, changes=found, profiles=profiles)
+    )
     return cpu, round(time.perf_counter() - wall, 3)
 
 

@@ -206,17 +206,6 @@ def plan_changes(
     return Changes(since.astimezone(UTC), customers, served, stamp, "digests", now), "digests"
 
 
-def find_changes(
-    engine: Engine, project: Project, portrait: RefreshResult, as_of: datetime, now: ir.Table
-) -> Changes | None:
-    """The customers to carry forward after ``portrait``; None: recompute everyone.
-
-    ``now``: this moment's ``digests`` (materialised by the caller, saved by ``save_state``):
-    compared whole with the last ones (``plan_changes`` finds them by key where it can).
-    """
-    return plan_changes(engine, project, portrait, as_of, now)[0]
-
-
 def save_state(
     engine: Engine,
     project: Project,

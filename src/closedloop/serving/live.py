@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import ibis
+import ibis.expr.types as ir
 import pyarrow as pa
 
 from closedloop.core.clock import Clock
-from closedloop.core.definitions import Project
+from closedloop.core.definitions import Project, SegmentDef
 from closedloop.core.engine import Engine
 from closedloop.identity.resolve import resolve
 from closedloop.pipeline import project_fields, segment_order
@@ -44,12 +45,13 @@ from closedloop.portrait.lookup import materialise, update_store
 from closedloop.portrait.refresh import refresh
 from closedloop.portrait.tables import PORTRAIT_RUNS, PROFILES
 from closedloop.segments.accounts import evaluate_in_batches
+from closedloop.segments.audience import Fields, SegmentResult
 from closedloop.segments.incremental import evaluate_changed, segment_windows
-from closedloop.serving.changes import plan_changes, save_state
+from closedloop.serving.changes import Changes, plan_changes, save_state
 from closedloop.serving.tables import LIVE_REFRESHES
 from closedloop.tags.build import build_tags
 from closedloop.tags.catalogue import record_tag_uses
-from closedloop.tags.incremental import crossed, refresh_tags, tag_windows
+from closedloop.tags.incremental import TagRefresh, crossed, refresh_tags, tag_windows
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,62 @@ class LiveRun:
     segments_s: float
     lookup_s: float
     seconds: float
+
+
+def forward_tags(
+    engine: Engine,
+    project: Project,
+    ordered: list[SegmentDef],
+    clock: Clock,
+    changes: Changes,
+    population: int,
+) -> tuple[TagRefresh, ir.Table | None]:
+    """Tags brought forward for the customers ``changes`` names and those whose events the
+    clock moved across an edge of a tag's or a segment's window (one scan of the events for
+    both). The tag step narrows the per-customer tables to its customers and the segments'
+    clock-moved ones (returned), and the segment step reads them from there."""
+    tw, sw = tag_windows(project.tags), segment_windows(ordered)
+    by_clock = None
+    if tw is not None or sw is not None:
+        moved = crossed(engine, changes.since, clock.now(), [*(tw or []), *(sw or [])])
+        by_clock = engine.scratch("live_crossed", moved)
+    seg_moved = by_clock if sw is not None else None
+    tagged = refresh_tags(
+        engine,
+        project.tags,
+        clock,
+        changed=changes.customers,
+        since=changes.since,
+        root=project.root,
+        widen=seg_moved,
+        moved=by_clock if tw is not None else None,
+        population=population,
+    )
+    return tagged, seg_moved
+
+
+def forward_segments(
+    engine: Engine,
+    ordered: list[SegmentDef],
+    fields: Fields,
+    clock: Clock,
+    changes: Changes,
+    tagged: TagRefresh,
+    seg_moved: ir.Table | None,
+    population: int,
+) -> dict[str, SegmentResult]:
+    """Segments brought forward after :func:`forward_tags`, reading what it narrowed."""
+    return evaluate_changed(
+        engine,
+        ordered,
+        fields,
+        clock,
+        changed=tagged.changed,
+        since=changes.since,
+        moved_by_clock=seg_moved,
+        reuse=tagged.narrowing,
+        population=population,
+    )
 
 
 def refresh_all(
@@ -120,37 +178,12 @@ def refresh_all(
         marks.append(time.perf_counter())
         results = evaluate_in_batches(engine, ordered, fields, clock)  # as a build does
     else:
-        # Whose events the clock moved across an edge of a tag's or a segment's window: one
-        # scan of the events for both. The tag step narrows the per-customer tables to its
-        # customers and these, and the segment step reads them from there.
-        tw, sw = tag_windows(project.tags), segment_windows(ordered)
-        by_clock = None
-        if tw is not None or sw is not None:
-            moved = crossed(engine, changes.since, as_of, [*(tw or []), *(sw or [])])
-            by_clock = engine.scratch("live_crossed", moved)
-        seg_moved = by_clock if sw is not None else None
-        tagged = refresh_tags(
-            engine,
-            project.tags,
-            clock,
-            changed=changes.customers,
-            since=changes.since,
-            root=project.root,
-            widen=seg_moved,
-            moved=by_clock if tw is not None else None,
-            population=portrait.customers,
+        tagged, seg_moved = forward_tags(
+            engine, project, ordered, clock, changes, portrait.customers
         )
         marks.append(time.perf_counter())
-        results = evaluate_changed(
-            engine,
-            ordered,
-            fields,
-            clock,
-            changed=tagged.changed,
-            since=changes.since,
-            moved_by_clock=seg_moved,
-            reuse=tagged.narrowing,
-            population=portrait.customers,
+        results = forward_segments(
+            engine, ordered, fields, clock, changes, tagged, seg_moved, portrait.customers
         )
     entered = sum(r.entered for r in results.values())
     exited = sum(r.exited for r in results.values())
